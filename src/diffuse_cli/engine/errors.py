@@ -1,0 +1,39 @@
+"""The engine's only way of reporting a user's mistake.
+
+The CLI catches :class:`DiffuseError`, prints ``str(err)`` on one line and exits
+with ``err.exit_code``. Internal invariants use ``assert`` instead.
+"""
+
+from __future__ import annotations
+
+
+class DiffuseError(Exception):
+    """A problem the user can act on; the message says what and how."""
+
+    exit_code = 1
+
+
+class ConfigError(DiffuseError):
+    """Invalid parameters (schedule, model, training or sampling options)."""
+
+
+class DataError(DiffuseError):
+    """Input images could not be found or decoded."""
+
+
+class CheckpointError(DiffuseError):
+    """A checkpoint is missing, corrupt, unsafe or of the wrong kind."""
+
+
+class OutputError(DiffuseError):
+    """An output path cannot be written (permissions, full disk, occupied folder)."""
+
+
+class TrainingDiverged(DiffuseError):
+    """The loss became NaN or infinite."""
+
+
+class Interrupted(DiffuseError):
+    """The user pressed Ctrl-C (or sent SIGTERM); state was saved."""
+
+    exit_code = 130
