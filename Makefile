@@ -1,0 +1,50 @@
+# diffuse — every target sets up what it needs (a project-local virtual environment in .venv).
+# TORCH_SPEC picks the torch wheel for the venv: the default CPU build keeps set-up small and fast;
+# on a GPU box use `make install TORCH_SPEC=torch` to get the CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-out
+DEMO_STEPS ?= 3000
+
+.PHONY: install demo test test-all lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip 2>/dev/null || true
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diffuse schedule --kind linear --kind cosine --plot $(DEMO_DIR)/schedules.png
+	$(BIN)/diffuse train builtin:digits --out $(DEMO_DIR)/run --steps $(DEMO_STEPS) --overwrite
+	$(BIN)/diffuse sample $(DEMO_DIR)/run --num 64 --out $(DEMO_DIR)/samples --grid $(DEMO_DIR)/grid.png
+	@echo
+	@echo "Pictures: $(DEMO_DIR)/grid.png (64 generated digits), $(DEMO_DIR)/samples/*.png,"
+	@echo "          $(DEMO_DIR)/run/samples/ (previews during training), $(DEMO_DIR)/schedules.png"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=10
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "" --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests benchmarks scripts
+	$(BIN)/ruff format src tests benchmarks scripts
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_cpu.py --markdown benchmarks/RESULTS.md
+	$(BIN)/python benchmarks/samplers.py --markdown benchmarks/RESULTS.md
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

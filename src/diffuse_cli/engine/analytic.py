@@ -1,0 +1,159 @@
+"""Exact denoisers for Gaussian and Gaussian-mixture data, for tests and benchmarks.
+
+If the data is a mixture sum_k w_k N(mu_k, Sigma_k), every noisy marginal is a mixture
+too: given component k, x_t ~ N(a mu_k, a^2 Sigma_k + s^2 I) with a = sqrt(abar_t) and
+s^2 = 1 - abar_t (DDPM eq. 4). The posterior mean E[x0 | x_t] - the best possible
+network under the L2 loss - is then available in closed form (Gaussian conditioning):
+
+    E[x0 | x_t, k] = mu_k + a Sigma_k C_k^{-1} (x_t - a mu_k),   C_k = a^2 Sigma_k + s^2 I
+    E[x0 | x_t]    = sum_k r_k(x_t) E[x0 | x_t, k],               r_k ∝ w_k N(x_t; a mu_k, C_k)
+
+so a sampler driven by :meth:`GaussianMixture.model` can be checked against the exact
+data distribution, free of any training error. Everything is computed in float64.
+
+Shapes: data points are (B, D); :meth:`GaussianMixture.model` also accepts (B, ...) and
+flattens the trailing dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .diffusion import PREDICTIONS, Diffusion
+from .errors import ConfigError
+
+_F64 = torch.float64
+
+
+def _as_f64(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=_F64)
+
+
+class GaussianMixture:
+    """sum_k w_k N(mu_k, Sigma_k) in D dimensions, with its exact posterior mean under a diffusion.
+
+    ``weights``: (K,), normalised here. ``means``: (K, D). Give either ``covs`` (K, D, D),
+    symmetric positive definite, or ``stds``: (K,) isotropic standard deviations.
+    """
+
+    def __init__(self, weights: Sequence[float] | torch.Tensor, means, covs=None, stds=None):
+        w = _as_f64(weights).flatten()
+        mu = _as_f64(means)
+        if mu.ndim != 2 or mu.shape[0] != w.shape[0]:
+            raise ConfigError(f"means must have shape (K, D) with K = {w.shape[0]} weights (got {tuple(mu.shape)})")
+        if (w < 0).any() or w.sum() <= 0:
+            raise ConfigError("mixture weights must be non-negative and not all zero")
+        k, d = mu.shape
+        if (covs is None) == (stds is None):
+            raise ConfigError("give exactly one of covs (K, D, D) or stds (K,)")
+        if covs is None:
+            s = _as_f64(stds).flatten().expand(k)
+            cov = s[:, None, None] ** 2 * torch.eye(d, dtype=_F64)
+        else:
+            cov = _as_f64(covs)
+            if cov.shape != (k, d, d):
+                raise ConfigError(f"covs must have shape {(k, d, d)} (got {tuple(cov.shape)})")
+            cov = 0.5 * (cov + cov.transpose(1, 2))
+        self.weights = w / w.sum()
+        self.means = mu
+        self.covs = cov
+        self._chol = torch.linalg.cholesky(cov)  # raises if a covariance is not positive definite
+
+    @property
+    def dim(self) -> int:
+        return int(self.means.shape[1])
+
+    def mean(self) -> torch.Tensor:
+        """Overall mean, shape (D,)."""
+        return (self.weights[:, None] * self.means).sum(0)
+
+    def cov(self) -> torch.Tensor:
+        """Overall covariance, shape (D, D): within-component plus between-component parts."""
+        m = self.mean()
+        dev = self.means - m
+        between = torch.einsum("k,ki,kj->ij", self.weights, dev, dev)
+        return torch.einsum("k,kij->ij", self.weights, self.covs) + between
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n exact draws from the data distribution, shape (n, D), float64."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn((n, self.dim), generator=generator, dtype=_F64)
+        return self.means[comp] + torch.einsum("nij,nj->ni", self._chol[comp], z)
+
+    def sample_noisy(self, n: int, abar: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n exact draws of x_t ~ q(x_t) at noise level abar_t, shape (n, D), float64."""
+        x0 = self.sample(n, generator)
+        eps = torch.randn(x0.shape, generator=generator, dtype=_F64)
+        return abar**0.5 * x0 + (1.0 - abar) ** 0.5 * eps
+
+    def posterior_mean(self, x_t: torch.Tensor, abar: float) -> torch.Tensor:
+        """E[x0 | x_t] at noise level ``abar`` (one value for the whole batch); x_t (B, D), float64."""
+        x = x_t.to(_F64)
+        a = abar**0.5
+        eye = torch.eye(self.dim, dtype=_F64, device=x.device)
+        cov, mu, w = self.covs.to(x.device), self.means.to(x.device), self.weights.to(x.device)
+        c = abar * cov + (1.0 - abar) * eye  # (K, D, D): covariance of x_t given the component
+        chol = torch.linalg.cholesky(c)
+        diff = (x[None, :, :] - a * mu[:, None, :]).transpose(1, 2)  # (K, D, B)
+        z = torch.linalg.solve_triangular(chol, diff, upper=False)  # (K, D, B): whitened residual
+        log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+        log_r = torch.log(w)[:, None] - 0.5 * (z**2).sum(1) - 0.5 * log_det[:, None]  # (K, B)
+        r = torch.softmax(log_r, dim=0)
+        c_inv_diff = torch.linalg.solve_triangular(chol.transpose(1, 2), z, upper=True)  # (K, D, B)
+        post = mu[:, :, None] + a * cov @ c_inv_diff  # (K, D, B)
+        return (r[:, None, :] * post).sum(0).transpose(0, 1)  # (B, D)
+
+    def model(self, diffusion: Diffusion, prediction: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The exact network of kind ``prediction`` (default: the diffusion's) as ``model(x_t, t)``.
+
+        ``t`` is an int64 tensor of shape (B,) in [0, T); the output has x_t's shape and dtype.
+        """
+        kind = prediction or diffusion.prediction
+        if kind not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction {kind!r}; choose one of {', '.join(PREDICTIONS)}")
+        abar_table = diffusion.alphas_cumprod.detach().to("cpu", _F64)
+
+        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x = x_t.reshape(x_t.shape[0], -1).to(_F64)
+            t_cpu = t.to("cpu")
+            x0 = torch.empty_like(x)
+            for tv in torch.unique(t_cpu).tolist():
+                rows = (t_cpu == tv).to(x.device)
+                x0[rows] = self.posterior_mean(x[rows], float(abar_table[tv]))
+            abar = abar_table[t_cpu].to(x.device)[:, None]
+            a, s = abar.sqrt(), (1.0 - abar).sqrt()
+            if kind == "x0":
+                out = x0
+            else:
+                eps = (x - a * x0) / s  # s > 0 for every t in [0, T)
+                out = eps if kind == "eps" else a * eps - s * x0  # v (Salimans & Ho 2022)
+            return out.reshape(x_t.shape).to(x_t.dtype)
+
+        return model
+
+
+class GaussianData(GaussianMixture):
+    """N(mean, cov) data: a one-component mixture, plus the exact probability-flow ODE map."""
+
+    def __init__(self, mean, cov):
+        mu = _as_f64(mean).flatten()
+        c = _as_f64(cov)
+        if c.shape != (mu.shape[0], mu.shape[0]):
+            raise ConfigError(f"cov must have shape {(mu.shape[0], mu.shape[0])} (got {tuple(c.shape)})")
+        super().__init__([1.0], mu[None], covs=c[None])
+
+    def ode_solution(self, x_t: torch.Tensor, abar: float) -> torch.Tensor:
+        """Where the probability-flow ODE carries x_t (at noise level abar) at clean data, (B, D).
+
+        For Gaussian data every C(abar) = abar Sigma + (1 - abar) I shares Sigma's eigenvectors,
+        the ODE is linear and decouples per eigen-coordinate, and its flow is the monotone
+        affine map between the two Gaussians: x0 = mu + Sigma^{1/2} C^{-1/2} (x_t - sqrt(abar) mu).
+        """
+        x = x_t.to(_F64)
+        evals, evecs = torch.linalg.eigh(self.covs[0])
+        scale = evals.sqrt() / (abar * evals + 1.0 - abar).sqrt()  # (D,)
+        mu = self.means[0]
+        y = (x - abar**0.5 * mu) @ evecs
+        return mu + (y * scale) @ evecs.T

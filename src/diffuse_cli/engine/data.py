@@ -1,0 +1,664 @@
+"""Image folders and built-in datasets -> uint8 tensors.
+
+A dataset is decoded once into memory as one contiguous uint8 tensor (N, C, H, W)
+on the CPU; training moves batches to its device, maps them to [-1, 1] with
+:func:`to_model_range` and augments them there (:func:`random_hflip`).
+
+How an image file becomes a (C, S, S) uint8 tensor (:func:`decode_image`):
+
+* The whole file is decoded, so a truncated or damaged file fails here and is
+  skipped, never half-used (Pillow's ``LOAD_TRUNCATED_IMAGES`` stays off).
+* The EXIF orientation is applied. Animated GIF, WebP and TIFF files give their
+  first frame.
+* Transparency (modes LA, PA, RGBA, or P/L/RGB with a transparent colour) is
+  composited onto WHITE. Images with transparent backgrounds are mostly icons,
+  sprites, logos and scanned digits drawn to be shown on a page; on black, their
+  black strokes or outlines would vanish.
+* 16-bit integer images (I;16, I;16B, ...) are scaled by their bit depth,
+  ``v * 255 / 65535``, never clipped, so a 16-bit PNG keeps its full range.
+  32-bit integer images (mode I) whose values lie in 0..65535 are treated the
+  same way, since that is what 16-bit PNG, PGM and TIFF files decode to; any
+  other range is stretched linearly from its min..max to 0..255.
+* Float images (mode F, e.g. float TIFF) whose values lie in [0, 1] are scaled by
+  255 (the usual convention for float images); values in [0, 255] are used as
+  they are; any other range is stretched min..max. NaN counts as the minimum,
+  +-inf as the finite maximum / minimum.
+* The shorter side is resized to ``image_size`` and the centred square is
+  cropped (Lanczos, antialiased when shrinking). Tiny images, even 1x1, are
+  upscaled and used: they are valid images.
+* ``channels=1`` gives luminance (Pillow's "L", ITU-R 601-2), ``channels=3`` RGB.
+  ``channels=None`` picks 1 when every used image is colourless (a grayscale
+  mode, or RGB with three equal channels) and 3 otherwise.
+
+Files that cannot be used are skipped and counted by reason (:data:`SKIP_REASONS`);
+the :class:`DataSummary` says how many and gives a few example names.
+
+Folders default to ``image_size`` 32 (:data:`DEFAULT_IMAGE_SIZE`): small enough to
+train on a CPU, large enough to see what a picture shows. Built-in datasets
+default to their native size. A path to a single image file is accepted as a
+one-image dataset (handy to check that a model can memorise one picture).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_IMAGE_SIZE = 32  # for folders; built-in datasets default to their native size
+# Pillow's own default (about 9459 x 9459). Pillow warns above it and refuses twice
+# as much; we skip anything above it as "too large". A lower value may be passed in.
+MAX_IMAGE_PIXELS = 89_478_485
+SKIP_REASONS = ("unreadable", "empty", "not an image", "corrupt or truncated", "too large")
+EXAMPLES_PER_REASON = 3
+
+Progress = Callable[[int, int], None]  # progress(done, total)
+
+# What Pillow raises for damaged data: its decoders use OSError ("image file is
+# truncated", "broken data stream"), its parsers SyntaxError, struct.error,
+# ValueError, IndexError, KeyError or EOFError; zlib.error for a bad PNG stream.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, zlib.error)
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+_GRAY_MODES = ("1", "L", "LA", "La")
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 appear as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+class ImageSkipped(DataError):
+    """One file could not be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str = "") -> None:
+        assert reason in SKIP_REASONS, reason
+        self.path = Path(os.fsdecode(path))
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"cannot use {display_path(path)}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What was loaded, what was skipped and why; stored in checkpoint metadata."""
+
+    source: str  # "builtin:digits" or the folder / file as given (printable)
+    found: int  # files with an image extension
+    used: int  # images in the dataset
+    channels: int
+    image_size: int
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, reasons with count > 0 only
+    examples: dict[str, tuple[str, ...]] = field(default_factory=dict)  # reason -> first few names
+    ignored: int = 0  # files without an image extension (hidden files are not counted)
+    unreadable_folders: int = 0
+
+    def headline(self) -> str:
+        """E.g. ``used 120 of 125 images from ./data as 32x32 RGB``."""
+        kind = "grayscale" if self.channels == 1 else "RGB"
+        return f"used {self.used} of {_plural(self.found, 'image')} from {self.source} as {self.image_size}x{self.image_size} {kind}"
+
+    def lines(self) -> list[str]:
+        """One human line per kind of skipped or ignored file, in a fixed order."""
+        phrases = {
+            "unreadable": lambda n: f"skipped {n} unreadable " + ("file" if n == 1 else "files"),
+            "empty": lambda n: f"skipped {n} empty " + ("file" if n == 1 else "files"),
+            "not an image": lambda n: (
+                f"skipped {_plural(n, 'file')} that " + ("is" if n == 1 else "are") + " not an image"
+            ),
+            "corrupt or truncated": lambda n: f"skipped {n} corrupt or truncated " + ("file" if n == 1 else "files"),
+            "too large": lambda n: f"skipped {_plural(n, 'image')} too large to decode safely",
+        }
+        out = []
+        for reason in SKIP_REASONS:
+            n = self.skipped.get(reason, 0)
+            if n:
+                line = phrases[reason](n)
+                if self.examples.get(reason):
+                    line += f" (e.g. {', '.join(self.examples[reason])})"
+                out.append(line)
+        if self.unreadable_folders:
+            out.append(
+                f"skipped {self.unreadable_folders} unreadable "
+                + ("folder" if self.unreadable_folders == 1 else "folders")
+            )
+        if self.ignored:
+            out.append(f"ignored {_plural(self.ignored, 'file')} without an image extension")
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-ready counts (example names are left out: they are for the console, not the checkpoint)."""
+        return {
+            "source": self.source,
+            "found": self.found,
+            "used": self.used,
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "skipped": dict(self.skipped),
+            "ignored": self.ignored,
+            "unreadable_folders": self.unreadable_folders,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Decoded images in memory."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8, contiguous, CPU
+    summary: DataSummary
+    labels: torch.Tensor | None = None  # (N,) int64 where the source has classes (builtin:digits)
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == torch.uint8 and self.images.ndim == 4 and self.images.is_contiguous()
+        assert self.labels is None or self.labels.shape == self.images.shape[:1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+
+# --------------------------------------------------------------------------- value ranges and augmentation
+
+
+def to_model_range(u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 0..255 -> float in [-1, 1] (x / 127.5 - 1), on the same device."""
+    return u8.to(dtype).div_(127.5).sub_(1.0)
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 0..255: clamped, then rounded to nearest."""
+    return x.detach().float().clamp(-1.0, 1.0).add(1.0).mul_(127.5).round_().to(torch.uint8)
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
+    """Mirror each image of the batch ``x`` (B, C, H, W) left-right with probability ``p``.
+
+    One uniform number per image is drawn from ``generator`` on the generator's own
+    device (the CPU when it is None); the (B,) mask is then moved to ``x``'s device,
+    a tiny copy that needs no host sync. The same seed gives the same flips.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    flip = torch.rand((x.shape[0],), generator=generator, device=gen_device) < p
+    flip = flip.to(x.device, non_blocking=True)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+def _has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk(root: Path) -> tuple[list[Path], int, int]:
+    """(image files, other files, unreadable sub-folders) under the folder ``root``.
+
+    Hidden names (starting with '.') are skipped. Symlinked folders are followed,
+    each real folder at most once (by (st_dev, st_ino)), which makes loops safe.
+    """
+    files: list[Path] = []
+    ignored = unreadable = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue
+            seen.add(key)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: os.fsencode(e.name))
+        except OSError as err:
+            if folder == root:
+                raise DataError(f"cannot read folder {display_path(root)}: {err.strerror or err}") from err
+            unreadable += 1
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks
+                is_file = not is_dir and entry.is_file()
+                dangling = not is_dir and not is_file and entry.is_symlink()
+            except OSError:
+                is_dir = is_file = False
+                dangling = True
+            if is_dir:
+                subfolders.append(Path(entry.path))
+            elif _has_image_extension(entry.name) and (is_file or dangling):
+                files.append(Path(entry.path))  # a dangling link is reported later as unreadable
+            else:
+                ignored += 1  # other files, and FIFOs, sockets, devices, whose reading could block
+        stack.extend(reversed(subfolders))
+    files.sort(key=lambda p: tuple(os.fsencode(part) for part in p.relative_to(root).parts))
+    return files, ignored, unreadable
+
+
+def scan_folder(root: str | os.PathLike) -> list[Path]:
+    """Image files under the folder ``root``, recursively, in a fixed order.
+
+    The order is by path relative to ``root``, compared folder by folder as raw
+    bytes, so it does not depend on the file system or the locale. Hidden files
+    and folders are skipped; symlinked folders are followed once (loops are
+    safe); unreadable sub-folders are skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"not a folder: {display_path(root)}")
+    return _walk(root)[0]
+
+
+# --------------------------------------------------------------------------- decoding one image
+
+
+def _check_size_channels(image_size: int, channels: int | None) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image size must be a positive whole number, got {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+
+
+def _stretch_to_l(img: Image.Image) -> Image.Image:
+    """Integer (I, I;16*) or float (F) image -> 8-bit L, by the rules in the module docstring."""
+    a = np.asarray(img).astype(np.float64)
+    is_float = img.mode == "F"
+    if img.mode.startswith("I;16"):
+        u = a * (255.0 / 65535.0)
+    else:
+        finite = np.isfinite(a)
+        lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0.0, 0.0)
+        a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+        if is_float and lo >= 0.0 and hi <= 1.0:
+            u = a * 255.0
+        elif is_float and lo >= 0.0 and hi <= 255.0:
+            u = a
+        elif not is_float and lo >= 0.0 and hi <= 65535.0:
+            u = a * (255.0 / 65535.0)  # 16-bit data in a 32-bit container
+        elif hi > lo:
+            u = (a - lo) * (255.0 / (hi - lo))
+        else:
+            u = np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(u), 0, 255).astype(np.uint8), "L")
+
+
+def _to_l_or_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> L or RGB, transparency composited onto white."""
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        return _stretch_to_l(img)
+    gray = mode in _GRAY_MODES
+    if img.has_transparency_data:
+        rgba = img.convert("LA" if gray else "RGBA")
+        base = Image.new("L" if gray else "RGB", img.size, 255 if gray else (255, 255, 255))
+        base.paste(rgba.convert(base.mode), mask=rgba.getchannel("A"))  # alpha blend: a * fg + (1 - a) * white
+        return base
+    return img.convert("L" if gray else "RGB")
+
+
+def _read_image(path: Path, image_size: int, channels: int | None, max_pixels: int) -> tuple[np.ndarray, bool]:
+    """Decode ``path`` to a (S, S) or (S, S, 3) uint8 array and whether it has no colour.
+
+    Raises ImageSkipped. The caller turns DecompressionBombWarning into an error.
+    """
+    try:
+        f = open(path, "rb")  # closed by the `with` below; Pillow reads from it
+    except OSError as err:
+        raise ImageSkipped(path, "unreadable", err.strerror or str(err)) from err
+    with f:
+        try:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ImageSkipped(path, "empty")
+            img = Image.open(f)  # reads the header only
+        except UnidentifiedImageError as err:
+            raise ImageSkipped(path, "not an image") from err
+        except _BOMB_ERRORS as err:
+            raise ImageSkipped(path, "too large", str(err)) from err
+        except _DECODE_ERRORS as err:
+            raise _damaged(path, err) from err
+        with img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageSkipped(path, "too large", f"{w}x{h} pixels, the limit is {max_pixels}")
+            try:
+                img.draft(None, (image_size, image_size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is enough
+                img.load()  # the whole first frame: damaged data fails here
+                frame: Image.Image = img
+                try:
+                    frame = ImageOps.exif_transpose(img)
+                except _DECODE_ERRORS:
+                    pass  # damaged EXIF data: the pixels are fine, keep them unrotated
+                frame = _to_l_or_rgb(frame)
+                if channels == 1 and frame.mode == "RGB":
+                    frame = frame.convert("L")  # before resizing: a third of the work
+                w, h = frame.size
+                m = min(w, h)
+                left, top = (w - m) // 2, (h - m) // 2
+                frame = frame.resize(
+                    (image_size, image_size),
+                    Image.Resampling.LANCZOS,
+                    box=(left, top, left + m, top + m),
+                    reducing_gap=3.0,  # shrink by an integer factor first, then resample: fast, same quality
+                )
+            except _BOMB_ERRORS as err:
+                raise ImageSkipped(path, "too large", str(err)) from err
+            except _DECODE_ERRORS as err:
+                raise _damaged(path, err) from err
+    arr = np.array(frame)  # a writable copy: torch.from_numpy needs one
+    if arr.ndim == 2:
+        return arr, True
+    return arr, bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+
+
+def _damaged(path: Path, err: Exception) -> ImageSkipped:
+    # An OSError with an errno is the operating system failing to read (EIO, ...);
+    # Pillow's own "truncated" / "broken data stream" errors carry none.
+    if isinstance(err, OSError) and err.errno is not None:
+        return ImageSkipped(path, "unreadable", err.strerror or str(err))
+    return ImageSkipped(path, "corrupt or truncated", str(err) or type(err).__name__)
+
+
+def _to_chw(arr: np.ndarray, channels: int | None) -> torch.Tensor:
+    t = torch.from_numpy(arr)
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+    if channels == 3 and t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    return t.contiguous()
+
+
+class _BombWarningsAsErrors(warnings.catch_warnings):
+    """Pillow's DecompressionBombWarning becomes an error; its other warnings (odd EXIF, ...) are silenced.
+
+    Warning filters are process-wide, so this wraps a whole load, not each
+    decoding thread (entering and leaving catch_warnings from threads races).
+    """
+
+    def __enter__(self):
+        out = super().__enter__()
+        warnings.filterwarnings("ignore", module="PIL")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return out
+
+
+def decode_image(
+    path: str | os.PathLike, image_size: int, channels: int | None = None, *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """Decode one image file to a (C, image_size, image_size) uint8 tensor.
+
+    ``channels`` 1 or 3 forces grayscale or RGB; None keeps 1 for colourless images
+    and 3 otherwise. Raises :class:`ImageSkipped` (a DataError) with ``.reason`` in
+    :data:`SKIP_REASONS` when the file cannot be used. Images over ``max_pixels``
+    (which can lower, not raise, Pillow's own limit) are "too large".
+    """
+    _check_size_channels(image_size, channels)
+    with _BombWarningsAsErrors():
+        arr, _ = _read_image(Path(path), image_size, channels, max_pixels)
+    return _to_chw(arr, channels)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _default_workers() -> int:
+    # Pillow releases the GIL while decoding and resizing, so threads scale with
+    # the cores; a few extra hide file-system latency.
+    return min(16, (os.cpu_count() or 1) + 2)
+
+
+def load_folder(
+    root: str | os.PathLike,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    channels: int | None = None,
+    progress: Progress | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> ImageDataset:
+    """Decode every usable image under ``root`` (a folder, or a single image file).
+
+    ``channels`` None: 1 if every used image is colourless, else 3. ``progress``,
+    if given, is called as ``progress(done, total)`` from this thread, first with
+    done = 0. Decoding runs on ``workers`` threads (default: cores + 2); the order
+    of the images is that of :func:`scan_folder` whatever the number of threads.
+    """
+    _check_size_channels(image_size, channels)
+    root = Path(root)
+    src = display_path(root)
+    if not root.exists():
+        raise DataError(f"no such file or folder: {src}")
+    if root.is_dir():
+        files, ignored, unreadable_folders = _walk(root)
+    elif _has_image_extension(root.name):
+        files, ignored, unreadable_folders = [root], 0, 0
+    else:
+        raise DataError(f"{src} is neither a folder nor an image file ({' '.join(IMAGE_EXTENSIONS)})")
+    n = len(files)
+    if n == 0:
+        extra = f"; {_plural(unreadable_folders, 'unreadable folder')} skipped" if unreadable_folders else ""
+        raise DataError(
+            f"no images found in {src} (looked for {' '.join(IMAGE_EXTENSIONS)}; "
+            f"{_plural(ignored, 'other file')} ignored{extra})"
+        )
+
+    # Decoded straight into the final buffer (three planes when the channel count is
+    # still open); each thread writes its own rows, so no lock is needed.
+    planes = channels or 3
+    buffer = torch.empty((n, planes, image_size, image_size), dtype=torch.uint8)
+    gray = [False] * n
+
+    def work(i: int) -> ImageSkipped | None:
+        try:
+            arr, gray[i] = _read_image(files[i], image_size, channels, max_pixels)
+        except ImageSkipped as skip:
+            return skip
+        buffer[i] = _to_chw(arr, planes)
+        return None
+
+    reasons: list[ImageSkipped | None] = []
+    if progress:
+        progress(0, n)
+    n_workers = max(1, workers if workers is not None else _default_workers())
+    with _BombWarningsAsErrors():
+        if n_workers == 1 or n == 1:
+            results = map(work, range(n))
+            for reason in results:
+                reasons.append(reason)
+                if progress:
+                    progress(len(reasons), n)
+        else:
+            pool = ThreadPoolExecutor(min(n_workers, n), thread_name_prefix="diffuse-decode")
+            try:
+                for reason in pool.map(work, range(n)):
+                    reasons.append(reason)
+                    if progress:
+                        progress(len(reasons), n)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, do not decode the rest
+
+    def shown(p: Path) -> str:
+        return display_path(p.relative_to(root)) if p != root else display_path(p.name)
+
+    skipped: dict[str, int] = {}
+    examples: dict[str, tuple[str, ...]] = {}
+    for path, skip in zip(files, reasons, strict=True):
+        if skip is not None:
+            reason = skip.reason
+            skipped[reason] = skipped.get(reason, 0) + 1
+            if len(examples.get(reason, ())) < EXAMPLES_PER_REASON:
+                examples[reason] = (*examples.get(reason, ()), shown(path))
+    skipped = {r: skipped[r] for r in SKIP_REASONS if r in skipped}
+    examples = {r: examples[r] for r in skipped}
+    used_idx = [i for i, r in enumerate(reasons) if r is None]
+    if not used_idx:
+        details = "; ".join(
+            f"{count} {reason} (e.g. {', '.join(examples[reason])})" for reason, count in skipped.items()
+        )
+        if n == 1:
+            raise DataError(str(reasons[0]))
+        raise DataError(f"none of the {n} images in {src} could be decoded: {details}")
+
+    if channels is None:
+        channels = 1 if all(gray[i] for i in used_idx) else 3
+    images = buffer if len(used_idx) == n else buffer[used_idx]
+    if images.shape[1] != channels:
+        images = images[:, :channels]  # all colourless: the three planes are equal
+    summary = DataSummary(
+        source=src,
+        found=n,
+        used=len(used_idx),
+        channels=channels,
+        image_size=image_size,
+        skipped=skipped,
+        examples=examples,
+        ignored=ignored,
+        unreadable_folders=unreadable_folders,
+    )
+    return ImageDataset(images.contiguous(), summary)
+
+
+# --------------------------------------------------------------------------- built-in datasets
+
+_DIGITS_FILE = "digits.bin.gz"
+_DIGITS_HEADER = struct.Struct("<4sIBBB")  # magic, count, height, width, max value; see scripts/make_digits.py
+
+
+def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 8x8 UCI handwritten digits: (images uint8 (1797, 1, 8, 8), labels int64 (1797,)).
+
+    White strokes on black, as in MNIST: the original ink counts 0..16 map to
+    round(v * 255 / 16) (halves up), so 0 -> 0 and 16 -> 255.
+    """
+    try:
+        raw = gzip.decompress(resources.files("diffuse_cli.data").joinpath(_DIGITS_FILE).read_bytes())
+        magic, n, h, w, vmax = _DIGITS_HEADER.unpack_from(raw)
+        if magic != b"DGT1" or len(raw) != _DIGITS_HEADER.size + n + n * h * w:
+            raise ValueError("unexpected layout")
+    except (OSError, ValueError, EOFError, struct.error, zlib.error) as err:
+        raise DataError(f"the built-in digits data is missing or damaged ({err}); reinstall diffuse-cli") from err
+    buf = bytearray(raw)  # writable, so torch.frombuffer does not warn
+    off = _DIGITS_HEADER.size
+    labels = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=off).to(torch.int64)
+    ink = torch.frombuffer(buf, dtype=torch.uint8, count=n * h * w, offset=off + n).to(torch.int32)
+    images = ((ink * 255 + vmax // 2) // vmax).to(torch.uint8).reshape(n, 1, h, w)
+    return images, labels
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    description: str
+    native_size: int
+    channels: int
+    load: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (uint8 (N, C, S, S), int64 labels (N,))
+
+
+BUILTIN: Mapping[str, BuiltinDataset] = {
+    "digits": BuiltinDataset(
+        name="digits",
+        description="1,797 8x8 handwritten digits, white on black (UCI, Alpaydin & Kaynak 1998, CC BY 4.0)",
+        native_size=8,
+        channels=1,
+        load=load_digits,
+    ),
+}
+BUILTIN_PREFIX = "builtin:"
+
+
+def _resize_u8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic resize of a uint8 batch (antialiased when shrinking), rounded back to uint8."""
+    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def load_builtin(name: str, image_size: int | None = None, channels: int | None = None) -> ImageDataset:
+    """A built-in dataset by name (see :data:`BUILTIN`), at its native size unless ``image_size`` is given."""
+    info = BUILTIN.get(name)
+    if info is None:
+        available = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN)
+        raise DataError(f"unknown built-in dataset {BUILTIN_PREFIX}{name} (available: {available})")
+    size = info.native_size if image_size is None else image_size
+    _check_size_channels(size, channels)
+    images, labels = info.load()
+    if size != info.native_size:
+        images = _resize_u8(images, size)
+    channels = channels or info.channels
+    if images.shape[1] == 1 and channels == 3:
+        images = images.expand(-1, 3, -1, -1)
+    elif images.shape[1] == 3 and channels == 1:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601-2 luma, as Pillow's "L"
+        images = (images.float() * weights).sum(1, keepdim=True).round_().to(torch.uint8)
+    n = images.shape[0]
+    summary = DataSummary(source=BUILTIN_PREFIX + name, found=n, used=n, channels=channels, image_size=size)
+    return ImageDataset(images.contiguous(), summary, labels)
+
+
+def load_dataset(
+    spec: str | os.PathLike,
+    image_size: int | None = None,
+    channels: int | None = None,
+    progress: Progress | None = None,
+    **folder_options,
+) -> ImageDataset:
+    """``builtin:NAME`` (native size by default) or a folder / image file (32x32 by default).
+
+    ``folder_options`` (``max_pixels``, ``workers``) go to :func:`load_folder`.
+    """
+    text = os.fspath(spec)
+    if isinstance(text, str) and text.startswith(BUILTIN_PREFIX):
+        return load_builtin(text[len(BUILTIN_PREFIX) :], image_size, channels)
+    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    return load_folder(Path(os.fsdecode(text)).expanduser(), size, channels, progress, **folder_options)
+
+
+__all__ = [
+    "BUILTIN",
+    "BUILTIN_PREFIX",
+    "DEFAULT_IMAGE_SIZE",
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "SKIP_REASONS",
+    "BuiltinDataset",
+    "DataSummary",
+    "ImageDataset",
+    "ImageSkipped",
+    "decode_image",
+    "display_path",
+    "from_model_range",
+    "load_builtin",
+    "load_dataset",
+    "load_digits",
+    "load_folder",
+    "random_hflip",
+    "scan_folder",
+    "to_model_range",
+]

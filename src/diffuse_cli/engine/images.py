@@ -1,0 +1,192 @@
+"""Tensors to pictures: PNGs, grids, labelled strips, GIFs and simple line plots, drawn with Pillow.
+
+Model-space images are float tensors in [-1, 1] of shape (C, H, W) or (B, C, H, W)
+with C = 1 or 3. Every file is written atomically (see :mod:`.fileio`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .fileio import atomic_path, atomic_write_bytes
+
+BG = (255, 255, 255)
+FG = (30, 30, 30)
+GRID_COLOUR = (225, 225, 225)
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 0..255: clip, then map linearly (round to nearest)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """One image, (C, H, W) float in [-1, 1] or uint8, to a PIL image (L or RGB)."""
+    if x.dtype != torch.uint8:
+        x = to_uint8(x)
+    arr = x.cpu().permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        return Image.fromarray(arr[:, :, 0], mode="L")
+    return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
+
+
+def upscale(img: Image.Image, min_size: int) -> Image.Image:
+    """Nearest-neighbour upscale by an integer factor so the short side is at least ``min_size`` (keeps pixels crisp)."""
+    f = max(1, math.ceil(min_size / min(img.size)))
+    return img if f == 1 else img.resize((img.width * f, img.height * f), Image.NEAREST)
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_value: int = 0) -> Image.Image:
+    """(B, C, H, W) images -> one PIL grid, ``nrow`` per row (default: near-square)."""
+    b, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    rows = math.ceil(b / nrow)
+    u8 = images if images.dtype == torch.uint8 else to_uint8(images)
+    canvas = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=torch.uint8)
+    for i in range(b):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[:, y : y + h, x : x + w] = u8[i].cpu()
+    return to_pil(canvas)
+
+
+def save_image(img: Image.Image, path: str | os.PathLike, format: str = "PNG") -> None:
+    """Save a PIL image atomically."""
+    buf = io.BytesIO()
+    img.save(buf, format=format)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_gif(frames: Sequence[Image.Image], path: str | os.PathLike, duration_ms: int = 250, loop: int = 0) -> None:
+    """Save frames as an animated GIF, atomically. The last frame is held longer so the result can be seen."""
+    frames = [f.convert("RGB") for f in frames]
+    durations = [duration_ms] * len(frames)
+    durations[-1] = max(duration_ms, 1500)
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=loop)
+
+
+def font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's built-in font at ``size`` (scalable since Pillow 10.1), no system fonts needed."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # older Pillow: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def labelled_strip(panels: Sequence[Image.Image], labels: Sequence[str], panel_size: int = 128) -> Image.Image:
+    """Panels side by side, each with a caption underneath."""
+    f = font(max(10, panel_size // 10))
+    panels = [upscale(p, panel_size).convert("RGB") for p in panels]
+    pw = max(p.width for p in panels)
+    ph = max(p.height for p in panels)
+    caption = f.size + 10 if hasattr(f, "size") else 20
+    gap = 6
+    out = Image.new("RGB", (len(panels) * (pw + gap) + gap, ph + caption + 2 * gap), BG)
+    d = ImageDraw.Draw(out)
+    for i, (p, label) in enumerate(zip(panels, labels, strict=True)):
+        x = gap + i * (pw + gap)
+        out.paste(p, (x, gap))
+        tw = d.textlength(label, font=f)
+        d.text((x + (pw - tw) / 2, gap + ph + 4), label, fill=FG, font=f)
+    return out
+
+
+def line_plot(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    size: tuple[int, int] = (520, 340),
+    ylim: tuple[float, float] | None = None,
+) -> Image.Image:
+    """A minimal line plot: axes with ticks and labels, one coloured line per (name, xs, ys) and a legend.
+
+    Non-finite values break the line (e.g. log-SNR = -inf at zero terminal SNR).
+    """
+    w, h = size
+    f = font(12)
+    ft = font(14)
+    left, right, top, bottom = 62, 16, 30, 44
+    img = Image.new("RGB", (w, h), BG)
+    d = ImageDraw.Draw(img)
+    finite = [y for _, _, ys in series for y in ys if math.isfinite(y)]
+    xs_all = [x for _, xs, _ in series for x in xs]
+    x0, x1 = min(xs_all), max(xs_all)
+    y0, y1 = ylim if ylim else (min(finite), max(finite))
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 1, y1 + 1
+    if x1 - x0 < 1e-12:
+        x1 = x0 + 1
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
+
+    for i in range(6):  # gridlines and ticks
+        yv = y0 + (y1 - y0) * i / 5
+        _, yp = px(x0, yv)
+        d.line([(left, yp), (w - right, yp)], fill=GRID_COLOUR)
+        label = f"{yv:.3g}"
+        d.text((left - 6 - d.textlength(label, font=f), yp - 7), label, fill=FG, font=f)
+        xv = x0 + (x1 - x0) * i / 5
+        xp, _ = px(xv, y0)
+        d.line([(xp, top), (xp, h - bottom)], fill=GRID_COLOUR)
+        label = f"{xv:.0f}" if abs(x1 - x0) >= 10 else f"{xv:.2g}"
+        d.text((xp - d.textlength(label, font=f) / 2, h - bottom + 5), label, fill=FG, font=f)
+    d.rectangle([left, top, w - right, h - bottom], outline=FG)
+    for k, (name, xs, ys) in enumerate(series):
+        colour = PALETTE[k % len(PALETTE)]
+        seg: list[tuple[float, float]] = []
+        for x, y in zip(xs, ys, strict=True):
+            if math.isfinite(y):
+                seg.append(px(x, min(max(y, y0), y1)))
+            else:
+                if len(seg) > 1:
+                    d.line(seg, fill=colour, width=2)
+                seg = []
+        if len(seg) > 1:
+            d.line(seg, fill=colour, width=2)
+        ly = top + 8 + 16 * k  # legend, top right
+        lx = w - right - 8 - max(d.textlength(n, font=f) for n, _, _ in series) - 26
+        d.line([(lx, ly + 7), (lx + 20, ly + 7)], fill=colour, width=3)
+        d.text((lx + 24, ly), name, fill=FG, font=f)
+    d.text(((w - d.textlength(title, font=ft)) / 2, 8), title, fill=FG, font=ft)
+    d.text(((w - d.textlength(xlabel, font=f)) / 2, h - 18), xlabel, fill=FG, font=f)
+    # vertical y label: draw on a small image and rotate
+    lw = int(d.textlength(ylabel, font=f)) + 4
+    lab = Image.new("RGB", (lw, 16), BG)
+    ImageDraw.Draw(lab).text((2, 1), ylabel, fill=FG, font=f)
+    lab = lab.rotate(90, expand=True)
+    img.paste(lab, (4, top + (h - top - bottom - lab.height) // 2))
+    return img
+
+
+def stack_vertical(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
+    w = max(i.width for i in images)
+    h = sum(i.height for i in images) + gap * (len(images) - 1)
+    out = Image.new("RGB", (w, h), BG)
+    y = 0
+    for im in images:
+        out.paste(im.convert("RGB"), (0, y))
+        y += im.height + gap
+    return out
+
+
+def grid_of_plots(plots: Sequence[Image.Image], ncol: int = 2, gap: int = 8) -> Image.Image:
+    rows = math.ceil(len(plots) / ncol)
+    pw = max(p.width for p in plots)
+    ph = max(p.height for p in plots)
+    out = Image.new("RGB", (ncol * pw + (ncol - 1) * gap, rows * ph + (rows - 1) * gap), BG)
+    for i, p in enumerate(plots):
+        r, c = divmod(i, ncol)
+        out.paste(p, (c * (pw + gap), r * (ph + gap)))
+    return out

@@ -1,0 +1,348 @@
+"""Samplers: DDPM, DDIM and DPM-Solver++ as plain functions over any model callable.
+
+Every sampler has the same shape::
+
+    sampler(model, diffusion, x_T, *, steps, ..., generator=None, clip_x0=False, callback=None) -> x0
+
+``model(x_t, t)`` is any callable returning a prediction of kind ``diffusion.prediction``
+(eps, x0 or v); ``t`` is an int64 tensor of shape (B,) holding training timesteps.
+Timestep convention (as in :mod:`diffusion`): ``t`` is in ``[0, T)``, ``t = 0`` already
+carries one step of noise, and the step after ``t = 0`` lands on clean data
+(alpha_bar = 1). A sampler visits ``steps`` timesteps from :func:`timestep_grid`,
+calls the model exactly once at each, and its last step always goes to clean data;
+so the number of model evaluations equals ``steps``.
+
+Coefficients are computed once per step in float64 (Python floats) from the diffusion's
+float64 tables; the state stays in x_T's dtype and the model is called with it. Random
+draws (DDPM, DDIM with eta > 0) come only from the injected ``generator``, so a seed fixes
+the output; the deterministic samplers draw nothing. ``callback`` receives
+``{"i", "steps", "t", "x_t", "x0_pred"}`` once per model evaluation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+
+from .diffusion import Diffusion
+from .errors import ConfigError
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None]
+
+SPACINGS = ("uniform", "logsnr", "karras")
+VARIANCES = ("posterior", "beta")
+KARRAS_RHO = 7.0  # Karras et al. (2022), "Elucidating the Design Space", eq. 5
+
+# Defaults, chosen with benchmarks/samplers.py (2-D Gaussian mixture with an exact denoiser,
+# sliced W2 to exact samples over linear/quadratic/cosine/sigmoid, T = 1000); see the table in
+# benchmarks/RESULTS.md and the numbers next to each choice below.
+DEFAULT_SAMPLER = "dpmpp"
+DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpmpp": 20}  # None: all T steps
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp": "logsnr"}
+DEFAULT_ORDER = 2
+
+
+# --- the timestep grid -----------------------------------------------------------------
+def _check_steps(steps, num_timesteps: int) -> int:
+    try:
+        n = operator.index(steps)
+    except TypeError:
+        n = None
+    if n is None or isinstance(steps, bool) or not 1 <= n <= num_timesteps:
+        raise ConfigError(f"--steps must be between 1 and T={num_timesteps} (got {steps})")
+    return n
+
+
+def _nearest_timesteps(log_snr: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Index of the entry of the (strictly decreasing, finite) ``log_snr`` closest to each target."""
+    asc = log_snr.flip(0)
+    n = asc.shape[0]
+    pos = torch.searchsorted(asc, targets).clamp(1, max(n - 1, 1))
+    lo = (pos - 1).clamp(min=0)
+    pick = torch.where((targets - asc[lo]).abs() <= (asc[pos] - targets).abs(), lo, pos)
+    return (n - 1) - pick
+
+
+def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") -> torch.Tensor:
+    """The ``steps`` training timesteps a sampler visits: int64 (steps,), strictly decreasing, on the CPU.
+
+    The grid starts at the pure-noise end, T - 1, and moves towards the clean end; the
+    sampler's final step goes from ``grid[-1]`` to clean data.
+
+    - ``uniform``: uniform in t, "trailing" so T - 1 is included: round(T - i T / steps) - 1
+      (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
+      It ends at T / steps - 1.
+    - ``logsnr``: uniform in log-SNR between t = T - 1 and t = 0 (Lu et al. 2022, "DPM-Solver",
+      sec. 3.3), each point mapped to the timestep nearest in log-SNR. It ends at t = 0.
+    - ``karras``: Karras et al. (2022) eq. 5 with rho = 7 in sigma = sqrt((1 - abar) / abar),
+      from sigma(T - 1) to sigma(0), mapped to the timestep nearest in log sigma. Ends at t = 0.
+
+    With zero terminal SNR (log-SNR = -inf at T - 1) the log-SNR and Karras ramps start at
+    T - 2, the noisiest finite level, and T - 1 is prepended as the first point. Points that
+    round to the same timestep are pushed apart (down, then up where the clean end runs out
+    of room), so the grid always has exactly ``steps`` distinct timesteps.
+    """
+    T = diffusion.num_timesteps
+    steps = _check_steps(steps, T)
+    if spacing not in SPACINGS:
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if spacing == "uniform":
+        raw = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round() - 1
+    else:
+        log_snr = diffusion.log_snr.detach().to("cpu", torch.float64)
+        finite = int(torch.isfinite(log_snr).sum())  # only the last entry can be -inf
+        lam = log_snr[:finite]
+        lo, hi = float(lam[-1]), float(lam[0])  # noisiest finite level, cleanest level
+        ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+        if spacing == "logsnr":
+            targets = lo + ramp * (hi - lo)
+        else:
+            inv_rho = 1.0 / KARRAS_RHO
+            s_max, s_min = math.exp(-0.5 * lo) ** inv_rho, math.exp(-0.5 * hi) ** inv_rho
+            sigmas = (s_max + ramp * (s_min - s_max)) ** KARRAS_RHO
+            targets = -2.0 * sigmas.log()
+        raw = _nearest_timesteps(lam, targets).to(torch.float64)
+    out, prev = [], T
+    for i, v in enumerate(raw.tolist()):
+        v = T - 1 if i == 0 else min(int(v), prev - 1)  # strictly below the previous point ...
+        v = max(v, steps - 1 - i)  # ... with room left for the points still to come
+        out.append(v)
+        prev = v
+    return torch.tensor(out, dtype=torch.int64)
+
+
+# --- shared pieces ----------------------------------------------------------------------
+def noise_like(shape, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape``, drawn on the generator's device and moved to ``device``.
+
+    Drawing where the generator lives makes a seed give the same x_T whatever device samples.
+    """
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return noise_like(x.shape, generator, x.device, x.dtype)
+
+
+def _alphas_cumprod(diffusion: Diffusion, grid: torch.Tensor) -> list[float]:
+    """alpha_bar at each grid point, as float64 host numbers (one transfer per sampling run)."""
+    return diffusion.alphas_cumprod.detach().to("cpu", torch.float64)[grid].tolist()
+
+
+def _denoise(model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float,
+             clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call the model once at timestep ``t`` and return (x0, eps) in x's dtype.
+
+    The same algebra as :meth:`Diffusion.split_prediction` with float64 scalar coefficients.
+    At alpha_bar = 0 (zero terminal SNR) an eps prediction says nothing about x0; we return
+    x0 = 0, the limit of (x - sqrt(1 - abar) eps) / sqrt(abar) when eps = x, to stay finite.
+    """
+    t_vec = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+    pred = model(x, t_vec).to(x.dtype)
+    a, s = math.sqrt(abar), math.sqrt(1.0 - abar)  # s > 0: abar < 1 for every t in [0, T)
+    kind = diffusion.prediction
+    if kind == "eps":
+        x0, eps = ((x - s * pred) / a if a > 0 else torch.zeros_like(x)), pred
+    elif kind == "x0":
+        x0, eps = pred, (x - a * pred) / s
+    elif kind == "v":
+        x0, eps = a * x - s * pred, s * x + a * pred
+    else:
+        raise ConfigError(f"unknown prediction {kind!r}")
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x - a * x0) / s  # keep (x0, eps) consistent with x_t
+    return x0, eps
+
+
+def _report(callback: Callback | None, i: int, steps: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "steps": steps, "t": t, "x_t": x, "x0_pred": x0})
+
+
+# --- DDPM ---------------------------------------------------------------------------------
+@torch.no_grad()
+def ddpm(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int | None = None,
+         variance: str = "posterior", spacing: str = DEFAULT_SPACING["ddpm"],
+         generator: torch.Generator | None = None, clip_x0: bool = False,
+         callback: Callback | None = None) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), respaced when steps < T.
+
+    Each step draws x_s ~ N(mu~(x_t, x0_pred), var) with the posterior mean of
+    q(x_s | x_t, x0) (DDPM eq. 7; for eps models it equals eq. 11) and var = beta~ ("posterior")
+    or beta ("beta"); the last step adds no noise. With steps = T (the default) s = t - 1 and
+    this is the seed's algorithm; with fewer steps the betas are recomputed on the subsequence,
+    beta_{t,s} = 1 - abar_t / abar_s (Nichol & Dhariwal 2021, "Improved DDPM", sec. 4).
+    """
+    T = diffusion.num_timesteps
+    if variance not in VARIANCES:
+        raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    grid = timestep_grid(diffusion, T if steps is None else steps, spacing)
+    n = len(grid)
+    abars = _alphas_cumprod(diffusion, grid)
+    x = x_T
+    for i, t in enumerate(grid.tolist()):
+        abar_t = abars[i]
+        abar_s = abars[i + 1] if i + 1 < n else 1.0
+        x0, _ = _denoise(model, diffusion, x, t, abar_t, clip_x0)
+        _report(callback, i, n, t, x, x0)
+        alpha_ts = abar_t / abar_s  # the respaced alpha of the step t -> s
+        beta_ts = 1.0 - alpha_ts
+        coef_x0 = math.sqrt(abar_s) * beta_ts / (1.0 - abar_t)  # DDPM eq. 7
+        coef_xt = math.sqrt(alpha_ts) * (1.0 - abar_s) / (1.0 - abar_t)
+        x_prev = coef_x0 * x0 + coef_xt * x
+        if i + 1 < n:
+            var = beta_ts * (1.0 - abar_s) / (1.0 - abar_t) if variance == "posterior" else beta_ts
+            x_prev = x_prev + math.sqrt(var) * _noise(x, generator)
+        x = x_prev
+    return x
+
+
+# --- DDIM ---------------------------------------------------------------------------------
+@torch.no_grad()
+def ddim(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int = 50, eta: float = 0.0,
+         spacing: str = DEFAULT_SPACING["ddim"], generator: torch.Generator | None = None,
+         clip_x0: bool = False, callback: Callback | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12, sigma from eta by eq. 16).
+
+    x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s). eta = 0 is the
+    deterministic sampler (a first-order solver of the probability-flow ODE); eta = 1 matches
+    DDPM's posterior variance. The last step lands on clean data (abar_s = 1): x = x0.
+    """
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ConfigError(f"--eta must be between 0 and 1 (got {eta})")
+    grid = timestep_grid(diffusion, steps, spacing)
+    n = len(grid)
+    abars = _alphas_cumprod(diffusion, grid)
+    x = x_T
+    for i, t in enumerate(grid.tolist()):
+        abar_t = abars[i]
+        abar_s = abars[i + 1] if i + 1 < n else 1.0
+        x0, eps = _denoise(model, diffusion, x, t, abar_t, clip_x0)
+        _report(callback, i, n, t, x, x0)
+        sigma = eta * math.sqrt((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))  # eq. 16
+        x_prev = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - sigma**2, 0.0)) * eps  # eq. 12
+        if sigma > 0:
+            x_prev = x_prev + sigma * _noise(x, generator)
+        x = x_prev
+    return x
+
+
+# --- DPM-Solver++ ------------------------------------------------------------------------
+def _dpmpp_update(x: torch.Tensor, history: list[tuple[float, torch.Tensor]], order: int,
+                  lam_t: float, alpha_t: float, sigma_t: float, sigma_s: float) -> torch.Tensor:
+    """One multistep DPM-Solver++ step from lambda_s = history[-1][0] to lambda_t.
+
+    The data-prediction ODE solved exactly in lambda = log(alpha / sigma) (Lu et al. 2022,
+    "DPM-Solver++", eq. 9): x_t = (sigma_t / sigma_s) x_s + sigma_t int e^lambda x0(lambda) dlambda,
+    with x0(lambda) replaced by the polynomial through the last ``order`` predictions (Newton
+    form over the non-uniform lambda nodes) and the integral taken in closed form, u = lambda - lambda_s:
+
+        int_0^h e^(u-h) du = phi1 = 1 - e^-h,  int_0^h u e^(u-h) du = h - phi1,
+        int_0^h u^2 e^(u-h) du = h^2 - 2h + 2 phi1.
+
+    order 1 is DDIM; order 2 with the interpolant's slope is 2M with the "taylor" form of
+    DPM-Solver++ (differs from Algorithm 2's D = (1 + 1/2r) m0 - 1/2r m1 at O(h^3), the solver's
+    local error order); order 3 is the exponential Adams-Bashforth three-step method.
+    """
+    lam_s, m0 = history[-1]
+    h = lam_t - lam_s
+    phi1 = -math.expm1(-h)
+    x_next = (sigma_t / sigma_s) * x + (alpha_t * phi1) * m0
+    if order >= 2:
+        lam_1, m1 = history[-2]
+        h0 = lam_s - lam_1
+        d01 = (m0 - m1) / h0  # first divided difference
+        x_next = x_next + (alpha_t * (h - phi1)) * d01
+        if order >= 3:
+            lam_2, m2 = history[-3]
+            h1 = lam_1 - lam_2
+            d012 = (d01 - (m1 - m2) / h1) / (h0 + h1)  # second divided difference
+            c2 = h * h - 2.0 * h + 2.0 * phi1 + h0 * (h - phi1)  # int u (u + h0) e^(u-h) du
+            x_next = x_next + (alpha_t * c2) * d012
+    return x_next
+
+
+_LOWER_ORDER_FINAL = 0  # experiment knob: steps before the last allowed at most order 1 + distance
+
+
+def _final_order_cap(steps_left: int, n: int) -> int:
+    """Highest order allowed for the step that has ``steps_left`` real steps after it."""
+    if _LOWER_ORDER_FINAL and n < 15:
+        return 2 + steps_left  # 2nd order for the step into the last grid point
+    return 3
+
+
+@torch.no_grad()
+def dpmpp(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int = 20, order: int = DEFAULT_ORDER,
+          spacing: str = DEFAULT_SPACING["dpmpp"], generator: torch.Generator | None = None,
+          clip_x0: bool = False, callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++ multistep, order 2 ("2M") or 3 (Lu et al. 2022, "DPM-Solver++", Algorithm 2).
+
+    Data prediction, stepping in lambda = log(alpha / sigma) (half the log-SNR). The first
+    steps use lower orders until enough predictions exist; the final step lands on clean data
+    (lambda = inf), where every order reduces to x = x0_pred. With zero terminal SNR the first
+    point has lambda = -inf: its step is the exact first-order (DDIM) step and its prediction
+    is left out of the history. Deterministic: ``generator`` is accepted for a uniform
+    signature and never used.
+    """
+    if order not in (1, 2, 3):
+        raise ConfigError(f"--order must be 1, 2 or 3 (got {order})")
+    grid = timestep_grid(diffusion, steps, spacing)
+    n = len(grid)
+    abars = _alphas_cumprod(diffusion, grid)
+    x = x_T
+    history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0_pred) at finite lambda
+    for i, t in enumerate(grid.tolist()):
+        abar_s = abars[i]
+        x0, eps = _denoise(model, diffusion, x, t, abar_s, clip_x0)
+        _report(callback, i, n, t, x, x0)
+        if i + 1 == n:
+            x = x0  # lambda_t = inf: e^-h = 0 and sigma_t = 0
+            break
+        abar_t = abars[i + 1]
+        alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1.0 - abar_t)
+        if abar_s == 0.0:
+            x = alpha_t * x0 + sigma_t * eps  # from lambda = -inf: the exact DDIM step
+            continue
+        history.append((0.5 * math.log(abar_s / (1.0 - abar_s)), x0))
+        del history[:-order]
+        lam_t = 0.5 * math.log(abar_t / (1.0 - abar_t))
+        k = min(order, len(history), _final_order_cap(n - 2 - i, n))
+        x = _dpmpp_update(x, history, k, lam_t, alpha_t, sigma_t, math.sqrt(1.0 - abar_s))
+    return x
+
+
+# --- lookup ------------------------------------------------------------------------------
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp": dpmpp}
+
+
+def default_steps(sampler: str, num_timesteps: int) -> int:
+    """The sampler's default number of model evaluations, capped at T."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    d = DEFAULT_STEPS[sampler]
+    return num_timesteps if d is None else min(d, num_timesteps)
+
+
+def sample(model: Model, diffusion: Diffusion, x_T: torch.Tensor, sampler: str = DEFAULT_SAMPLER,
+           steps: int | None = None, **opts) -> torch.Tensor:
+    """Run the sampler named ``sampler`` (see :data:`SAMPLERS`); ``steps=None`` means its default."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    fn = SAMPLERS[sampler]
+    accepted = inspect.signature(fn).parameters
+    for name in opts:
+        if name not in accepted:
+            raise ConfigError(f"sampler {sampler!r} does not take option {name!r}")
+    if steps is None:
+        steps = default_steps(sampler, diffusion.num_timesteps)
+    return fn(model, diffusion, x_T, steps=steps, **opts)

@@ -1,0 +1,317 @@
+"""The DDPM U-Net: a Wide-ResNet style encoder/decoder with self-attention.
+
+The layout follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models",
+appendix B), itself a PixelCNN++ backbone (Salimans et al. 2017):
+
+* the timestep ``t`` goes through a sinusoidal embedding (Vaswani et al. 2017,
+  sec. 3.5) and a two-layer MLP of width ``4 * base_channels``;
+* each resolution level has ``num_res_blocks`` residual blocks (GroupNorm, SiLU,
+  3x3 conv, + a projection of the timestep embedding, GroupNorm, SiLU, dropout,
+  3x3 conv), optionally each followed by a self-attention block;
+* levels are joined by a stride-2 conv on the way down and by nearest-neighbour
+  upsampling + 3x3 conv on the way up; every activation of the down path is
+  concatenated to the input of one residual block of the up path;
+* the middle runs residual block, attention, residual block at the lowest
+  resolution; the output is GroupNorm, SiLU, 3x3 conv.
+
+Like DDPM, the last conv of every residual block, the output projection of every
+attention block and the output conv start at zero, so each block starts as the
+identity and the network starts by predicting 0.
+
+Shapes: ``x`` is (B, C, H, W) float, ``t`` is (B,) int64 (or float) timesteps in
+``[0, T)``; the output is (B, out_channels, H, W). The module layout matches
+diffusers' ``UNet2DModel`` with the same widths, so parameter counts agree
+(35,746,307 for the DDPM CIFAR-10 configuration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+# Sinusoidal embedding period, as in Vaswani et al. 2017 and DDPM.
+_MAX_PERIOD = 10_000.0
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of :class:`UNet`; the defaults are DDPM's CIFAR-10 model (35.7M parameters)."""
+
+    image_size: int = 32  # CIFAR-10; must be divisible by 2 ** (len(channel_mults) - 1)
+    in_channels: int = 3  # 3 for RGB, 1 for greyscale
+    base_channels: int = 128  # DDPM's CIFAR-10 width
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # DDPM: 32 -> 16 -> 8 -> 4 for 32x32 inputs
+    num_res_blocks: int = 2  # DDPM uses 2 per level
+    attention_resolutions: tuple[int, ...] = (16,)  # DDPM attends at 16x16 only (quadratic cost in H*W)
+    dropout: float = 0.1  # DDPM's value for CIFAR-10; overfitting is the main risk on small data
+    num_heads: int = 1  # DDPM used single-head attention
+    learn_sigma: bool = False  # True doubles the output: eps and a variance term (Nichol & Dhariwal 2021)
+
+    def __post_init__(self) -> None:
+        # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
+        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        for name in ("image_size", "base_channels", "num_res_blocks", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels!r}")
+        if not self.channel_mults:
+            raise ConfigError("channel_mults must list at least one multiplier, e.g. 1,2,2")
+        for m in self.channel_mults:
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise ConfigError(f"channel_mults must be positive integers, got {list(self.channel_mults)}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        divisor = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size % divisor:
+            lo = self.image_size // divisor * divisor
+            near = [s for s in (lo, lo + divisor) if s > 0]
+            raise ConfigError(
+                f"image_size {self.image_size} must be divisible by {divisor} "
+                f"(2^{len(self.channel_mults) - 1} for {len(self.channel_mults)} levels); "
+                f"try {' or '.join(map(str, near))}, or use fewer channel_mults"
+            )
+        levels = self.resolutions
+        bad = [r for r in self.attention_resolutions if r not in levels]
+        if bad:
+            raise ConfigError(
+                f"attention_resolutions {bad} match no level of this U-Net; "
+                f"its resolutions are {', '.join(map(str, levels))}"
+            )
+        widths = {self.base_channels * m for m, r in zip(self.channel_mults, levels) if r in self.attention_resolutions}
+        widths.add(self.base_channels * self.channel_mults[-1])  # the middle block always attends
+        for w in sorted(widths):
+            if w % self.num_heads:
+                raise ConfigError(f"num_heads {self.num_heads} must divide the attention width {w}")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the network predicts: the image's, doubled with ``learn_sigma``."""
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Spatial size of each level, from the input down (e.g. 32, 16, 8, 4)."""
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        """Inverse of :meth:`to_dict`; unknown keys (e.g. from a newer version) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("channel_mults", "attention_resolutions"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+# Small configurations for small data; ``image_size`` and ``in_channels`` come from the data set.
+PRESETS: dict[str, dict] = {
+    # 8x8 or 16x16 greyscale digits on a laptop CPU: ~0.9M parameters.
+    "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0),
+    # 32x32 RGB on a CPU: ~6.1M parameters (DDPM's layout at half width, one fewer level).
+    "small": dict(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+    # DDPM's CIFAR-10 model, 35.7M parameters (Ho et al. 2020, appendix B).
+    "ddpm-cifar10": dict(
+        base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1
+    ),
+}
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters in ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _groups(channels: int) -> int:
+    # DDPM normalises with 32 groups; narrower or odd widths (32, 48, 3) take the largest divisor <= 32.
+    return math.gcd(32, channels)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(_groups(channels), channels, eps=1e-5)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017, sec. 3.5): (B,) -> (B, dim) float32.
+
+    Frequencies are geometric from 1 down to 1/10000; the first half of the output
+    holds the cosines, the second the sines (the layout of diffusers' ``Timesteps``
+    with ``flip_sin_to_cos=True``). Built on ``t``'s device: no host round trip.
+    """
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(_MAX_PERIOD) / half))
+    args = t.to(torch.float32)[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """Wide-ResNet block with the timestep added after the first conv (DDPM appendix B)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = _norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = _norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(emb)[:, :, None, None]  # emb is already SiLU'd once by the UNet
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection.
+
+    Computes softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017) through
+    ``F.scaled_dot_product_attention``. q, k, v come from one fused (C -> 3C)
+    projection: the same parameter count as diffusers' separate to_q/to_k/to_v.
+    """
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = _norm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = _zero(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        # (B, C, H, W) -> (B, HW, C); free when x is channels_last, one copy otherwise.
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        qkv = self.qkv(h).reshape(B, H * W, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, C / heads)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = self.proj(h.transpose(1, 2).reshape(B, H * W, C))
+        # Back to (B, C, H, W) with channels_last strides; the add follows x's layout.
+        return x + h.reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv (DDPM)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then a 3x3 conv (DDPM)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _ResAttn(nn.Module):
+    """A residual block, optionally followed by attention; one stop of the U."""
+
+    def __init__(self, res: ResBlock, attn: AttentionBlock | None):
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, emb)
+        if self.attn is not None:  # fixed at construction: no graph break under torch.compile
+            x = self.attn(x)
+        return x
+
+
+class UNet(nn.Module):
+    """DDPM's noise-prediction U-Net (Ho et al. 2020, appendix B). See the module docstring."""
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        self.config = c = config or UNetConfig()
+        ch = c.base_channels
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+
+        # Down path; `skip_ch` records the width of every activation kept for the up path.
+        self.down = nn.ModuleList()
+        skip_ch = [ch]
+        cur = ch
+        for level, (mult, res) in enumerate(zip(c.channel_mults, c.resolutions)):
+            out = ch * mult
+            for _ in range(c.num_res_blocks):
+                attn = AttentionBlock(out, c.num_heads) if res in c.attention_resolutions else None
+                self.down.append(_ResAttn(ResBlock(cur, out, emb_dim, c.dropout), attn))
+                cur = out
+                skip_ch.append(cur)
+            if level < len(c.channel_mults) - 1:
+                self.down.append(Downsample(cur))
+                skip_ch.append(cur)
+
+        self.mid_res1 = ResBlock(cur, cur, emb_dim, c.dropout)
+        self.mid_attn = AttentionBlock(cur, c.num_heads)
+        self.mid_res2 = ResBlock(cur, cur, emb_dim, c.dropout)
+
+        # Up path: one more block per level than on the way down, each eating one skip.
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(c.channel_mults))):
+            out = ch * c.channel_mults[level]
+            res = c.resolutions[level]
+            for _ in range(c.num_res_blocks + 1):
+                attn = AttentionBlock(out, c.num_heads) if res in c.attention_resolutions else None
+                self.up.append(_ResAttn(ResBlock(cur + skip_ch.pop(), out, emb_dim, c.dropout), attn))
+                cur = out
+            if level > 0:
+                self.up.append(Upsample(cur))
+        assert not skip_ch
+
+        self.norm_out = _norm(cur)
+        self.conv_out = _zero(nn.Conv2d(cur, c.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predict the network output for noisy images ``x`` (B, C, H, W) at timesteps ``t`` (B,)."""
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        # Every block applies SiLU before its own projection (DDPM); doing it once here is the same math.
+        emb = F.silu(emb)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
+        for block in self.up:
+            if isinstance(block, Upsample):
+                h = block(h)
+            else:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
