@@ -198,14 +198,15 @@ def _schedule_table(kind: str, d, rows: int, ztsnr: bool) -> None:
     ts = sorted({round(i * (T - 1) / (rows - 1)) for i in range(rows)})
     title = f"{kind} schedule, T = {T}" + (", zero terminal SNR" if ztsnr else "")
     table = Table(title=title, title_justify="left")
-    for col in ("t", "beta_t", "alpha_bar_t", "sqrt(alpha_bar_t)", "sqrt(1-alpha_bar_t)", "SNR", "SNR (dB)"):
+    for col in ("t", "beta_t", "abar_t", "sqrt(abar_t)", "sqrt(1-abar_t)", "SNR", "SNR dB"):
         table.add_column(col, justify="right")
     for t in ts:
         snr = float(d.snr[t])
-        table.add_row(str(t), f"{float(d.betas[t]):.6f}", f"{float(d.alphas_cumprod[t]):.6g}",
+        table.add_row(str(t), f"{float(d.betas[t]):.6f}", f"{float(d.alphas_cumprod[t]):.4g}",
                       f"{float(d.sqrt_alphas_cumprod[t]):.4f}", f"{float(d.sqrt_one_minus_alphas_cumprod[t]):.4f}",
                       f"{snr:.4g}", _fmt_snr_db(snr))
     console.print(table)
+    console.print("abar = alpha_bar = prod of (1 - beta); t is 0-based (t = 0 is the seed's x_1, t = T-1 its x_T)")
     snr_T = float(d.snr[-1])
     console.print(f"signal left in x_T: sqrt(alpha_bar) = {float(d.sqrt_alphas_cumprod[-1]):.3g};  "
                   f"alpha_bar_T = {float(d.alphas_cumprod[-1]):.3g};  SNR(T) = {snr_T:.3g} ({_fmt_snr_db(snr_T)} dB)")
@@ -301,7 +302,7 @@ def _noise(image, t_text, kind, timesteps, beta_start, beta_end, ztsnr, size, se
         raise DataError(f"no such file: {image}")
     if image.is_dir():
         raise DataError(f"{image} is a folder; give one image file")
-    x0_u8 = data_mod.decode_single(image, size)  # (C, H, W) uint8, raises DataError
+    x0_u8 = data_mod.decode_image(image, size)  # (C, H, W) uint8; raises DataError
     out = out or Path(f"{image.stem}-noise.png")
     x0 = x0_u8.float().div(127.5).sub(1.0)[None].double()
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+
+os.environ.setdefault("COLUMNS", "120")
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """A small synthetic RGB 'photo' with structure (gradients and a disc)."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = 96, 128
+    y, x = np.mgrid[0:h, 0:w]
+    r = (x * 255 / w).astype(np.uint8)
+    g = (y * 255 / h).astype(np.uint8)
+    b = (((x - 64) ** 2 + (y - 48) ** 2 < 900) * 255).astype(np.uint8)
+    p = tmp_path / "photo.png"
+    Image.fromarray(np.stack([r, g, b], -1), "RGB").save(p)
+    return p
