@@ -602,8 +602,7 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
     dev = resolve_device(device)
     model, diffusion, ck = ckpt.load_for_sampling(checkpoint, dev)
     T = diffusion.num_timesteps
-    steps = steps if steps is not None else samplers.DEFAULT_STEPS[sampler_name]
-    steps = min(steps, T) if steps is not None else T
+    steps = steps if steps is not None else samplers.default_steps(sampler_name, T)
     if not 1 <= steps <= T:
         raise ConfigError(f"--steps must be between 1 and T = {T} (got {steps})")
     # Check outputs before spending time sampling.

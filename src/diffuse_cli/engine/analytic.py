@@ -96,14 +96,14 @@ class GaussianMixture:
         cov, mu, w = self.covs.to(x.device), self.means.to(x.device), self.weights.to(x.device)
         c = abar * cov + (1.0 - abar) * eye  # (K, D, D): covariance of x_t given the component
         chol = torch.linalg.cholesky(c)
-        diff = (x[None, :, :] - a * mu[:, None, :]).transpose(1, 2)  # (K, D, B)
-        z = torch.linalg.solve_triangular(chol, diff, upper=False)  # (K, D, B): whitened residual
+        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(c), upper=False)  # L^-1, (K, D, D)
+        gain = a * cov @ chol_inv.transpose(1, 2) @ chol_inv  # a Sigma C^-1, (K, D, D)
+        diff = x[:, None, :] - a * mu  # (B, K, D)
+        z = torch.einsum("kij,bkj->bki", chol_inv, diff)  # whitened residual
         log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
-        log_r = torch.log(w)[:, None] - 0.5 * (z**2).sum(1) - 0.5 * log_det[:, None]  # (K, B)
-        r = torch.softmax(log_r, dim=0)
-        c_inv_diff = torch.linalg.solve_triangular(chol.transpose(1, 2), z, upper=True)  # (K, D, B)
-        post = mu[:, :, None] + a * cov @ c_inv_diff  # (K, D, B)
-        return (r[:, None, :] * post).sum(0).transpose(0, 1)  # (B, D)
+        r = torch.softmax(torch.log(w) - 0.5 * (z * z).sum(-1) - 0.5 * log_det, dim=-1)  # (B, K)
+        post = mu + torch.einsum("kij,bkj->bki", gain, diff)  # E[x0 | x_t, k], (B, K, D)
+        return torch.einsum("bk,bkd->bd", r, post)
 
     def model(self, diffusion: Diffusion, prediction: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The exact network of kind ``prediction`` (default: the diffusion's) as ``model(x_t, t)``.

@@ -66,6 +66,14 @@ DEFAULT_IMAGE_SIZE = 32  # for folders; built-in datasets default to their nativ
 MAX_IMAGE_PIXELS = 89_478_485
 SKIP_REASONS = ("unreadable", "empty", "not an image", "corrupt or truncated", "too large")
 EXAMPLES_PER_REASON = 3
+# reason -> how DataSummary.lines() says it for one file and for several ("{n}" is the count)
+_SKIP_PHRASES = {
+    "unreadable": ("skipped 1 unreadable file", "skipped {n} unreadable files"),
+    "empty": ("skipped 1 empty file", "skipped {n} empty files"),
+    "not an image": ("skipped 1 file that is not an image", "skipped {n} files that are not images"),
+    "corrupt or truncated": ("skipped 1 corrupt or truncated file", "skipped {n} corrupt or truncated files"),
+    "too large": ("skipped 1 image too large to decode safely", "skipped {n} images too large to decode safely"),
+}
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
@@ -121,28 +129,16 @@ class DataSummary:
 
     def lines(self) -> list[str]:
         """One human line per kind of skipped or ignored file, in a fixed order."""
-        phrases = {
-            "unreadable": lambda n: f"skipped {n} unreadable " + ("file" if n == 1 else "files"),
-            "empty": lambda n: f"skipped {n} empty " + ("file" if n == 1 else "files"),
-            "not an image": lambda n: (
-                f"skipped {_plural(n, 'file')} that " + ("is" if n == 1 else "are") + " not an image"
-            ),
-            "corrupt or truncated": lambda n: f"skipped {n} corrupt or truncated " + ("file" if n == 1 else "files"),
-            "too large": lambda n: f"skipped {_plural(n, 'image')} too large to decode safely",
-        }
         out = []
         for reason in SKIP_REASONS:
             n = self.skipped.get(reason, 0)
             if n:
-                line = phrases[reason](n)
+                line = _SKIP_PHRASES[reason][n != 1].format(n=n)
                 if self.examples.get(reason):
                     line += f" (e.g. {', '.join(self.examples[reason])})"
                 out.append(line)
         if self.unreadable_folders:
-            out.append(
-                f"skipped {self.unreadable_folders} unreadable "
-                + ("folder" if self.unreadable_folders == 1 else "folders")
-            )
+            out.append(f"skipped {_plural(self.unreadable_folders, 'unreadable folder')}")
         if self.ignored:
             out.append(f"ignored {_plural(self.ignored, 'file')} without an image extension")
         return out
@@ -422,7 +418,9 @@ def decode_image(
     """
     _check_size_channels(image_size, channels)
     with _BombWarningsAsErrors():
-        arr, _ = _read_image(Path(path), image_size, channels, max_pixels)
+        arr, colourless = _read_image(Path(path), image_size, channels, max_pixels)
+    if channels is None and colourless and arr.ndim == 3:
+        arr = arr[..., 0]
     return _to_chw(arr, channels)
 
 
@@ -430,8 +428,8 @@ def decode_image(
 
 
 def _default_workers() -> int:
-    # Pillow releases the GIL while decoding and resizing, so threads scale with
-    # the cores; a few extra hide file-system latency.
+    # Pillow releases the GIL in its decoders and in resize, so threads can use
+    # every core; a few extra hide file-system latency.
     return min(16, (os.cpu_count() or 1) + 2)
 
 
@@ -484,26 +482,20 @@ def load_folder(
         buffer[i] = _to_chw(arr, planes)
         return None
 
-    reasons: list[ImageSkipped | None] = []
+    reasons: list[ImageSkipped | None] = []  # per file: None if used
     if progress:
         progress(0, n)
-    n_workers = max(1, workers if workers is not None else _default_workers())
-    with _BombWarningsAsErrors():
-        if n_workers == 1 or n == 1:
-            results = map(work, range(n))
-            for reason in results:
-                reasons.append(reason)
+    n_workers = min(n, max(1, workers if workers is not None else _default_workers()))
+    pool = ThreadPoolExecutor(n_workers, thread_name_prefix="diffuse-decode") if n_workers > 1 else None
+    try:
+        with _BombWarningsAsErrors():
+            for skip in (pool.map if pool else map)(work, range(n)):  # both keep the order of `files`
+                reasons.append(skip)
                 if progress:
                     progress(len(reasons), n)
-        else:
-            pool = ThreadPoolExecutor(min(n_workers, n), thread_name_prefix="diffuse-decode")
-            try:
-                for reason in pool.map(work, range(n)):
-                    reasons.append(reason)
-                    if progress:
-                        progress(len(reasons), n)
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, do not decode the rest
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, do not decode the rest
 
     def shown(p: Path) -> str:
         return display_path(p.relative_to(root)) if p != root else display_path(p.name)

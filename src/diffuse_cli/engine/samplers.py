@@ -98,6 +98,10 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
         finite = int(torch.isfinite(log_snr).sum())  # only the last entry can be -inf
         lam = log_snr[:finite]
         lo, hi = float(lam[-1]), float(lam[0])  # noisiest finite level, cleanest level
+        if _LAM_MIN == "t-2":
+            lo = float(log_snr[T - 2])
+        elif _LAM_MIN is not None:
+            lo = max(lo, _LAM_MIN)
         ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
         if spacing == "logsnr":
             targets = lo + ramp * (hi - lo)
@@ -261,7 +265,10 @@ def _dpmpp_update(x: torch.Tensor, history: list[tuple[float, torch.Tensor]], or
         lam_1, m1 = history[-2]
         h0 = lam_s - lam_1
         d01 = (m0 - m1) / h0  # first divided difference
-        x_next = x_next + (alpha_t * (h - phi1)) * d01
+        if _ALG2 and order == 2:
+            x_next = x_next + (alpha_t * phi1 * h / 2) * d01
+        else:
+            x_next = x_next + (alpha_t * (h - phi1)) * d01
         if order >= 3:
             lam_2, m2 = history[-3]
             h1 = lam_1 - lam_2
@@ -271,6 +278,8 @@ def _dpmpp_update(x: torch.Tensor, history: list[tuple[float, torch.Tensor]], or
     return x_next
 
 
+_ALG2 = 0
+_LAM_MIN = None
 _LOWER_ORDER_FINAL = 0  # experiment knob: steps before the last allowed at most order 1 + distance
 
 

@@ -249,6 +249,21 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], extra: dict) -> dict
     return {"state": state, "param_groups": groups}
 
 
+def _match_param_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give loaded moment buffers their parameter's strides.
+
+    safetensors stores tensors contiguous (NCHW); a channels_last parameter needs
+    channels_last moments, or fused/foreach kernels that walk raw storage would pair
+    the wrong elements (and resume would not be bit-exact).
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
 def _rng_bytes(state: torch.Tensor) -> torch.Tensor:
     return state.detach().to("cpu", torch.uint8).clone()
 
@@ -388,7 +403,7 @@ def train(
         model = UNet(model_config).to(dev)
         torch.manual_seed(config.seed + dist.rank)  # dropout masks differ between ranks
         model = perf.optimize_for_device(model, dev)
-        opt = perf.make_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, device=dev)
+        opt = perf.make_optimizer(model.parameters(), lr=config.lr, device=dev, weight_decay=config.weight_decay)
         ema = EMA(model, config.ema_decay)
         gen = torch.Generator(device=dev)
         gen.manual_seed(config.seed)
@@ -397,6 +412,7 @@ def train(
             ckpt.load_weights_into(model, ckpt.prefixed(state.tensors, "model."), state.path)
             ckpt.load_weights_into(ema.model, ckpt.prefixed(state.tensors, "ema."), state.path)
             opt.load_state_dict(_optimizer_state_dict(state.tensors, state.extra["optimizer"]))
+            _match_param_layouts(opt)
             gen.set_state(state.tensors["rng.data"].to("cpu"))
             torch.set_rng_state(state.tensors["rng.torch"].to("cpu"))
             if dev.type == "cuda" and "rng.cuda" in state.tensors:

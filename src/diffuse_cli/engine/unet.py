@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 # Sinusoidal embedding period, as in Vaswani et al. 2017 and DDPM.
 _MAX_PERIOD = 10_000.0
@@ -87,7 +88,11 @@ class UNetConfig:
                 f"attention_resolutions {bad} match no level of this U-Net; "
                 f"its resolutions are {', '.join(map(str, levels))}"
             )
-        widths = {self.base_channels * m for m, r in zip(self.channel_mults, levels) if r in self.attention_resolutions}
+        widths = {
+            self.base_channels * m
+            for m, r in zip(self.channel_mults, levels, strict=True)
+            if r in self.attention_resolutions
+        }
         widths.add(self.base_channels * self.channel_mults[-1])  # the middle block always attends
         for w in sorted(widths):
             if w % self.num_heads:
@@ -121,10 +126,12 @@ class UNetConfig:
 
 # Small configurations for small data; ``image_size`` and ``in_channels`` come from the data set.
 PRESETS: dict[str, dict] = {
-    # 8x8 or 16x16 greyscale digits on a laptop CPU: ~0.9M parameters.
+    # 8x8 or 16x16 greyscale digits on a laptop CPU: ~1.1M parameters, attention only in the middle.
     "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0),
-    # 32x32 RGB on a CPU: ~6.1M parameters (DDPM's layout at half width, one fewer level).
-    "small": dict(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+    # 32x32 RGB on a CPU: ~6.5M parameters (DDPM's layout at half width, one level fewer).
+    "small": dict(
+        base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1
+    ),
     # DDPM's CIFAR-10 model, 35.7M parameters (Ho et al. 2020, appendix B).
     "ddpm-cifar10": dict(
         base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1
@@ -267,7 +274,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         skip_ch = [ch]
         cur = ch
-        for level, (mult, res) in enumerate(zip(c.channel_mults, c.resolutions)):
+        for level, (mult, res) in enumerate(zip(c.channel_mults, c.resolutions, strict=True)):
             out = ch * mult
             for _ in range(c.num_res_blocks):
                 attn = AttentionBlock(out, c.num_heads) if res in c.attention_resolutions else None
@@ -315,3 +322,78 @@ class UNet(nn.Module):
             else:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# --- weights from diffusers -------------------------------------------------------------
+_TOP_NAMES = {
+    "conv_in": "conv_in",
+    "time_embedding.linear_1": "time_mlp.0",
+    "time_embedding.linear_2": "time_mlp.2",
+    "conv_norm_out": "norm_out",
+    "conv_out": "conv_out",
+}
+_RES_NAMES = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb_proj", "norm2": "norm2", "conv2": "conv2",
+              "conv_shortcut": "skip"}  # fmt: skip
+# Older diffusers releases named the attention layers query/key/value/proj_attn.
+_ATTN_NAMES = {"group_norm": "norm", "to_out.0": "proj", "proj_attn": "proj"}
+_QKV_INDEX = {"to_q": 0, "to_k": 1, "to_v": 2, "query": 0, "key": 1, "value": 2}
+_BLOCK_KEY = re.compile(
+    r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)\.(weight|bias)"
+)
+_MID_KEY = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def convert_diffusers_state_dict(state_dict: dict[str, torch.Tensor], config: UNetConfig) -> dict[str, torch.Tensor]:
+    """Rename a diffusers ``UNet2DModel`` state dict (DDPM layout) into :class:`UNet`'s names.
+
+    The diffusers model must have the layout of ``config``: ``block_out_channels`` =
+    base * mults, ``layers_per_block`` = num_res_blocks, ``AttnDownBlock2D`` /
+    ``AttnUpBlock2D`` exactly at ``attention_resolutions``, default time embedding
+    (``flip_sin_to_cos=True``, ``freq_shift=0``) and one attention head per
+    ``num_heads``. Separate q/k/v weights are stacked into our fused projection.
+    Load the result with ``model.load_state_dict(..., strict=True)`` to check the match.
+    """
+    n = config.num_res_blocks
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, list] = {}
+
+    def layer(prefix: str, kind: str, name: str, param: str, value: torch.Tensor) -> None:
+        if kind == "resnets" and name in _RES_NAMES:
+            out[f"{prefix}.{_RES_NAMES[name]}.{param}"] = value
+        elif kind == "attentions" and name in _ATTN_NAMES:
+            out[f"{prefix}.{_ATTN_NAMES[name]}.{param}"] = value
+        elif kind == "attentions" and name in _QKV_INDEX:
+            qkv.setdefault(f"{prefix}.qkv.{param}", [None] * 3)[_QKV_INDEX[name]] = value
+        elif kind.endswith("samplers") and name == "conv":
+            out[f"{prefix}.conv.{param}"] = value
+        else:
+            raise CheckpointError(f"unexpected layer {kind}.{name} in a diffusers UNet2DModel state dict")
+
+    for key, value in state_dict.items():
+        if m := _BLOCK_KEY.fullmatch(key):
+            side, level, kind, j, name, param = m.groups()
+            level, j = int(level), int(j)
+            if side == "down":
+                index = level * (n + 1) + (n if kind == "downsamplers" else j)
+            else:
+                index = level * (n + 2) + (n + 1 if kind == "upsamplers" else j)
+            prefix = f"{side}.{index}"
+            if kind == "resnets":
+                prefix += ".res"
+            elif kind == "attentions":
+                prefix += ".attn"
+            layer(prefix, kind, name, param, value)
+        elif m := _MID_KEY.fullmatch(key):
+            kind, j, name, param = m.groups()
+            prefix = "mid_attn" if kind == "attentions" else f"mid_res{int(j) + 1}"
+            layer(prefix, kind, name, param, value)
+        else:
+            base, _, param = key.rpartition(".")
+            if base not in _TOP_NAMES:
+                raise CheckpointError(f"unexpected key {key!r} in a diffusers UNet2DModel state dict")
+            out[f"{_TOP_NAMES[base]}.{param}"] = value
+    for key, parts in qkv.items():
+        if any(p is None for p in parts):
+            raise CheckpointError(f"incomplete q/k/v weights for {key} in a diffusers UNet2DModel state dict")
+        out[key] = torch.cat([p.reshape(p.shape[0], -1).squeeze(-1) if p.ndim > 2 else p for p in parts], dim=0)
+    return out

@@ -1,0 +1,282 @@
+"""CPU training throughput: our U-Net against diffusers' UNet2DModel in the same DDPM layout.
+
+Both networks are the DDPM CIFAR-10 layout at half width (base 64 channels, mults
+1,2,2,2, 2 residual blocks per level, attention at 16x16, one head, dropout 0.1) on
+32x32 RGB, batch 16; the two compute the same function (``tests/test_unet.py`` loads
+diffusers' weights into ours and compares outputs). One step = forward, MSE loss
+against a fixed target, backward, AdamW step, fp32 throughout.
+
+Variants, timed in alternating rounds so that a change in machine load hits all alike:
+
+* ``diffusers``: UNet2DModel as a user gets it (NCHW tensors, ``torch.optim.AdamW()``);
+* ``diffusers+perf``: the same model with our speed settings, to show what they alone buy;
+* ``ours``: :class:`UNet` with :func:`perf.optimize_for_device` and :func:`perf.make_optimizer`;
+* ``ours+compile`` (``--compile``): the same, through ``torch.compile`` (inductor, C++ codegen).
+
+The reported number per variant is the median step time over all timed steps.
+
+    python benchmarks/train_cpu.py                           # full run, prints the table
+    python benchmarks/train_cpu.py --quick                   # seconds: smoke test
+    python benchmarks/train_cpu.py --compile --markdown benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from diffuse_cli.engine import perf  # noqa: E402
+from diffuse_cli.engine.unet import UNet, UNetConfig, count_parameters  # noqa: E402
+
+MARK_START, MARK_END = "<!-- train_cpu:start -->", "<!-- train_cpu:end -->"
+TARGET_RATIO = 1.5  # ours at least 1.5x diffusers' img/s
+
+
+@dataclass
+class Variant:
+    name: str
+    note: str
+    step: Callable[[], None]
+    params: int
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def build_config(quick: bool) -> UNetConfig:
+    if quick:  # same layout, scaled down so a test can run it in seconds
+        return UNetConfig(image_size=16, in_channels=3, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
+                          attention_resolutions=(8,), dropout=0.1)  # fmt: skip
+    return UNetConfig(image_size=32, in_channels=3, base_channels=64, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                      attention_resolutions=(16,), dropout=0.1)  # fmt: skip
+
+
+def diffusers_model(cfg: UNetConfig) -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    res = cfg.resolutions
+    return UNet2DModel(
+        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mults), layers_per_block=cfg.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if r in cfg.attention_resolutions else "DownBlock2D" for r in res),
+        up_block_types=tuple("AttnUpBlock2D" if r in cfg.attention_resolutions else "UpBlock2D" for r in reversed(res)),
+        attention_head_dim=None,  # one head of the full width, as in DDPM and in our config
+        dropout=cfg.dropout,
+    )  # fmt: skip
+
+
+def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor,
+              target: torch.Tensor, is_diffusers: bool) -> Callable[[], None]:  # fmt: skip
+    def step() -> None:
+        out = model(x, t)
+        if is_diffusers:
+            out = out.sample
+        F.mse_loss(out, target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def flops_per_step(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+                   is_diffusers: bool) -> int:  # fmt: skip
+    """FLOPs of one forward + backward (matmuls, convs, attention), counted by torch."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t)
+        F.mse_loss(out.sample if is_diffusers else out, target).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> str:
+    try:
+        return "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    cfg = build_config(args.quick)
+    batch = 4 if args.quick else args.batch
+    size, ch = cfg.image_size, cfg.in_channels
+    x = torch.randn(batch, ch, size, size)
+    t = torch.randint(0, 1000, (batch,))
+    target = torch.randn(batch, ch, size, size)
+    lr = 1e-4
+
+    variants: list[Variant] = []
+    theirs = diffusers_model(cfg).train()
+    variants.append(Variant("diffusers", "UNet2DModel, NCHW, torch.optim.AdamW defaults", make_step(
+        theirs, torch.optim.AdamW(theirs.parameters(), lr=lr), x, t, target, True), count_parameters(theirs)))  # fmt: skip
+    if not args.no_diffusers_perf:
+        theirs_p = perf.optimize_for_device(diffusers_model(cfg).train(), "cpu")
+        variants.append(Variant("diffusers+perf", "UNet2DModel + our settings (channels_last, fused AdamW)", make_step(
+            theirs_p, perf.make_optimizer(theirs_p.parameters(), lr, "cpu"), x, t, target, True),
+            count_parameters(theirs_p)))  # fmt: skip
+    ours = perf.optimize_for_device(UNet(cfg).train(), "cpu")
+    ours_opt = perf.make_optimizer(ours.parameters(), lr, "cpu")
+    variants.append(Variant("ours", "diffuse UNet, eager, channels_last, fused AdamW", make_step(
+        ours, ours_opt, x, t, target, False), count_parameters(ours)))  # fmt: skip
+    compile_s = None
+    if args.compile:
+        ours_c = perf.optimize_for_device(UNet(cfg).train(), "cpu")
+        compiled = torch.compile(ours_c)
+        step_c = make_step(compiled, perf.make_optimizer(ours_c.parameters(), lr, "cpu"), x, t, target, False)
+        t0 = time.perf_counter()
+        step_c()  # compiles forward and backward
+        compile_s = time.perf_counter() - t0
+        variants.append(Variant("ours+compile", "diffuse UNet, torch.compile (inductor), channels_last, fused AdamW",
+                                step_c, count_parameters(ours_c)))  # fmt: skip
+
+    flops = {
+        "diffusers": flops_per_step(theirs, x, t, target, True),
+        "ours": flops_per_step(ours, x, t, target, False),
+    }
+    for v in variants:
+        for _ in range(args.warmup):
+            v.step()
+    for _ in range(args.repeats):
+        for v in variants:
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                v.step()
+                v.times.append(time.perf_counter() - t0)
+    return dict(cfg=cfg, batch=batch, variants=variants, flops=flops, compile_s=compile_s)
+
+
+def report(res: dict) -> tuple[str, list[str]]:
+    """The markdown table and the verdict lines."""
+    batch, variants, flops = res["batch"], res["variants"], res["flops"]
+    base = variants[0]
+    rows = [
+        "| variant | setup | params | ms/step (median) | img/s | vs diffusers | GFLOP/step | GFLOP/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in variants:
+        f = flops["diffusers" if v.name.startswith("diffusers") else "ours"]
+        rows.append(
+            f"| {v.name} | {v.note} | {v.params:,} | {v.median * 1e3:.1f} | {batch / v.median:.1f} | "
+            f"{base.median / v.median:.2f}x | {f / 1e9:.1f} | {f / v.median / 1e9:.0f} |"
+        )
+    by_name = {v.name: v for v in variants}
+    eager = base.median / by_name["ours"].median
+    lines = [
+        f"ours (eager) / diffusers img/s = {eager:.2f}x (target {TARGET_RATIO}x: {'met' if eager >= TARGET_RATIO else 'missed'})"
+    ]
+    if "ours+compile" in by_name:
+        comp = base.median / by_name["ours+compile"].median
+        lines.append(
+            f"ours (torch.compile) / diffusers img/s = {comp:.2f}x (target {TARGET_RATIO}x: "
+            f"{'met' if comp >= TARGET_RATIO else 'missed'}); compiling took {res['compile_s']:.0f} s"
+        )
+    if "diffusers+perf" in by_name:
+        same = by_name["diffusers+perf"].median / by_name["ours"].median
+        lines.append(f"with the same settings on both (channels_last, fused AdamW): ours / diffusers = {same:.2f}x")
+    return "\n".join(rows), lines
+
+
+def write_markdown(path: Path, res: dict, table: str, lines: list[str], command: str, meta: dict) -> None:
+    cfg = res["cfg"]
+    section = "\n".join([
+        MARK_START,
+        "## CPU training throughput (`benchmarks/train_cpu.py`)",
+        "",
+        f"- command: `{command}`",
+        f"- date: {meta['date']}; CPU: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} torch threads; "
+        f"torch {torch.__version__}, diffusers {meta['diffusers']}; load average before/after: "
+        f"{meta['load_before']} / {meta['load_after']}",
+        f"- model: DDPM layout, base {cfg.base_channels}, mults {','.join(map(str, cfg.channel_mults))}, "
+        f"{cfg.num_res_blocks} res blocks, attention at {','.join(map(str, cfg.attention_resolutions))}, dropout "
+        f"{cfg.dropout}; {cfg.image_size}x{cfg.image_size}x{cfg.in_channels}, batch {res['batch']}; fp32",
+        "- step = forward + MSE loss + backward + AdamW step; median over "
+        f"{meta['timed']} timed steps per variant, in alternating rounds after {meta['warmup']} warm-up steps; "
+        "FLOPs from `torch.utils.flop_counter` (forward + backward).",
+        "",
+        table,
+        "",
+        *[f"- {line}" for line in lines],
+        MARK_END,
+    ])  # fmt: skip
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if MARK_START in old and MARK_END in old:
+        pre, rest = old.split(MARK_START, 1)
+        new = pre + section + rest.split(MARK_END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant per round (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default 2)")
+    p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours); compiling takes minutes")
+    p.add_argument("--no-diffusers-perf", action="store_true", help="skip the diffusers+perf variant")
+    p.add_argument("--quick", action="store_true", help="tiny model and batch, one step each: a smoke test")
+    p.add_argument("--markdown", type=Path, help="write/replace the train_cpu section of this markdown file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.warmup = 1, 1, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        import diffusers
+    except ImportError:
+        print("diffusers is not installed: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+
+    meta = dict(
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu_model(), cores=os.cpu_count(),
+        threads=torch.get_num_threads(), diffusers=diffusers.__version__, load_before=load_average(),
+        timed=args.steps * args.repeats, warmup=args.warmup,
+    )  # fmt: skip
+    res = run(args)
+    meta["load_after"] = load_average()
+    table, lines = report(res)
+    print(table)
+    print()
+    for line in lines:
+        print(line)
+    if args.markdown:
+        exe = os.path.relpath(sys.executable)
+        exe = sys.executable if exe.startswith("..") else exe
+        command = shlex.join([exe, os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])])
+        write_markdown(args.markdown, res, table, lines, command, meta)
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
