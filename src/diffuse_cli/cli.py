@@ -429,21 +429,37 @@ def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[i
     return tuple(vals)
 
 
-def auto_preset(image_size: int) -> str:
-    return "tiny" if image_size <= 16 else "small"
+def preset_kwargs(name: str, image_size: int) -> dict:
+    """Model options of a preset; ``auto`` picks by image size (tiny <= 16 px, small up to 32, deeper above)."""
+    from .engine.unet import PRESETS
+
+    if name != "auto":
+        return dict(PRESETS[name])
+    if image_size <= 16:
+        return dict(PRESETS["tiny"])
+    kw = dict(PRESETS["small"])
+    if image_size >= 64:  # one more level per doubling keeps the bottleneck at 8x8 or below
+        extra = max(0, (image_size // 64).bit_length())
+        kw["channel_mults"] = tuple(kw["channel_mults"]) + (2,) * extra
+    return kw
 
 
 def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, device, precision, compile_, resume, overwrite):
-    import dataclasses as dc
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .engine import checkpoint as ckpt
     from .engine import data as data_mod
     from .engine import training
     from .engine.diffusion import DiffusionConfig
     from .engine.errors import ConfigError
-    from .engine.unet import PRESETS, UNetConfig
+    from .engine.unet import UNetConfig
 
     if channels is not None and channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3 (got {channels})")
@@ -475,9 +491,7 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
         base = TrainConfig_from(stored_train)
         diff_cfg = None  # taken from the state by the engine
     else:
-        name = model_opts["preset"]
-        name = auto_preset(s) if name == "auto" else name
-        kw = dict(PRESETS[name])
+        kw = preset_kwargs(model_opts["preset"], s)
         for key, val in (("base_channels", model_opts["base_channels"]), ("num_res_blocks", model_opts["num_res_blocks"]),
                          ("dropout", model_opts["dropout"])):
             if val is not None:
@@ -488,9 +502,11 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
         ar = _csv_ints(model_opts["attention_res"], "--attention-res", allow_empty=True)
         if ar is not None:
             kw["attention_resolutions"] = ar
-        kw.update(image_size=s, in_channels=c)
-        fields = {f.name for f in dc.fields(UNetConfig)}
-        model_cfg = UNetConfig(**{k: v for k, v in kw.items() if k in fields})
+        elif s % 2 ** (len(kw["channel_mults"]) - 1) == 0:
+            # A preset's attention levels are a suggestion: keep those this image size has.
+            levels = {s // 2**i for i in range(len(kw["channel_mults"]))}
+            kw["attention_resolutions"] = tuple(r for r in kw["attention_resolutions"] if r in levels)
+        model_cfg = UNetConfig(**kw, image_size=s, in_channels=c)
         dkw = {k: v for k, v in diff_opts.items() if v is not None and k != "zero_terminal_snr"}
         diff_cfg = DiffusionConfig(**dkw, zero_terminal_snr=diff_opts["zero_terminal_snr"])
         base = {}
@@ -659,6 +675,8 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
         console.print(f"grid written to [bold]{grid}[/]")
     if gif is not None:
         frames = []
+        keep = max(1, math.ceil(len(trajectory) / 40))  # at most ~40 frames, always the last one
+        trajectory = trajectory[::-1][::keep][::-1]
         for x_t, x0p in trajectory:
             pair = torch.cat([x_t, x0p])  # top row x_t, bottom row predicted x_0
             frames.append(img.upscale(img.make_grid(pair, nrow=x_t.shape[0]), 256))

@@ -113,7 +113,7 @@ def _sniff(path: Path) -> None:
         raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
     (n,) = struct.unpack("<Q", head)
     if n == 0 or n > MAX_HEADER or 8 + n > size:
-        raise CheckpointError(f"{path} is not a valid safetensors file (bad header length; truncated or corrupt?)")
+        raise CheckpointError(f"{path} is corrupt or truncated (its safetensors header length does not fit the file)")
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_kind: str | None = None) -> Checkpoint:

@@ -6,7 +6,12 @@ Two functions, shared by the training loop and ``benchmarks/train_cpu.py``:
   its convolutions run fastest in there (``channels_last``: oneDNN on CPU and
   cuDNN on recent GPUs work in NHWC natively, so no layout reorder per conv);
 * :func:`make_optimizer` builds AdamW with the fused single-kernel update when
-  this torch build has it for the device, else the default implementation.
+  this torch build has it for the device, else the default implementation;
+* :func:`to_device` copies data through pinned memory without blocking the host on CUDA.
+
+Two more trade a little for speed and say so: :func:`enable_tf32` (CUDA only:
+fp32 matmuls and convs on TF32 tensor cores) and :func:`compile_model` (an
+optional ``torch.compile`` that falls back to eager where this machine cannot compile).
 
 Inputs need no conversion: a conv whose weight is ``channels_last`` returns a
 ``channels_last`` activation, and the U-Net keeps that layout from then on.
@@ -53,3 +58,42 @@ def make_optimizer(
         except (RuntimeError, ValueError):  # torch < 2.4 has no fused AdamW on CPU
             pass
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def enable_tf32(device: torch.device | str) -> None:
+    """On CUDA, let fp32 matmuls and convolutions run on TF32 tensor cores (process-wide; no-op elsewhere).
+
+    TF32 rounds the inputs of a product to a 10-bit mantissa and accumulates in fp32:
+    about 8x the fp32 FLOP/s on A100/H100. Under bf16 autocast it only touches the
+    few ops autocast keeps in fp32.
+    """
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` on ``device``; on CUDA the copy goes from pinned memory and does not block the host."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * 2.0 + 1.0
+
+
+def compile_model(model: nn.Module, device: torch.device | str) -> tuple[nn.Module, str | None]:
+    """``(torch.compile(model), None)``, or ``(model, why)`` when this machine cannot compile for ``device``.
+
+    Compilation is lazy, so a missing C++ compiler (CPU) or Triton (GPU) would otherwise
+    surface as a crash in the first training step; compiling a one-line function first
+    finds that out in seconds.
+    """
+    try:
+        torch.compile(_compile_probe)(torch.ones(8, device=device))
+    except Exception as err:  # noqa: BLE001 - any failure means: train without compiling
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return model, f"{type(err).__name__}: {first}"[:300]
+    return torch.compile(model), None

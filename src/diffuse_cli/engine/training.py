@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -159,6 +160,23 @@ class Dist:
         x = torch.tensor([1.0 if flag else 0.0], device=device)
         torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
         return bool(x.item() > 0)
+
+    def main_only(self, fn: Callable[[], None], device: torch.device) -> None:
+        """Run ``fn`` on rank 0 only; if it fails there, every rank raises (a collective: call it on all ranks).
+
+        Without the agreement the other ranks would wait for rank 0 in their next collective
+        until torchrun killed them.
+        """
+        err: Exception | None = None
+        if self.is_main:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - re-raised below once every rank knows
+                err = e
+        if self.any(err is not None, device):
+            if err is not None:
+                raise err
+            raise OutputError("stopped because rank 0 failed (its error is reported above)")
 
     def close(self) -> None:
         if self.initialized_here and torch.distributed.is_initialized():
@@ -344,6 +362,10 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # second Ctrl-C: stop now
+            # Except under torchrun: a terminal's Ctrl-C reaches each worker twice (directly and
+            # forwarded by the agent), and the agent itself kills workers that outlive its timeout.
+            if "TORCHELASTIC_RUN_ID" in os.environ:
+                return
             raise KeyboardInterrupt
         self.signal = signum
 
@@ -374,14 +396,17 @@ def train(
 
     emit = callback or (lambda e: None)
     dist, dev = init_distributed(device)
+    perf.enable_tf32(dev)
     out = Path(out_dir)
     paths = RunPaths(out)
+
+    def prepare() -> None:
+        prepare_out_dir(out, resume=resume, overwrite=overwrite)
+        remove_stale_temporaries(out)
+        remove_stale_temporaries(out / ckpt.STATE_DIR)
+
     try:
-        if dist.is_main:
-            prepare_out_dir(out, resume=resume, overwrite=overwrite)
-            remove_stale_temporaries(out)
-            remove_stale_temporaries(out / ckpt.STATE_DIR)
-        dist.barrier()
+        dist.main_only(prepare, dev)
 
         state = None
         if resume:
@@ -417,6 +442,8 @@ def train(
             torch.set_rng_state(state.tensors["rng.torch"].to("cpu"))
             if dev.type == "cuda" and "rng.cuda" in state.tensors:
                 torch.cuda.set_rng_state(state.tensors["rng.cuda"].to("cpu"), dev)
+            if dist.rank:  # the saved dropout RNG is rank 0's; the others derive their own streams from it
+                torch.manual_seed(int(torch.randint(0, 2**62, ())) + dist.rank)
             start_step = state.step
         if start_step >= config.steps:
             raise ConfigError(f"the run in {out} is already at step {start_step}; pass a larger --steps to continue")
@@ -424,9 +451,15 @@ def train(
         net: torch.nn.Module = model
         if dist.enabled:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        fwd = torch.compile(net) if config.compile else net
+        fwd = net
+        if config.compile:  # compile the DDP wrapper, not the bare model, so DDP can overlap its all-reduces
+            fwd, why = perf.compile_model(net, dev)
+            if dist.any(why is not None, dev):
+                fwd = net
+                emit({"event": "warning", "message": f"--compile does not work on {dev} here "
+                      f"({why or 'it failed on another rank'}); training without it"})
         amp = autocast_dtype(config.precision, dev)
-        images = data.images.to(dev, non_blocking=True)  # uint8 on the device: 4x less memory than float
+        images = perf.to_device(data.images, dev)  # uint8 on the device: 4x less memory than float
         n_images = images.shape[0]
         meta = dict(
             model=model_config.to_dict(),
@@ -445,7 +478,8 @@ def train(
 
         def save(step: int) -> None:
             """Rank 0 writes the training state and the EMA model; every rank waits for it."""
-            if dist.is_main:
+
+            def write() -> None:
                 opt_tensors, opt_extra = _optimizer_tensors(opt)
                 tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
                 tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
@@ -461,7 +495,8 @@ def train(
                     with contextlib.suppress(OSError):
                         old.unlink()
                 emit({"event": "save", "step": step, "path": str(sp), "model": str(paths.model)})
-            dist.barrier()
+
+            dist.main_only(write, dev)
 
         def preview(step: int) -> None:
             if not dist.is_main or config.num_preview <= 0:
@@ -548,7 +583,7 @@ def train(
                     rec = {"step": step, "loss": last_loss, "lr": lr_at(step - 1, config),
                            "img_per_s": loss_count * config.batch_size / max(now - t_log, 1e-9),
                            "elapsed": now - t0}
-                    log_line(rec)
+                    dist.main_only(functools.partial(log_line, rec), dev)
                     emit({"event": "log", **rec})
                     loss_sum.zero_()
                     loss_count = 0
@@ -557,7 +592,7 @@ def train(
                     save(step)
                     last_saved = step
                 if config.sample_every and (step % config.sample_every == 0 or step == config.steps):
-                    preview(step)
+                    dist.main_only(functools.partial(preview, step), dev)
                 # Stop requests are agreed on by all ranks so no one waits in a collective alone.
                 check = not dist.enabled or want_log
                 if check and dist.any(stop.signal is not None, dev):
@@ -568,6 +603,13 @@ def train(
                     raise Interrupted(f"stopped by {name} at step {step}; the state is saved in {out} — "
                                       f"continue with the same command plus --resume")
                 emit({"event": "step", "step": step})
+        if os.environ.get("DIFFUSE_DEBUG_DUMP_RANKS"):  # tests: every rank's final weights, to compare ranks
+            from safetensors.torch import save_file
+
+            sd = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                  **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()},
+                      str(Path(os.environ["DIFFUSE_DEBUG_DUMP_RANKS"]) / f"rank{dist.rank}.safetensors"))
         return {"out": str(out), "model": str(paths.model), "step": step, "loss": last_loss,
                 "samples": str(paths.samples), "elapsed": time.perf_counter() - t0, "is_main": dist.is_main}
     finally:

@@ -1,0 +1,162 @@
+"""`diffuse train` and `diffuse sample` end to end, and their bad input."""
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffuse_cli.cli import app
+from diffuse_cli.engine import checkpoint as ckpt
+
+runner = CliRunner()
+TINY = ["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--save-every", "2", "--sample-every", "0",
+        "--device", "cpu", "-T", "50"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(r, code=1):
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    for i in range(6):
+        im = Image.new("RGB", (20 + i, 18), (40 * i, 255 - 30 * i, 100))
+        im.save(d / f"img{i}.{'png' if i % 2 else 'JPG'}")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, folder):
+    out = tmp_path_factory.mktemp("run") / "r"
+    r = run("train", folder, "--out", out, "--image-size", "8", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "6 images used" in r.output
+    assert "skipped 1 corrupt or truncated file" in r.output
+    return out
+
+
+def test_train_writes_checkpoint_with_config(run_dir):
+    ck = ckpt.load(run_dir / "model.safetensors")
+    assert ck.model["image_size"] == 8 and ck.model["in_channels"] == 3
+    assert ck.diffusion["timesteps"] == 50 and ck.step == 4
+    assert ck.dataset["used"] == 6
+    assert json.loads((run_dir / "config.json").read_text())["train"]["steps"] == 4
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_sample_each_sampler(tmp_path, run_dir, sampler):
+    out, grid = tmp_path / "imgs", tmp_path / "grid.png"
+    r = run("sample", run_dir, "--num", "5", "--sampler", sampler, "--out", out, "--grid", grid, "--batch-size", "2",
+            "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"{i:04d}.png" for i in range(5)]
+    for p in out.iterdir():
+        im = Image.open(p)
+        im.load()
+        assert im.size == (8, 8) and im.mode == "RGB"
+    assert Image.open(grid).size[0] >= 256
+
+
+def test_sample_same_seed_same_pngs(tmp_path, run_dir):
+    for name in ("a", "b", "c"):
+        seed = "1" if name != "c" else "2"
+        r = run("sample", run_dir / "model.safetensors", "--num", "3", "--out", tmp_path / name, "--seed", seed,
+                "--sampler", "ddim", "--eta", "1", "--steps", "10")
+        assert r.exit_code == 0, r.output
+    a = [(tmp_path / "a" / f"{i:04d}.png").read_bytes() for i in range(3)]
+    b = [(tmp_path / "b" / f"{i:04d}.png").read_bytes() for i in range(3)]
+    c = [(tmp_path / "c" / f"{i:04d}.png").read_bytes() for i in range(3)]
+    assert a == b and a != c
+
+
+def test_sample_gif(tmp_path, run_dir):
+    gif = tmp_path / "t.gif"
+    r = run("sample", run_dir, "--num", "2", "--out", tmp_path / "o", "--sampler", "ddpm", "--gif", gif)
+    assert r.exit_code == 0, r.output
+    g = Image.open(gif)
+    assert 10 <= g.n_frames <= 41
+
+
+def test_resume_continues(tmp_path, folder):
+    out = tmp_path / "r"
+    assert run("train", folder, "--out", out, "--image-size", "8", *TINY).exit_code == 0
+    r = run("train", folder, "--out", out, "--resume", "--steps", "6", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "resuming at step 4" in r.output
+    assert ckpt.load(out / "model.safetensors").step == 6
+
+
+def test_train_bad_input(tmp_path, folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"nope")
+    (junk / "b.jpg").write_bytes(b"")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    occupied = tmp_path / "occ"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    cases = [
+        (["train", tmp_path / "missing", "--out", tmp_path / "o1"], "no such"),
+        (["train", empty, "--out", tmp_path / "o2"], "no images found"),
+        (["train", junk, "--out", tmp_path / "o3"], "could be decoded"),
+        (["train", folder, "--out", tmp_path / "o4", "--image-size", "10", "--preset", "small"], "divisible"),
+        (["train", folder, "--out", blocker / "sub", *TINY], "blocker"),
+        (["train", folder, "--out", occupied, *TINY], "not empty"),
+        (["train", folder, "--out", tmp_path / "o5", "--steps", "0"], "--steps must be at least 1"),
+        (["train", folder, "--out", tmp_path / "o6", "--lr", "-1"], "--lr must be a positive"),
+        (["train", folder, "--out", tmp_path / "o7", "--device", "tpu"], "unknown device"),
+        (["train", "builtin:nothing", "--out", tmp_path / "o8"], "digits"),
+        (["train", folder, "--out", tmp_path / "o9", "--channels", "2"], "1 or 3"),
+    ]
+    for args, msg in cases:
+        out = one_line_error(run(*args))
+        assert msg in out, (args, out)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in one_line_error(run("train", folder, "--out", tmp_path / "o10", "--device", "cuda"))
+    # nothing was created for refused runs
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
+
+
+def test_sample_bad_input(tmp_path, run_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    pt = tmp_path / "model.ckpt"
+    torch.save({"a": torch.zeros(1)}, pt)
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes((run_dir / "model.safetensors").read_bytes()[:1000])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    cases = [
+        (["sample", tmp_path / "nope.safetensors"], "no such checkpoint"),
+        (["sample", trunc], "corrupt or truncated"),
+        (["sample", pt], "unpickling"),
+        (["sample", foreign], "not a diffuse checkpoint"),
+        (["sample", run_dir, "--steps", "0"], "--steps must be between 1 and T = 50"),
+        (["sample", run_dir, "--steps", "51"], "--steps must be between 1 and T = 50"),
+        (["sample", run_dir, "--eta", "1.5"], "--eta must be in [0, 1]"),
+        (["sample", run_dir, "--num", "0"], "--num must be at least 1"),
+        (["sample", run_dir, "--out", blocker / "x"], "blocker"),
+    ]
+    for args, msg in cases:
+        out = one_line_error(run(*args))
+        assert msg in out, (args, out)
