@@ -541,6 +541,11 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
         elif kind == "log":
             smooth = e["loss"] if smooth is None else 0.8 * smooth + 0.2 * e["loss"]
             progress.update(task, loss=f"{smooth:.4f}", ips=f"{e['img_per_s']:.0f}")
+            if not console.is_terminal and is_main:  # logs and CI: a plain line every ~10%
+                tenth = max(1, cfg.steps // 10)
+                if e["step"] // tenth != (e["step"] - cfg.log_every) // tenth or e["step"] == cfg.steps:
+                    say(f"  step {e['step']}/{cfg.steps}  loss {smooth:.4f}  {e['img_per_s']:.0f} img/s  "
+                        f"{e['elapsed']:.0f}s")
         elif kind == "preview":
             progress.console.print(f"  step {e['step']}: samples -> {e['path']}")
 
@@ -671,7 +676,7 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
         console.print(f"{num} images written to [bold]{out}/[/]")
     if grid is not None:
         g = img.make_grid(images)
-        img.save_image(img.upscale(g, 256), grid)
+        img.save_image(img.upscale(g, 512), grid)
         console.print(f"grid written to [bold]{grid}[/]")
     if gif is not None:
         frames = []

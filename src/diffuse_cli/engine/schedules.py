@@ -26,11 +26,18 @@ DEFAULT_TIMESTEPS = 1000
 COSINE_S = 0.008
 #: Nichol & Dhariwal (2021): betas above 0.999 cause singularities near t = T.
 MAX_BETA = 0.999
+#: A sanity cap on T: 100x DDPM's 1000 is far past any use, and it stops a typo (-T 1000000000) from
+#: allocating gigabytes of coefficient tables.
+MAX_TIMESTEPS = 100_000
+
+
+def _check_timesteps(timesteps: int) -> None:
+    if int(timesteps) != timesteps or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise ConfigError(f"timesteps must be an integer in [1, {MAX_TIMESTEPS}] (got {timesteps})")
 
 
 def _check_common(timesteps: int, beta_start: float, beta_end: float) -> None:
-    if int(timesteps) != timesteps or timesteps < 1:
-        raise ConfigError(f"timesteps must be an integer >= 1 (got {timesteps})")
+    _check_timesteps(timesteps)
     if not (0.0 < beta_start < beta_end < 1.0):
         raise ConfigError(
             f"need 0 < beta_start < beta_end < 1 (got beta_start={beta_start:g}, beta_end={beta_end:g})"
@@ -68,8 +75,7 @@ def cosine(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: flo
 
     ``beta_start``/``beta_end`` are accepted for a uniform signature but not used.
     """
-    if int(timesteps) != timesteps or timesteps < 1:
-        raise ConfigError(f"timesteps must be an integer >= 1 (got {timesteps})")
+    _check_timesteps(timesteps)
     u = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
     abar = cosine_alpha_bar(u)
     betas = 1.0 - abar[1:] / abar[:-1]

@@ -1,0 +1,144 @@
+"""torchrun with 2 CPU processes (gloo): the same run as one process, one writer, resumable on any count.
+
+Every rank draws the whole global batch from the shared data generator and keeps its
+slice, and DDP averages the gradients, so 2 processes x 4 images must follow the
+1 process x 8 images run up to float rounding (the all-reduce sums in another order).
+
+"The same run" is checked on what training computes: the network (model and EMA outputs
+on fixed inputs) and Adam's first moments (running means of the averaged gradients).
+Raw weights are not compared elementwise: where a gradient is zero in exact arithmetic
+(the bias of the last block feeds a GroupNorm with one channel per group, which removes
+it) the computed gradient is rounding noise, and Adam, dividing by its own scale, turns
+noise into full-size steps; those weights differ between the runs and the network does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffuse_cli.engine import checkpoint as ckpt
+
+# --warmup 0 and a large --lr move the outputs by ~0.3 per step, far above ATOL, so a rank
+# training on the wrong slice (or on a stale batch) cannot pass by accident.
+ARGS = ["--batch-size", "8", "--preset", "tiny", "--dropout", "0", "--save-every", "2", "--sample-every", "0",
+        "--warmup", "0", "--lr", "1e-3", "--device", "cpu"]  # fmt: skip
+ATOL, RTOL = 1e-5, 1e-4  # measured: 2e-7 on outputs of magnitude 0.7, 1e-8 on first moments of 0.05
+TIMEOUT = 180
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", **extra}
+
+
+def train(out: Path, steps: int, nproc: int = 1, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cli = ["-m", "diffuse_cli", "train", "builtin:digits", "--out", str(out), "--steps", str(steps), *ARGS, *extra]
+    # --standalone: a private rendezvous on a free port, so parallel test runs do not collide.
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launch, *cli], capture_output=True, text=True, timeout=TIMEOUT,
+                          env=env or _env())  # fmt: skip
+
+
+def state(run: Path, step: int) -> ckpt.Checkpoint:
+    return ckpt.load(ckpt.state_path(run, step), expect_kind="state")
+
+
+def outputs(ck: ckpt.Checkpoint, prefix: str) -> torch.Tensor:
+    """The network's prediction for fixed noisy digits at timesteps across [0, T)."""
+    net = ckpt.build_model(ck, prefix=prefix)
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny net: more threads only spin, badly so on a busy machine
+    try:
+        with torch.no_grad():
+            return net(x, torch.linspace(0, 999, 16).long())
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_training(a: ckpt.Checkpoint, b: ckpt.Checkpoint) -> None:
+    for prefix in ("model.", "ema."):
+        torch.testing.assert_close(outputs(a, prefix), outputs(b, prefix), atol=ATOL, rtol=RTOL)
+    moments = [k for k in a.tensors if k.endswith(".exp_avg")]
+    assert moments and moments == [k for k in b.tensors if k.endswith(".exp_avg")]
+    for k in moments:
+        torch.testing.assert_close(
+            a.tensors[k], b.tensors[k], atol=ATOL / 10, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-process run to step 4 (with each rank's final weights dumped) and a 1-process run to step 6."""
+    root = tmp_path_factory.mktemp("dist")
+    dump = root / "ranks"
+    dump.mkdir()
+    two = train(root / "two", 4, 2, env=_env(DIFFUSE_DEBUG_DUMP_RANKS=str(dump)))
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = train(root / "one", 6)
+    assert one.returncode == 0, one.stdout + one.stderr
+    return root, two
+
+
+def test_ranks_agree_and_match_one_process(runs):
+    root, _ = runs
+    from safetensors.torch import load_file
+
+    rank0, rank1 = load_file(root / "ranks" / "rank0.safetensors"), load_file(root / "ranks" / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and any(k.startswith("ema.") for k in rank0)
+    for k in rank0:  # DDP and the EMA keep the replicas bit-identical, not just close
+        assert torch.equal(rank0[k], rank1[k]), k
+
+    two, one = state(root / "two", 4), state(root / "one", 4)
+    for k, v in rank0.items():  # the dump is the state rank 0 saved
+        assert torch.equal(v, two.tensors[k]), k
+    assert_same_training(two, one)
+    with pytest.raises(AssertionError):  # the tolerance is tight enough to tell steps apart
+        assert_same_training(two, state(root / "one", 2))
+    assert torch.equal(two.tensors["rng.data"], one.tensors["rng.data"])  # both drew the same global batches
+
+
+def test_only_rank_zero_writes(runs):
+    root, proc = runs
+    run = root / "two"
+    files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert files == ["checkpoints/state-00000002.safetensors", "checkpoints/state-00000004.safetensors",
+                     "config.json", "log.jsonl", "model.safetensors"]  # fmt: skip
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
+    one = [json.loads(line) for line in (root / "one" / "log.jsonl").read_text().splitlines()]
+    for a, b in zip(log, one, strict=False):  # the logged loss is the global mean over both ranks
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert ckpt.load(run / "model.safetensors").step == 4
+    assert proc.stdout.count("done 4 steps") == 1  # only rank 0 talks
+
+
+def test_two_process_run_resumes_in_one_process(runs, tmp_path):
+    root, _ = runs
+    run = tmp_path / "two"
+    shutil.copytree(root / "two", run)
+    res = train(run, 6, 1, "--resume")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "resuming at step 4" in res.stdout
+    assert_same_training(state(run, 6), state(root / "one", 6))
+    log = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log == [2, 4, 6]
+
+
+def test_failure_on_rank_zero_stops_every_rank(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a run")
+    res = train(out, 4, 2)
+    assert res.returncode != 0
+    assert "is not empty" in res.stderr  # rank 0's own message
+    assert "stopped because rank 0 failed" in res.stderr  # rank 1 heard about it instead of waiting
+    assert (out / "notes.txt").read_text() == "not a run"
