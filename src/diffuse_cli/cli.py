@@ -304,7 +304,7 @@ def _noise(image, t_text, kind, timesteps, beta_start, beta_end, ztsnr, size, se
         raise DataError(f"{image} is a folder; give one image file")
     x0_u8 = data_mod.decode_image(image, size)  # (C, H, W) uint8; raises DataError
     out = out or Path(f"{image.stem}-noise.png")
-    x0 = x0_u8.float().div(127.5).sub(1.0)[None].double()
+    x0 = data_mod.to_model_range(x0_u8, torch.float64)[None]
     gen = torch.Generator().manual_seed(seed)
     panels, labels, rows = [img.to_pil(x0_u8)], ["original x_0"], []
     frame_imgs = []

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .data import from_model_range
 from .fileio import atomic_path, atomic_write_bytes
 
 BG = (255, 255, 255)
@@ -23,9 +24,8 @@ GRID_COLOUR = (225, 225, 225)
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 0..255: clip, then map linearly (round to nearest)."""
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+# [-1, 1] float -> uint8 0..255: clip, then map linearly (round to nearest).
+to_uint8 = from_model_range
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

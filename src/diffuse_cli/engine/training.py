@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .data import to_model_range
 from .diffusion import WEIGHTINGS, Diffusion, DiffusionConfig
 from .errors import ConfigError, Interrupted, OutputError, TrainingDiverged
 from .fileio import atomic_write_text, ensure_dir, remove_stale_temporaries
@@ -546,7 +547,7 @@ def train(
                 eps = torch.randn(shape, generator=gen, device=dev)
                 flip = torch.rand((config.batch_size,), generator=gen, device=dev) < 0.5 if config.hflip else None
                 sl = slice(dist.rank * local_bs, (dist.rank + 1) * local_bs)
-                x0 = images[idx[sl]].float().div_(127.5).sub_(1.0)
+                x0 = to_model_range(images[idx[sl]])
                 if flip is not None:
                     x0 = torch.where(flip[sl, None, None, None], x0.flip(-1), x0)
                 x0 = x0.contiguous(memory_format=perf.memory_format(dev))
