@@ -76,11 +76,14 @@ def assert_same_training(a: ckpt.Checkpoint, b: ckpt.Checkpoint) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 2-process run to step 4 (with each rank's final weights dumped) and a 1-process run to step 6."""
+    """A 2-process run to step 4 (each rank's final weights dumped, a preview at the end) and a 1-process run to 6.
+
+    The preview draws from its own generator, so it does not change the training run.
+    """
     root = tmp_path_factory.mktemp("dist")
     dump = root / "ranks"
     dump.mkdir()
-    two = train(root / "two", 4, 2, env=_env(DIFFUSE_DEBUG_DUMP_RANKS=str(dump)))
+    two = train(root / "two", 4, 2, "--sample-every", "4", env=_env(DIFFUSE_DEBUG_DUMP_RANKS=str(dump)))
     assert two.returncode == 0, two.stdout + two.stderr
     one = train(root / "one", 6)
     assert one.returncode == 0, one.stdout + one.stderr
@@ -110,7 +113,7 @@ def test_only_rank_zero_writes(runs):
     run = root / "two"
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert files == ["checkpoints/state-00000002.safetensors", "checkpoints/state-00000004.safetensors",
-                     "config.json", "log.jsonl", "model.safetensors"]  # fmt: skip
+                     "config.json", "log.jsonl", "model.safetensors", "samples/step-000004.png"]  # fmt: skip
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]
     one = [json.loads(line) for line in (root / "one" / "log.jsonl").read_text().splitlines()]

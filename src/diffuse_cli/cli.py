@@ -100,6 +100,32 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that cleanup (finally blocks, temporary files) runs; exits 143 = 128 + 15."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupt_exit(err: KeyboardInterrupt) -> tuple[str, int]:
+    """Message and exit code (128 + signal number, as shells report it) for a Ctrl-C or a SIGTERM."""
+    return ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    """A one-line reason if ``err`` is an allocation failure (CPU or GPU), else None."""
+    import re
+
+    text = str(err)
+    if not (isinstance(err, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text
+            or "Storage size calculation overflowed" in text):
+        return None
+    size = re.search(r"allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", text)
+    return (f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}; "
+            "try a smaller --batch-size, --image-size or model")
+
+
 def _run(fn, *args, **kwargs):
     """Call into the engine, turning its errors into one line and an exit code."""
     from .engine.errors import DiffuseError
@@ -108,8 +134,13 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except DiffuseError as err:
         fail(str(err), err.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    except KeyboardInterrupt as err:
+        fail(*_interrupt_exit(err))
+    except (MemoryError, RuntimeError) as err:
+        reason = _out_of_memory(err)
+        if reason is None:
+            raise
+        fail(reason)
 
 
 # --- shared options -----------------------------------------------------------------------
@@ -118,7 +149,8 @@ TOpt = Annotated[int, typer.Option("--timesteps", "-T", help="Number of diffusio
 BStartOpt = Annotated[float, typer.Option("--beta-start", help="beta at the first step (linear/quadratic/sigmoid).")]
 BEndOpt = Annotated[float, typer.Option("--beta-end", help="beta at the last step (linear/quadratic/sigmoid).")]
 ZtsnrOpt = Annotated[bool, typer.Option("--zero-terminal-snr", help="Rescale so x_T is exactly pure noise (Lin et al. 2024).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.")]
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; previews add a small offset to the seed
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.", min=0, max=MAX_SEED)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 
 
@@ -195,6 +227,7 @@ def _schedule_json(kind: str, d) -> dict:
 
 def _schedule_table(kind: str, d, rows: int, ztsnr: bool) -> None:
     T = d.num_timesteps
+    rows = min(rows, max(T, 2))  # --rows 100000000 must not loop for minutes to show T rows
     ts = sorted({round(i * (T - 1) / (rows - 1)) for i in range(rows)})
     title = f"{kind} schedule, T = {T}" + (", zero terminal SNR" if ztsnr else "")
     table = Table(title=title, title_justify="left")
@@ -371,12 +404,12 @@ def train(
     ema_decay: Annotated[float | None, typer.Option("--ema-decay", help="EMA decay of the weights used for samples. [default: 0.999]")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Random horizontal flips. [default: on for folders, off for digits]")] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help="Save a resumable state every N steps. [default: 1000]")] = None,
-    sample_every: Annotated[int | None, typer.Option("--sample-every", help="Write a preview grid every N steps (0: only at the end). [default: 1000]")] = None,
+    sample_every: Annotated[int | None, typer.Option("--sample-every", help="Write a preview grid every N steps and at the end (0: never). [default: 1000]")] = None,
     keep: Annotated[int | None, typer.Option("--keep", help="How many periodic states to keep. [default: 3]")] = None,
     device: DeviceOpt = "auto",
     precision: Annotated[Precision, typer.Option("--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.")] = Precision.auto,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (faster on GPU after a warm-up).")] = False,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed: same seed, same run. [default: 0]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed: same seed, same run. [default: 0]", min=0, max=MAX_SEED)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest state.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out that holds another run.")] = False,
 ) -> None:
@@ -397,8 +430,6 @@ def train(
 
         torchrun --nproc_per_node 4 -m diffuse_cli train data/ --out runs/big --batch-size 256
     """
-    from .engine.errors import DiffuseError
-
     opts = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, save_every=save_every,
                 sample_every=sample_every, keep=keep, seed=seed, loss_weighting=loss_weighting.value if loss_weighting else None,
                 hflip=flip)
@@ -406,12 +437,7 @@ def train(
                       attention_res=attention_res, dropout=dropout, preset=preset.value)
     diff_opts = dict(schedule=kind.value if kind else None, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
                      zero_terminal_snr=zero_terminal_snr, prediction=prediction.value if prediction else None)
-    try:
-        _train(data, out, image_size, channels, opts, model_opts, diff_opts, device, precision.value, compile, resume, overwrite)
-    except DiffuseError as err:
-        fail(str(err), err.exit_code)
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
+    _run(_train, data, out, image_size, channels, opts, model_opts, diff_opts, device, precision.value, compile, resume, overwrite)
 
 
 def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[int, ...] | None:
@@ -546,6 +572,8 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
                 if e["step"] // tenth != (e["step"] - cfg.log_every) // tenth or e["step"] == cfg.steps:
                     say(f"  step {e['step']}/{cfg.steps}  loss {smooth:.4f}  {e['img_per_s']:.0f} img/s  "
                         f"{e['elapsed']:.0f}s")
+        elif kind == "warning":
+            progress.console.print(f"[yellow]warning:[/] {e['message']}")
         elif kind == "preview":
             progress.console.print(f"  step {e['step']}: samples -> {e['path']}")
 
@@ -692,13 +720,19 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
 
 def main() -> None:
     """Entry point: run the app; never show a traceback unless DIFFUSE_DEBUG=1."""
+    import signal
+
+    # SIGTERM (kill, a scheduler, a container stop) unwinds like Ctrl-C, so temporary files are
+    # removed and training saves its state; the training loop installs its own handler for that.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        err_console.print("[bold red]error:[/] interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        message, code = _interrupt_exit(err)
+        err_console.print(f"[bold red]error:[/] {message}")
+        sys.exit(code)
     except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("DIFFUSE_DEBUG"):
             raise

@@ -9,6 +9,8 @@ A checkpoint is a safetensors file whose string metadata carries, as JSON:
     step             int                 extra      kind-specific JSON (optimizer groups, ...)
 
 Loading never unpickles: a ``.pt``/``.ckpt`` file (zip or pickle) is refused with the reason.
+``diffuse.crc32`` (CRC-32 of every tensor's name, dtype, shape and bytes) lets loading refuse a
+file whose tensor data a disk or a copy damaged; files without it are loaded unchecked.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ STATE_DIR = "checkpoints"
 STATE_PATTERN = "state-*.safetensors"
 # A safetensors header is 8 bytes of little-endian length followed by that much JSON.
 MAX_HEADER = 100 * 1024 * 1024
+KINDS = ("model", "state")
 
 
 @dataclass
@@ -60,6 +64,16 @@ def list_states(out_dir: Path) -> list[Path]:
     return sorted(folder.glob(STATE_PATTERN))
 
 
+def _crc32(tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 over each tensor's name, dtype, shape and raw bytes, in name order (hex)."""
+    crc = 0
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        crc = zlib.crc32(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return f"{crc:08x}"
+
+
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str, model: dict, diffusion: dict,
          train: dict | None = None, dataset: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
     """Write a checkpoint atomically (temp file, fsync, rename). Returns the path."""
@@ -78,6 +92,7 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str
     # safetensors wants contiguous CPU tensors that do not share memory.
     flat = {k: v.detach().to("cpu").contiguous().clone() if v.is_cuda or not v.is_contiguous() else v.detach().contiguous()
             for k, v in tensors.items()}
+    meta["diffuse.crc32"] = _crc32(flat)
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=meta)
@@ -158,6 +173,14 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_
         )
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path} has damaged diffuse metadata ({type(err).__name__}: {err})") from err
+    for name in ("model", "diffusion", "train", "dataset", "extra"):
+        if not isinstance(getattr(ck, name), dict):
+            raise CheckpointError(f"{path} has damaged diffuse metadata ({name!r} is not a JSON object)")
+    if ck.kind not in KINDS:
+        raise CheckpointError(f"{path} has damaged diffuse metadata (unknown checkpoint kind {ck.kind!r})")
+    if "diffuse.crc32" in meta and meta["diffuse.crc32"] != _crc32(tensors):
+        raise CheckpointError(f"{path} is corrupt: its tensor data does not match the checksum stored with it "
+                              "(damaged on disk or in a copy)")
     if expect_kind and ck.kind != expect_kind:
         raise CheckpointError(f"{path} is a {ck.kind!r} checkpoint; expected {expect_kind!r}")
     return ck
@@ -171,7 +194,12 @@ def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
 
 def load_weights_into(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
     """``load_state_dict`` that explains a mismatch in one line instead of a traceback."""
-    own = module.state_dict()
+    check_weights(module.state_dict(), weights, path)
+    module.load_state_dict(weights, strict=True)
+
+
+def check_weights(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise CheckpointError unless ``weights`` has exactly the names and shapes of ``own``, all finite."""
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
     wrong = [k for k in own if k in weights and own[k].shape != weights[k].shape]
@@ -185,7 +213,9 @@ def load_weights_into(module: torch.nn.Module, weights: dict[str, torch.Tensor],
             k = wrong[0]
             parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)})")
         raise CheckpointError(f"weights in {path} do not match its model config: " + "; ".join(parts))
-    module.load_state_dict(weights, strict=True)
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"weights in {path} contain NaN or infinity (e.g. {bad}); the checkpoint is damaged")
 
 
 def build_model(ck: Checkpoint, device: str | torch.device = "cpu", prefix: str = "") -> Any:
@@ -197,9 +227,18 @@ def build_model(ck: Checkpoint, device: str | torch.device = "cpu", prefix: str 
         cfg = UNetConfig.from_dict(ck.model)
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{ck.path} has an invalid model config: {err}") from err
+    trained = (ck.dataset.get("channels"), ck.dataset.get("image_size"))
+    if trained != (None, None) and trained != (cfg.in_channels, cfg.image_size):
+        raise CheckpointError(
+            f"{ck.path} has an inconsistent model config: {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images, "
+            f"but it was trained on {trained[0]}x{trained[1]}x{trained[1]} (edited or damaged metadata)"
+        )
+    weights = {k: v.to("cpu") for k, v in (prefixed(ck.tensors, prefix) if prefix else ck.tensors).items()}
+    with torch.device("meta"):  # names and shapes only: a damaged config is refused before it allocates anything
+        skeleton = UNet(cfg)
+    check_weights(skeleton.state_dict(), weights, ck.path)
     model = UNet(cfg)
-    weights = prefixed(ck.tensors, prefix) if prefix else ck.tensors
-    load_weights_into(model, {k: v.to("cpu") for k, v in weights.items()}, ck.path)
+    model.load_state_dict(weights, strict=True)
     return model.to(device).eval()
 
 
@@ -220,6 +259,6 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
     model = build_model(ck, device, prefix=prefix)
     try:
         diffusion = Diffusion(DiffusionConfig.from_dict(ck.diffusion)).to(device)
-    except (ConfigError, TypeError) as err:
+    except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{ck.path} has an invalid diffusion config: {err}") from err
     return model, diffusion, ck

@@ -48,6 +48,8 @@ class DiffusionConfig:
             raise ConfigError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         if self.schedule not in schedules.KINDS:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(schedules.KINDS)}")
+        if not isinstance(self.zero_terminal_snr, bool):
+            raise ConfigError(f"zero_terminal_snr must be true or false (got {self.zero_terminal_snr!r})")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -34,6 +34,14 @@ class TrainingDiverged(DiffuseError):
 
 
 class Interrupted(DiffuseError):
-    """The user pressed Ctrl-C (or sent SIGTERM); state was saved."""
+    """The user pressed Ctrl-C (or sent SIGTERM); state was saved.
+
+    The exit code is 128 + the signal number, as a shell reports a process killed by it:
+    130 for Ctrl-C (SIGINT), 143 for SIGTERM.
+    """
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

@@ -122,7 +122,7 @@ def line_plot(
     finite = [y for _, _, ys in series for y in ys if math.isfinite(y)]
     xs_all = [x for _, xs, _ in series for x in xs]
     x0, x1 = min(xs_all), max(xs_all)
-    y0, y1 = ylim if ylim else (min(finite), max(finite))
+    y0, y1 = ylim if ylim else (min(finite), max(finite)) if finite else (0.0, 1.0)  # all inf: axes only
     if y1 - y0 < 1e-12:
         y0, y1 = y0 - 1, y1 + 1
     if x1 - x0 < 1e-12:

@@ -363,10 +363,12 @@ class _StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:  # second Ctrl-C: stop now
-            # Except under torchrun: a terminal's Ctrl-C reaches each worker twice (directly and
+            # Except under torchrun: a terminal's Ctrl-C can reach a worker twice (directly, and
             # forwarded by the agent), and the agent itself kills workers that outlive its timeout.
             if "TORCHELASTIC_RUN_ID" in os.environ:
                 return
+            if callable(self._old.get(signum)):  # what the signal did before us (the CLI's SIGTERM -> exit 143)
+                self._old[signum](signum, frame)
             raise KeyboardInterrupt
         self.signal = signum
 
@@ -602,7 +604,7 @@ def train(
                         last_saved = step
                     name = "Ctrl-C" if stop.signal in (None, signal.SIGINT) else "SIGTERM"
                     raise Interrupted(f"stopped by {name} at step {step}; the state is saved in {out} — "
-                                      f"continue with the same command plus --resume")
+                                      f"continue with the same command plus --resume", signum=stop.signal or signal.SIGINT)
                 emit({"event": "step", "step": step})
         if os.environ.get("DIFFUSE_DEBUG_DUMP_RANKS"):  # tests: every rank's final weights, to compare ranks
             from safetensors.torch import save_file

@@ -1,0 +1,38 @@
+"""Smoke test: benchmarks/gpu.py --tiny runs end to end on the CPU, so the GPU script cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+def test_gpu_benchmark_tiny_on_cpu_replaces_its_markdown_section(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "# Benchmark results\n\n<!-- train_cpu:start -->\nkeep me\n<!-- train_cpu:end -->\n\n"
+        "<!-- gpu:start -->\nstale numbers\n<!-- gpu:end -->\n\ntrailer\n"
+    )
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--markdown", str(md)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # numbers do not matter here; stay quick on a busy machine
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for row in ("| ours | fp32 |", "| ours | bf16 |", "| ours + compile | bf16 |"):
+        assert row in out and "error" not in out.split(row, 1)[1].splitlines()[0].lower(), row
+    assert "img/s" in out and "ours bf16 (eager)" in out
+    assert "CUDA graphs need a CUDA device" in out  # skipped, and said so, rather than failing
+    if importlib.util.find_spec("diffusers") is not None:
+        assert "| diffusers UNet2DModel | bf16 |" in out and "/ diffusers best =" in out
+    else:
+        assert "diffusers is not installed" in out
+
+    text = md.read_text()
+    assert text.count("<!-- gpu:start -->") == 1 and text.count("<!-- gpu:end -->") == 1
+    assert "stale numbers" not in text
+    assert "keep me" in text and text.rstrip().endswith("trailer")
+    assert "--tiny" in text and "torch " in text and "device: CPU" in text
