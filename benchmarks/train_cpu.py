@@ -4,20 +4,24 @@ Both networks are the DDPM CIFAR-10 layout at half width (base 64 channels, mult
 1,2,2,2, 2 residual blocks per level, attention at 16x16, one head, dropout 0.1) on
 32x32 RGB, batch 16; the two compute the same function (``tests/test_unet.py`` loads
 diffusers' weights into ours and compares outputs). One step = forward, MSE loss
-against a fixed target, backward, AdamW step, fp32 throughout.
+against a fixed target, backward, AdamW step, in fp32 unless a row says bf16.
 
 Variants, timed in alternating rounds so that a change in machine load hits all alike:
 
 * ``diffusers``: UNet2DModel as a user gets it (NCHW tensors, ``torch.optim.AdamW()``);
 * ``diffusers+perf``: the same model with our speed settings, to show what they alone buy;
 * ``ours``: :class:`UNet` with :func:`perf.optimize_for_device` and :func:`perf.make_optimizer`;
-* ``ours+compile`` (``--compile``): the same, through ``torch.compile`` (inductor, C++ codegen).
+* ``ours+compile`` (``--compile``): the same, through ``torch.compile`` (inductor, C++ codegen);
+* ``diffusers bf16`` / ``ours bf16`` (``--bf16``): both under bf16 autocast. Different
+  numerics from the fp32 rows: compare these two with each other only.
 
-The reported number per variant is the median step time over all timed steps.
+The reported number per variant is the median over all timed steps of the wall-clock
+time, and of the CPU time of the whole process (all threads), which is the steadier
+figure when other jobs share the machine (then run with ``--threads 1``).
 
     python benchmarks/train_cpu.py                           # full run, prints the table
     python benchmarks/train_cpu.py --quick                   # seconds: smoke test
-    python benchmarks/train_cpu.py --compile --markdown benchmarks/RESULTS.md
+    python benchmarks/train_cpu.py --compile --bf16 --markdown benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -87,12 +91,13 @@ def diffusers_model(cfg: UNetConfig) -> torch.nn.Module:
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor,
-              target: torch.Tensor, is_diffusers: bool) -> Callable[[], None]:  # fmt: skip
+              target: torch.Tensor, is_diffusers: bool, bf16: bool = False) -> Callable[[], None]:  # fmt: skip
     def step() -> None:
-        out = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t)
         if is_diffusers:
             out = out.sample
-        F.mse_loss(out, target).backward()
+        F.mse_loss(out.float(), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -119,6 +124,13 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def one_minute_load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
 
 
 def load_average() -> str:
@@ -151,6 +163,15 @@ def run(args: argparse.Namespace) -> dict:
     ours_opt = perf.make_optimizer(ours.parameters(), lr, "cpu")
     variants.append(Variant("ours", "diffuse UNet, eager, channels_last, fused AdamW", make_step(
         ours, ours_opt, x, t, target, False), count_parameters(ours)))  # fmt: skip
+    if args.bf16:  # mixed precision on both: different numerics from the fp32 rows, compared only with each other
+        theirs_b = diffusers_model(cfg).train()
+        variants.append(Variant("diffusers bf16", "UNet2DModel, NCHW, AdamW defaults, bf16 autocast", make_step(
+            theirs_b, torch.optim.AdamW(theirs_b.parameters(), lr=lr), x, t, target, True, bf16=True),
+            count_parameters(theirs_b)))  # fmt: skip
+        ours_b = perf.optimize_for_device(UNet(cfg).train(), "cpu", autocast_dtype=torch.bfloat16)
+        variants.append(Variant("ours bf16", "diffuse UNet, eager, NCHW (perf's bf16 choice), fused AdamW, bf16 autocast",
+            make_step(ours_b, perf.make_optimizer(ours_b.parameters(), lr, "cpu"), x, t, target, False, bf16=True),
+            count_parameters(ours_b)))  # fmt: skip
     compile_s = None
     if args.compile:
         ours_c = perf.optimize_for_device(UNet(cfg).train(), "cpu")
@@ -207,6 +228,10 @@ def report(res: dict) -> tuple[str, list[str]]:
     if "diffusers+perf" in by_name:
         same = by_name["diffusers+perf"].median / by_name["ours"].median
         lines.append(f"with the same settings on both (channels_last, fused AdamW): ours / diffusers = {same:.2f}x")
+    if "ours bf16" in by_name:
+        bf = by_name["diffusers bf16"].median / by_name["ours bf16"].median
+        lines.append(f"both under bf16 autocast (not the same numerics as fp32): ours / diffusers = {bf:.2f}x; "
+                     f"ours bf16 / diffusers fp32 = {base.median / by_name['ours bf16'].median:.2f}x")  # fmt: skip
     return "\n".join(rows), lines
 
 
@@ -222,7 +247,8 @@ def write_markdown(path: Path, res: dict, table: str, lines: list[str], command:
         f"{meta['load_before']} / {meta['load_after']}",
         f"- model: DDPM layout, base {cfg.base_channels}, mults {','.join(map(str, cfg.channel_mults))}, "
         f"{cfg.num_res_blocks} res blocks, attention at {','.join(map(str, cfg.attention_resolutions))}, dropout "
-        f"{cfg.dropout}; {cfg.image_size}x{cfg.image_size}x{cfg.in_channels}, batch {res['batch']}; fp32",
+        f"{cfg.dropout}; {cfg.image_size}x{cfg.image_size}x{cfg.in_channels}, batch {res['batch']}; fp32 unless "
+        "a row says bf16",
         "- step = forward + MSE loss + backward + AdamW step; median over "
         f"{meta['timed']} timed steps per variant, in alternating rounds after {meta['warmup']} warm-up steps; "
         "FLOPs from `torch.utils.flop_counter` (forward + backward).",
@@ -249,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours); compiling takes minutes")
+    p.add_argument("--bf16", action="store_true", help="also time both models under bf16 autocast")
     p.add_argument("--no-diffusers-perf", action="store_true", help="skip the diffusers+perf variant")
     p.add_argument("--quick", action="store_true", help="tiny model and batch, one step each: a smoke test")
     p.add_argument("--markdown", type=Path, help="write/replace the train_cpu section of this markdown file")
@@ -268,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         threads=torch.get_num_threads(), diffusers=diffusers.__version__, load_before=load_average(),
         timed=args.steps * args.repeats, warmup=args.warmup,
     )  # fmt: skip
+    busy_before = one_minute_load()
     res = run(args)
     meta["load_after"] = load_average()
     table, lines = report(res)
+    busy = max(busy_before, one_minute_load())
+    if busy > 0.75 * (os.cpu_count() or 1):
+        lines.append(f"the machine was busy (load average up to {busy:.1f} on {os.cpu_count()} cores): wall-clock "
+                     "numbers are unreliable, the CPU-time columns less so")  # fmt: skip
     print(table)
     print()
     for line in lines:

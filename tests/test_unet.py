@@ -22,9 +22,18 @@ from diffuse_cli.engine.unet import (
     timestep_embedding,
 )
 
-# DDPM reports 35.7M parameters for its CIFAR-10 model (Ho et al. 2020, sec. 4); diffusers'
+# DDPM reports 35.7M parameters for its CIFAR-10 model (Ho et al. 2020, appendix B); diffusers'
 # UNet2DModel in the same layout has exactly this many (counted with diffusers 0.42).
 DDPM_CIFAR10_PARAMS = 35_746_307
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is as fast, and does not stall when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny(**kw) -> UNetConfig:
@@ -164,12 +173,12 @@ def naive_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
     heads, d = block.num_heads, C // block.num_heads
     h = F.group_norm(x, block.norm.num_groups, block.norm.weight, block.norm.bias, block.norm.eps)
     h = h.reshape(B, C, H * W)  # (B, C, N)
-    w_qkv, b_qkv = block.qkv.weight, block.qkv.bias  # (3C, C), (3C,)
+    w_qkv, b_qkv = block.qkv.weight[:, :, 0, 0], block.qkv.bias  # (3C, C), (3C,)
     q, k, v = (torch.einsum("oc,bcn->bon", w_qkv[i * C:(i + 1) * C], h) + b_qkv[i * C:(i + 1) * C, None] for i in range(3))  # fmt: skip
     q, k, v = (z.reshape(B, heads, d, H * W) for z in (q, k, v))
     logits = torch.einsum("bhdn,bhdm->bhnm", q, k) / math.sqrt(d)
     a = torch.einsum("bhnm,bhdm->bhdn", logits.softmax(dim=-1), v).reshape(B, C, H * W)
-    out = torch.einsum("oc,bcn->bon", block.proj.weight, a) + block.proj.bias[:, None]
+    out = torch.einsum("oc,bcn->bon", block.proj.weight[:, :, 0, 0], a) + block.proj.bias[:, None]
     return x + out.reshape(B, C, H, W)
 
 

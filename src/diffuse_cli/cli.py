@@ -149,6 +149,7 @@ TOpt = Annotated[int, typer.Option("--timesteps", "-T", help="Number of diffusio
 BStartOpt = Annotated[float, typer.Option("--beta-start", help="beta at the first step (linear/quadratic/sigmoid).")]
 BEndOpt = Annotated[float, typer.Option("--beta-end", help="beta at the last step (linear/quadratic/sigmoid).")]
 ZtsnrOpt = Annotated[bool, typer.Option("--zero-terminal-snr", help="Rescale so x_T is exactly pure noise (Lin et al. 2024).")]
+MAX_IMAGE_SIZE = 4096  # as for `noise --size`: beyond it a data set no longer fits in memory, let alone trains
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; previews add a small offset to the seed
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.", min=0, max=MAX_SEED)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
@@ -489,8 +490,8 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
 
     if channels is not None and channels not in (1, 3):
         raise ConfigError(f"--channels must be 1 or 3 (got {channels})")
-    if image_size is not None and image_size < 1:
-        raise ConfigError(f"--image-size must be positive (got {image_size})")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE} (got {image_size})")
     out = out or Path("runs") / (data_spec.split(":", 1)[1] if data_spec.startswith("builtin:") else (Path(data_spec).name or "run"))
     given = {k: v for k, v in opts.items() if v is not None}
     stored_train: dict = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ def _crc32(tensors: dict[str, torch.Tensor]) -> str:
 def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str, model: dict, diffusion: dict,
          train: dict | None = None, dataset: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
     """Write a checkpoint atomically (temp file, fsync, rename). Returns the path."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     meta = {
@@ -95,8 +97,30 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str
     meta["diffuse.crc32"] = _crc32(flat)
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=meta)
+        try:
+            save_file(flat, str(tmp), metadata=meta)
+        except SafetensorError as err:  # its I/O errors (a full disk...) are not OSErrors: make them one
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+        _canonical_header(tmp)
     return path
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header in place with its keys sorted (same length, space-padded).
+
+    safetensors writes the metadata from a hash map whose order changes from run to run; with a
+    fixed order the same weights and metadata are the same bytes, so runs can be compared by hash.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # always, as the content is the same; otherwise keep safetensors' own order
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))
 
 
 def _sniff(path: Path) -> None:

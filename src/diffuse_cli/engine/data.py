@@ -83,6 +83,7 @@ Progress = Callable[[int, int], None]  # progress(done, total)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError, zlib.error)
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _GRAY_MODES = ("1", "L", "LA", "La")
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
 
 def display_path(path: str | os.PathLike) -> str:
@@ -337,7 +338,12 @@ def _read_image(path: Path, image_size: int, channels: int | None, max_pixels: i
                 raise ImageSkipped(path, "empty")
             img = Image.open(f)  # reads the header only
         except UnidentifiedImageError as err:
-            raise ImageSkipped(path, "not an image") from err
+            # A file that starts like a PNG, JPEG, GIF, TIFF or WebP but that Pillow cannot even
+            # identify was cut short or damaged early on (e.g. inside a GIF's palette).
+            f.seek(0)
+            head = f.read(12)
+            damaged = head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            raise ImageSkipped(path, "corrupt or truncated" if damaged else "not an image") from err
         except _BOMB_ERRORS as err:
             raise ImageSkipped(path, "too large", str(err)) from err
         except _DECODE_ERRORS as err:

@@ -29,6 +29,10 @@ def describe_os_error(err: OSError, path: str | os.PathLike) -> str:
         return f"read-only file system: cannot write {path}"
     if err.errno == errno.ENOTDIR:
         return f"not a directory: a parent of {path} is a file"
+    if err.errno == errno.EDQUOT:
+        return f"disk quota exceeded while writing {path}"
+    if err.errno == errno.EFBIG:
+        return f"file too large for the file system (or the process's file size limit): cannot write {path}"
     if err.errno == errno.EISDIR:
         return f"{path} is a directory, expected a file path"
     return f"cannot write {path}: {err.strerror or err}"

@@ -26,15 +26,28 @@ import torch
 from torch import nn
 
 
-def memory_format(device: torch.device | str) -> torch.memory_format:
-    """The activation layout to use for conv nets on ``device``."""
+def memory_format(device: torch.device | str, autocast_dtype: torch.dtype | None = None) -> torch.memory_format:
+    """The activation layout to use for conv nets on ``device`` (optionally under bf16/fp16 autocast).
+
+    ``channels_last`` on CUDA, and on CPU in fp32: oneDNN convolutions run natively in
+    NHWC there. Under autocast on CPU plain NCHW is faster, because the GroupNorms run
+    in fp32 and their channels_last backward kernel is slow (``benchmarks/train_cpu.py``
+    with ``--bf16``: about 1.3x slower per step in NHWC than in NCHW).
+    """
     kind = torch.device(device).type
-    return torch.channels_last if kind in ("cpu", "cuda") else torch.contiguous_format
+    if kind == "cuda" or (kind == "cpu" and autocast_dtype in (None, torch.float32)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
-def optimize_for_device(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """Move ``model`` to ``device`` in its fastest memory format (in place); returns it."""
-    return model.to(device=device, memory_format=memory_format(device))
+def optimize_for_device(
+    model: nn.Module, device: torch.device | str, autocast_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Move ``model`` to ``device`` in its fastest memory format (in place); returns it.
+
+    Pass the autocast dtype the model will be trained under, if any (see :func:`memory_format`).
+    """
+    return model.to(device=device, memory_format=memory_format(device, autocast_dtype))
 
 
 def make_optimizer(

@@ -346,6 +346,27 @@ def newest_state(out: Path) -> ckpt.Checkpoint:
     raise OutputError(f"no loadable training state in {out / ckpt.STATE_DIR} ({'; '.join(errors) or 'none found'})")
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Cut the log back to the resumed ``step``: after a kill it can run past the newest state (and end
+    in a torn line), and the resumed run would log those steps again."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        from .fileio import describe_os_error
+
+        raise OutputError(describe_os_error(err, path)) from err
+    keep = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
 class _StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop polls, so it can save before exiting."""
 
@@ -407,6 +428,7 @@ def train(
         prepare_out_dir(out, resume=resume, overwrite=overwrite)
         remove_stale_temporaries(out)
         remove_stale_temporaries(out / ckpt.STATE_DIR)
+        remove_stale_temporaries(paths.samples)  # a preview being written when the process was killed
 
     try:
         dist.main_only(prepare, dev)
@@ -448,6 +470,7 @@ def train(
             if dist.rank:  # the saved dropout RNG is rank 0's; the others derive their own streams from it
                 torch.manual_seed(int(torch.randint(0, 2**62, ())) + dist.rank)
             start_step = state.step
+            dist.main_only(functools.partial(_truncate_log, paths.log, start_step), dev)
         if start_step >= config.steps:
             raise ConfigError(f"the run in {out} is already at step {start_step}; pass a larger --steps to continue")
 
