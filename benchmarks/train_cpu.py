@@ -126,11 +126,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def one_minute_load() -> float:
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (Linux only)."""
     try:
-        return os.getloadavg()[0]
-    except OSError:
-        return 0.0
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait; steal counts as busy: another VM had the core
+    return (sum(fields) - idle) / hz, sum(fields) / hz
 
 
 def load_average() -> str:
@@ -244,7 +248,8 @@ def write_markdown(path: Path, res: dict, table: str, lines: list[str], command:
         f"- command: `{command}`",
         f"- date: {meta['date']}; CPU: {meta['cpu']}, {meta['cores']} cores, {meta['threads']} torch threads; "
         f"torch {torch.__version__}, diffusers {meta['diffusers']}; load average before/after: "
-        f"{meta['load_before']} / {meta['load_after']}",
+        f"{meta['load_before']} / {meta['load_after']}; CPU time used by other processes during the run: "
+        f"{meta.get('others', 'n/a')}",
         f"- model: DDPM layout, base {cfg.base_channels}, mults {','.join(map(str, cfg.channel_mults))}, "
         f"{cfg.num_res_blocks} res blocks, attention at {','.join(map(str, cfg.attention_resolutions))}, dropout "
         f"{cfg.dropout}; {cfg.image_size}x{cfg.image_size}x{cfg.in_channels}, batch {res['batch']}; fp32 unless "
@@ -295,14 +300,18 @@ def main(argv: list[str] | None = None) -> int:
         threads=torch.get_num_threads(), diffusers=diffusers.__version__, load_before=load_average(),
         timed=args.steps * args.repeats, warmup=args.warmup,
     )  # fmt: skip
-    busy_before = one_minute_load()
+    machine0, own0 = machine_cpu_seconds(), time.process_time()
     res = run(args)
+    machine1, own1 = machine_cpu_seconds(), time.process_time()
     meta["load_after"] = load_average()
     table, lines = report(res)
-    busy = max(busy_before, one_minute_load())
-    if busy > 0.75 * (os.cpu_count() or 1):
-        lines.append(f"the machine was busy (load average up to {busy:.1f} on {os.cpu_count()} cores): wall-clock "
-                     "numbers are unreliable, the CPU-time columns less so")  # fmt: skip
+    if machine0 and machine1:
+        # The share of all CPU time that went to other processes while this one ran.
+        others = max(0.0, (machine1[0] - machine0[0]) - (own1 - own0)) / (machine1[1] - machine0[1])
+        meta["others"] = f"{others:.0%}"
+        if others > 0.1:
+            lines.append(f"other processes used {others:.0%} of the machine's CPU time during the run: "
+                         "wall-clock numbers are unreliable, the CPU-time columns less so")  # fmt: skip
     print(table)
     print()
     for line in lines:

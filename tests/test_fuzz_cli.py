@@ -33,14 +33,17 @@ from diffuse_cli.engine import training
 
 runner = CliRunner()
 FAST, SLOW = 25, 250
-COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-              derandomize=True)
+COMMON = dict(
+    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=True
+)
 
 HUGE = [2**31, 2**63 - 1, 2**63, 2**64, 10**30, -(2**63) - 1]
 text = st.text(st.characters(exclude_characters="\x00"), max_size=12)
 INT_EXTREMES = st.sampled_from([0, -1, -7, *HUGE])
-FLOAT_EXTREMES = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
-                           st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-300, -1.0, 2.0]))
+FLOAT_EXTREMES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-300, -1.0, 2.0]),
+)
 
 
 class Values:
@@ -81,17 +84,50 @@ def place(tmp_path_factory) -> dict[str, Path]:
     (root / "folder").mkdir()
     Image.new("L", (9, 9), 77).save(root / "folder" / "one.png")
     run = root / "run"
-    r = runner.invoke(app, ["train", "builtin:digits", "--preset", "tiny", "--steps", "2", "--batch-size", "4",
-                            "--sample-every", "0", "--device", "cpu", "-T", "50", "--out", str(run)])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "builtin:digits",
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--sample-every",
+            "0",
+            "--device",
+            "cpu",
+            "-T",
+            "50",
+            "--out",
+            str(run),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    return {"root": root, "photo": root / "photo.png", "text": root / "notes.txt", "file": root / "afile",
-            "folder": root / "folder", "run": run, "model": run / "model.safetensors"}
+    return {
+        "root": root,
+        "photo": root / "photo.png",
+        "text": root / "notes.txt",
+        "file": root / "afile",
+        "folder": root / "folder",
+        "run": run,
+        "model": run / "model.safetensors",
+    }
 
 
 def out_path(place, tmp: Path, v: Values, name: str):
     """An output path: new, or (wild) nested, an existing file, a folder, below a file, empty, '.'."""
-    paths = {"new": tmp / name, "nested": tmp / "a" / "b" / "o.png", "file": place["file"], "folder": place["folder"],
-             "below-file": place["file"] / "o.png", "empty": "", "dot": "."}
+    paths = {
+        "new": tmp / name,
+        "nested": tmp / "a" / "b" / "o.png",
+        "file": place["file"],
+        "folder": place["folder"],
+        "below-file": place["file"] / "o.png",
+        "empty": "",
+        "dot": ".",
+    }
     return v.choice("new", wild=tuple(paths)[1:]).map(lambda k: str(paths[k]))
 
 
@@ -117,72 +153,115 @@ def _in_tmp(tmp_path, monkeypatch):
 def schedule_args(place, tmp, v: Values):
     kinds = v.choice("linear", "quadratic", "cosine", "sigmoid")
     return st.tuples(
-        st.just(["schedule"]), st.lists(opt("--kind", kinds), max_size=3).map(lambda ls: sum(ls, [])),
+        st.just(["schedule"]),
+        st.lists(opt("--kind", kinds), max_size=3).map(lambda ls: sum(ls, [])),
         opt("-T", v.ints(1, 1200)),
-        opt("--beta-start", v.floats(1e-6, 0.02)), opt("--beta-end", v.floats(0.005, 0.5)),
-        flag("--zero-terminal-snr"), opt("--format", v.choice("table", "json", "csv")),
-        opt("--rows", v.ints(2, 30)), opt("--plot", out_path(place, tmp, v, "plot.png")),
+        opt("--beta-start", v.floats(1e-6, 0.02)),
+        opt("--beta-end", v.floats(0.005, 0.5)),
+        flag("--zero-terminal-snr"),
+        opt("--format", v.choice("table", "json", "csv")),
+        opt("--rows", v.ints(2, 30)),
+        opt("--plot", out_path(place, tmp, v, "plot.png")),
     )
 
 
 def noise_args(place, tmp, v: Values):
     image = v.choice("photo", wild=("text", "folder", "missing", "empty")).map(
-        lambda k: str(place.get(k, tmp / "missing.png")) if k != "empty" else "")
+        lambda k: str(place.get(k, tmp / "missing.png")) if k != "empty" else ""
+    )
     ts = st.lists(st.integers(-2 if v.wild else 0, 1100), min_size=1, max_size=4).map(lambda t: ",".join(map(str, t)))
     if v.wild:
         ts = st.one_of(ts, st.sampled_from(["", ",", "1,,2", "0x10", "1e3", " 5 ", str(2**70)]))
     return st.tuples(
-        st.just(["noise"]), image.map(lambda s: [s]),
-        opt("--t", ts), opt("--kind", v.choice("linear", "quadratic", "cosine", "sigmoid")), opt("-T", v.ints(1, 1200)),
-        opt("--beta-start", v.floats(1e-6, 0.02)), opt("--beta-end", v.floats(0.005, 0.5)), flag("--zero-terminal-snr"),
-        opt("--size", v.ints(1, 24)), opt("--seed", v.ints(0, 100)),
-        opt("--out", out_path(place, tmp, v, "strip.png")), opt("--frames", out_path(place, tmp, v, "frames")),
-        opt("--gif", out_path(place, tmp, v, "noise.gif")), flag("--iterative"),
+        st.just(["noise"]),
+        image.map(lambda s: [s]),
+        opt("--t", ts),
+        opt("--kind", v.choice("linear", "quadratic", "cosine", "sigmoid")),
+        opt("-T", v.ints(1, 1200)),
+        opt("--beta-start", v.floats(1e-6, 0.02)),
+        opt("--beta-end", v.floats(0.005, 0.5)),
+        flag("--zero-terminal-snr"),
+        opt("--size", v.ints(1, 24)),
+        opt("--seed", v.ints(0, 100)),
+        opt("--out", out_path(place, tmp, v, "strip.png")),
+        opt("--frames", out_path(place, tmp, v, "frames")),
+        opt("--gif", out_path(place, tmp, v, "noise.gif")),
+        flag("--iterative"),
     )
 
 
 def train_args(place, tmp, v: Values):
-    data = v.choice("folder", "digits", wild=("missing", "text", "nope")).map(lambda k: {
-        "folder": str(place["folder"]), "digits": "builtin:digits", "missing": str(tmp / "nowhere"),
-        "text": str(place["text"]), "nope": "builtin:nope"}[k])
+    data = v.choice("folder", "digits", wild=("missing", "text", "nope")).map(
+        lambda k: {
+            "folder": str(place["folder"]),
+            "digits": "builtin:digits",
+            "missing": str(tmp / "nowhere"),
+            "text": str(place["text"]),
+            "nope": "builtin:nope",
+        }[k]
+    )
     csv = st.lists(st.integers(1, 8), min_size=1, max_size=4).map(lambda c: ",".join(map(str, c)))
     if v.wild:
         csv = st.one_of(csv, st.sampled_from(["", "none", "0", "-1", "1,2,", "a,b", str(2**70)]))
     # --image-size stays small (a 4096-pixel builtin:digits is 120 GB), or beyond the limit
     size = st.integers(1, 20).map(str) if not v.wild else st.sampled_from(["0", "-3", "4097", str(10**12), "1", "16"])
     return st.tuples(
-        st.just(["train"]), data.map(lambda s: [s]), st.just(["--out", str(tmp / "run")]),
-        opt("--steps", v.ints(1, 50)), opt("--batch-size", v.ints(1, 64)),
-        opt("--lr", v.floats(1e-6, 1e-2)), opt("--warmup", v.ints(0, 100)),
-        opt("--image-size", size), opt("--channels", v.choice("1", "3", wild=("0", "2", "4", "-1"))),
+        st.just(["train"]),
+        data.map(lambda s: [s]),
+        st.just(["--out", str(tmp / "run")]),
+        opt("--steps", v.ints(1, 50)),
+        opt("--batch-size", v.ints(1, 64)),
+        opt("--lr", v.floats(1e-6, 1e-2)),
+        opt("--warmup", v.ints(0, 100)),
+        opt("--image-size", size),
+        opt("--channels", v.choice("1", "3", wild=("0", "2", "4", "-1"))),
         opt("--preset", v.choice("auto", "tiny", "small", "ddpm-cifar10")),
-        opt("--base-channels", v.ints(1, 64)), opt("--channel-mults", csv), opt("--num-res-blocks", v.ints(1, 3)),
-        opt("--attention-res", csv), opt("--dropout", v.floats(0.0, 0.5)),
-        opt("--kind", v.choice("linear", "quadratic", "cosine", "sigmoid")), opt("-T", v.ints(1, 1200)),
-        opt("--beta-start", v.floats(1e-6, 0.02)), opt("--beta-end", v.floats(0.005, 0.5)), flag("--zero-terminal-snr"),
-        opt("--prediction", v.choice("eps", "x0", "v")), opt("--loss-weighting", v.choice("uniform", "min-snr")),
-        opt("--ema-decay", v.floats(0.0, 0.9999)), st.sampled_from([[], ["--flip"], ["--no-flip"]]),
-        opt("--save-every", v.ints(1, 100)), opt("--sample-every", v.ints(0, 100)), opt("--keep", v.ints(1, 5)),
+        opt("--base-channels", v.ints(1, 64)),
+        opt("--channel-mults", csv),
+        opt("--num-res-blocks", v.ints(1, 3)),
+        opt("--attention-res", csv),
+        opt("--dropout", v.floats(0.0, 0.5)),
+        opt("--kind", v.choice("linear", "quadratic", "cosine", "sigmoid")),
+        opt("-T", v.ints(1, 1200)),
+        opt("--beta-start", v.floats(1e-6, 0.02)),
+        opt("--beta-end", v.floats(0.005, 0.5)),
+        flag("--zero-terminal-snr"),
+        opt("--prediction", v.choice("eps", "x0", "v")),
+        opt("--loss-weighting", v.choice("uniform", "min-snr")),
+        opt("--ema-decay", v.floats(0.0, 0.9999)),
+        st.sampled_from([[], ["--flip"], ["--no-flip"]]),
+        opt("--save-every", v.ints(1, 100)),
+        opt("--sample-every", v.ints(0, 100)),
+        opt("--keep", v.ints(1, 5)),
         opt("--device", v.choice("cpu", "auto", wild=("cuda", "cuda:7", "mps", "tpu", "", "CPU"))),
         opt("--precision", v.choice("auto", "fp32", "bf16")),
-        flag("--compile"), opt("--seed", v.ints(0, 100)), flag("--overwrite"),
+        flag("--compile"),
+        opt("--seed", v.ints(0, 100)),
+        flag("--overwrite"),
         st.sampled_from([[], ["--resume"]] if v.wild else [[]]),
     )
 
 
 def sample_args(place, tmp, v: Values):
     ckpt = v.choice("model", "run", wild=("photo", "folder", "missing", "empty")).map(
-        lambda k: str(place.get(k, tmp / "missing.safetensors")) if k != "empty" else "")
+        lambda k: str(place.get(k, tmp / "missing.safetensors")) if k != "empty" else ""
+    )
     # --num never huge: 10^30 images is a valid, endless request
     num = st.integers(1, 3).map(str) if not v.wild else st.sampled_from(["0", "-2", "1", "3", str(-(2**63) - 1)])
     return st.tuples(
-        st.just(["sample"]), ckpt.map(lambda s: [s]), opt("--num", num),
+        st.just(["sample"]),
+        ckpt.map(lambda s: [s]),
+        opt("--num", num),
         st.one_of(st.just(["--out", str(tmp / "imgs")]), opt("--out", out_path(place, tmp, v, "imgs"))),
-        opt("--grid", out_path(place, tmp, v, "grid.png")), opt("--sampler", v.choice("ddpm", "ddim", "dpmpp")),
+        opt("--grid", out_path(place, tmp, v, "grid.png")),
+        opt("--sampler", v.choice("ddpm", "ddim", "dpmpp")),
         opt("--steps", v.ints(1, 6) if not v.wild else st.sampled_from(["0", "-1", "2", "50", "51", str(2**64)])),
-        opt("--eta", v.floats(0.0, 1.0)), opt("--seed", v.ints(0, 100)), opt("--batch-size", v.ints(1, 4)),
+        opt("--eta", v.floats(0.0, 1.0)),
+        opt("--seed", v.ints(0, 100)),
+        opt("--batch-size", v.ints(1, 4)),
         opt("--device", v.choice("cpu", "auto", wild=("cuda", "cuda:x", "mps", ""))),
-        opt("--gif", out_path(place, tmp, v, "sample.gif")), st.sampled_from([[], ["--clip"], ["--no-clip"]]),
+        opt("--gif", out_path(place, tmp, v, "sample.gif")),
+        st.sampled_from([[], ["--clip"], ["--no-clip"]]),
     )
 
 
@@ -196,8 +275,15 @@ def engine_stub(monkeypatch):
         assert isinstance(config, training.TrainConfig) and isinstance(model_config, UNetConfig)
         assert diffusion_config is None or isinstance(diffusion_config, DiffusionConfig)
         assert data.images.dtype == torch.uint8 and data.images.shape[-1] == model_config.image_size
-        return {"out": str(out), "model": str(Path(out) / "model.safetensors"), "step": config.steps, "loss": 0.5,
-                "samples": str(Path(out) / "samples"), "elapsed": 0.0, "is_main": True}
+        return {
+            "out": str(out),
+            "model": str(Path(out) / "model.safetensors"),
+            "step": config.steps,
+            "loss": 0.5,
+            "samples": str(Path(out) / "samples"),
+            "elapsed": 0.0,
+            "is_main": True,
+        }
 
     monkeypatch.setattr(training, "train", train)
 
@@ -221,9 +307,9 @@ def _fuzz(name, make, n, place, tmp_path):
 MAKERS = {"schedule": schedule_args, "noise": noise_args, "sample": sample_args}
 
 
-@pytest.mark.parametrize("command", list(MAKERS))
-def test_fuzz_command(command, place, tmp_path):
-    _fuzz(command, MAKERS[command], FAST, place, tmp_path)
+@pytest.mark.parametrize("command, n", [("schedule", FAST), ("noise", FAST // 2), ("sample", FAST)])
+def test_fuzz_command(command, n, place, tmp_path):
+    _fuzz(command, MAKERS[command], n, place, tmp_path)
 
 
 def test_fuzz_train_validation(place, tmp_path, engine_stub):
@@ -238,15 +324,26 @@ def test_fuzz_command_long(command, place, tmp_path, monkeypatch, request):
     _fuzz(command, {**MAKERS, "train": train_args}[command], SLOW, place, tmp_path)
 
 
-@pytest.mark.parametrize("args", [
-    ["schedule", "-T", str(10**9), "--format", "json"],  # was: gigabytes of tables, then the OOM killer
-    ["schedule", "--rows", str(10**9)],  # was: a minutes-long loop to show T rows
-    ["schedule", "--beta-start", "1e-300", "--beta-end", "1e-299", "--plot", "p.png"],  # was: ValueError in the plot
-    ["noise", "PHOTO", "--seed", str(2**64), "--t", "0", "--out", "o.png"],  # was: OverflowError from torch
-    ["sample", "MODEL", "--seed", str(10**20), "--num", "1"],
-    ["train", "builtin:digits", "--seed", str(2**64), "--steps", "1"],
-    ["train", "builtin:digits", "--image-size", "100000", "--steps", "1"],  # was: RuntimeError, 72 TB allocation
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["schedule", "-T", str(10**9), "--format", "json"],  # was: gigabytes of tables, then the OOM killer
+        ["schedule", "--rows", str(10**9)],  # was: a minutes-long loop to show T rows
+        [
+            "schedule",
+            "--beta-start",
+            "1e-300",
+            "--beta-end",
+            "1e-299",
+            "--plot",
+            "p.png",
+        ],  # was: ValueError in the plot
+        ["noise", "PHOTO", "--seed", str(2**64), "--t", "0", "--out", "o.png"],  # was: OverflowError from torch
+        ["sample", "MODEL", "--seed", str(10**20), "--num", "1"],
+        ["train", "builtin:digits", "--seed", str(2**64), "--steps", "1"],
+        ["train", "builtin:digits", "--image-size", "100000", "--steps", "1"],  # was: RuntimeError, 72 TB allocation
+    ],
+)
 def test_former_crashes(args, place):
     args = [str(place["photo"]) if a == "PHOTO" else str(place["model"]) if a == "MODEL" else a for a in args]
     r = runner.invoke(app, args, catch_exceptions=True)
@@ -259,23 +356,52 @@ def test_out_of_memory_is_one_line(place, monkeypatch, tmp_path):
     from diffuse_cli.engine import unet
 
     def boom(*a, **k):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)")
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+            "you tried to allocate 160000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
 
     monkeypatch.setattr(unet.UNet, "__init__", boom)
-    r = runner.invoke(app, ["train", "builtin:digits", "--preset", "tiny", "--steps", "1", "--device", "cpu",
-                            "--out", str(tmp_path / "r")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "builtin:digits",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert r.exit_code == 1, r.output
-    assert r.stderr.strip() == ("error: out of memory (tried to allocate 160000000000 bytes); "
-                                "try a smaller --batch-size, --image-size or model")
+    assert r.stderr.strip() == (
+        "error: out of memory (tried to allocate 160000000000 bytes); try a smaller --batch-size, --image-size or model"
+    )
     monkeypatch.undo()
 
     def other(*a, **k):
         raise RuntimeError("some other internal failure")
 
     monkeypatch.setattr(unet.UNet, "__init__", other)
-    r = runner.invoke(app, ["train", "builtin:digits", "--preset", "tiny", "--steps", "1", "--device", "cpu",
-                            "--out", str(tmp_path / "r2")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "builtin:digits",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+    )
     assert isinstance(r.exception, RuntimeError)  # not an allocation failure: `main` reports it as unexpected
 
 
@@ -286,10 +412,12 @@ def test_unexpected_errors_are_one_line_through_main(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DIFFUSE_DEBUG", None)
-    code = ("import sys; from diffuse_cli import cli; from diffuse_cli.engine import schedules\n"
-            "def boom(*a, **k): raise ZeroDivisionError('a bug')\n"
-            "schedules.make_betas = boom\n"
-            "sys.argv = ['diffuse', 'schedule']; cli.main()")
+    code = (
+        "import sys; from diffuse_cli import cli; from diffuse_cli.engine import schedules\n"
+        "def boom(*a, **k): raise ZeroDivisionError('a bug')\n"
+        "schedules.make_betas = boom\n"
+        "sys.argv = ['diffuse', 'schedule']; cli.main()"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error: unexpected ZeroDivisionError: a bug") and "Traceback" not in r.stderr

@@ -37,6 +37,8 @@ Callback = Callable[[dict], None]
 SPACINGS = ("uniform", "logsnr", "karras")
 VARIANCES = ("posterior", "beta")
 KARRAS_RHO = 7.0  # Karras et al. (2022), "Elucidating the Design Space", eq. 5
+KARRAS_SIGMA_MAX = 80.0  # ... and their sigma_max (Table 1)
+LOGSNR_MIN = -4.0  # where the log-SNR ramp starts; see timestep_grid
 
 # Defaults, chosen with benchmarks/samplers.py (2-D Gaussian mixture with an exact denoiser,
 # sliced W2 to exact samples over linear/quadratic/cosine/sigmoid, T = 1000); see the table in
@@ -97,11 +99,9 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
         log_snr = diffusion.log_snr.detach().to("cpu", torch.float64)
         finite = int(torch.isfinite(log_snr).sum())  # only the last entry can be -inf
         lam = log_snr[:finite]
-        lo, hi = float(lam[-1]), float(lam[0])  # noisiest finite level, cleanest level
-        if _LAM_MIN == "t-2":
-            lo = float(log_snr[T - 2])
-        elif _LAM_MIN is not None:
-            lo = max(lo, _LAM_MIN)
+        hi = float(lam[0])  # the cleanest level
+        floor = LOGSNR_MIN if spacing == "logsnr" else -2.0 * math.log(KARRAS_SIGMA_MAX)
+        lo = max(float(lam[-1]), floor)  # the noisiest level the ramp starts from
         ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
         if spacing == "logsnr":
             targets = lo + ramp * (hi - lo)
@@ -279,7 +279,6 @@ def _dpmpp_update(x: torch.Tensor, history: list[tuple[float, torch.Tensor]], or
 
 
 _ALG2 = 0
-_LAM_MIN = None
 _LOWER_ORDER_FINAL = 0  # experiment knob: steps before the last allowed at most order 1 + distance
 
 
