@@ -267,6 +267,39 @@ def test_sigkill_during_state_write_then_resume(tmp_path):
     assert "resuming at step 5" in out
     assert not temporaries(run)  # ... and the resumed run removed it
     assert ckpt.load(run / "model.safetensors").step == 40
+    log = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert log == sorted(set(log)), "steps logged after state 5 were logged again after the resume"
+
+
+def test_resume_removes_torn_writes_everywhere(run_copy):
+    """What a SIGKILL can leave: hidden temporaries beside the model, the states and the previews, a torn log line."""
+    run = run_copy
+    (run / "samples").mkdir(exist_ok=True)
+    for folder, name in (
+        (run, "model.safetensors"),
+        (run / "checkpoints", "state-00000006.safetensors"),
+        (run / "samples", "step-000006.png"),
+    ):
+        (folder / f"{fileio.TMP_PREFIX}4242-{name}").write_bytes(b"half a file")
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.9}\n{"step": 6, "lo')  # past the newest state (4), then torn
+    r = invoke(
+        "train",
+        "builtin:digits",
+        *TINY,
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--sample-every",
+        "0",
+        "--out",
+        run,
+        "--resume",
+    )
+    assert r.exit_code == 0, r.output
+    assert not temporaries(run)
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
 
 
 def _stop_training(tmp_path: Path, sig: int):
