@@ -38,7 +38,7 @@ SPACINGS = ("uniform", "logsnr", "karras")
 VARIANCES = ("posterior", "beta")
 KARRAS_RHO = 7.0  # Karras et al. (2022), "Elucidating the Design Space", eq. 5
 KARRAS_SIGMA_MAX = 80.0  # ... and their sigma_max (Table 1)
-LOGSNR_MIN = -4.0  # where the log-SNR ramp starts; see timestep_grid
+LOGSNR_KNEE = -4.0  # below SNR e^-4 the "logsnr" grid thins out; see timestep_grid
 
 # Defaults, chosen with benchmarks/samplers.py: a 2-D Gaussian mixture with an exact denoiser,
 # T = 1000, sliced W2 against the exact probability-flow ODE solution from the same x_T (a
@@ -59,7 +59,7 @@ DEFAULT_SAMPLER = "dpmpp"
 DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpmpp": 20}  # None: all T steps
 DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpmpp": "logsnr"}
 DEFAULT_ORDER = 3
-DEFAULT_VARIANCE = "posterior"
+DEFAULT_VARIANCE = "beta"
 
 
 # --- the timestep grid -----------------------------------------------------------------
@@ -92,18 +92,18 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
     - ``uniform``: uniform in t, "trailing" so T - 1 is included: round(T - i T / steps) - 1
       (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
       It ends at T / steps - 1.
-    - ``logsnr``: uniform in log-SNR (Lu et al. 2022, "DPM-Solver", sec. 3.3) from
-      max(log-SNR(T - 1), LOGSNR_MIN) to log-SNR(0), each point mapped to the timestep nearest
-      in log-SNR, and the first point replaced by T - 1. It ends at t = 0.
+    - ``logsnr``: uniform in log(SNR + e^LOGSNR_KNEE) from t = T - 1 to t = 0, each point
+      mapped to the nearest timestep. Above the knee this is uniform in log-SNR (Lu et al.
+      2022, "DPM-Solver", sec. 3.3); below it the variable saturates, so the nearly pure-noise
+      levels, where x0_pred hardly changes, get few points. Zero terminal SNR (log-SNR = -inf)
+      and cosine's clipped last beta (log-SNR(T - 1) near -18) need no special case. Every
+      level still gets points as steps grow, so the samplers converge. Ends at t = 0.
     - ``karras``: Karras et al. (2022) eq. 5 with rho = 7 in sigma = sqrt((1 - abar) / abar),
-      from min(sigma(T - 1), 80) to sigma(0), mapped to the timestep nearest in log sigma, the
-      first point replaced by T - 1. It ends at t = 0.
+      from min(sigma(T - 1), 80) (their sigma_max) to sigma(0), mapped to the timestep nearest
+      in log sigma, the first point replaced by T - 1. Ends at t = 0.
 
-    The ramps start no noisier than a fixed level because the last training steps of some
-    schedules are extreme (cosine's clipped beta puts log-SNR(T - 1) near -18; zero terminal
-    SNR puts it at -inf) and a ramp from there spends most points on pure noise. Points that
-    round to the same timestep are pushed apart (down, then up where the clean end runs out
-    of room), so the grid always has exactly ``steps`` distinct timesteps.
+    Points that round to the same timestep are pushed apart (down, then up where the clean
+    end runs out of room), so the grid always has exactly ``steps`` distinct timesteps.
     """
     T = diffusion.num_timesteps
     steps = _check_steps(steps, T)
@@ -112,21 +112,19 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
     if spacing == "uniform":
         raw = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round() - 1
     else:
-        log_snr = diffusion.log_snr.detach().to("cpu", torch.float64)
-        finite = int(torch.isfinite(log_snr).sum())  # only the last entry can be -inf
-        lam = log_snr[:finite]
-        hi = float(lam[0])  # the cleanest level
-        floor = LOGSNR_MIN if spacing == "logsnr" else -2.0 * math.log(KARRAS_SIGMA_MAX)
-        lo = max(float(lam[-1]), floor)  # the noisiest level the ramp starts from
         ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+        log_snr = diffusion.log_snr.detach().to("cpu", torch.float64)
         if spacing == "logsnr":
-            targets = lo + ramp * (hi - lo)
+            xi = torch.logaddexp(log_snr, torch.tensor(LOGSNR_KNEE, dtype=torch.float64))  # finite even at SNR 0
+            raw = _nearest_timesteps(xi, xi[-1] + ramp * (xi[0] - xi[-1]))
         else:
+            finite = int(torch.isfinite(log_snr).sum())  # only the last entry can be -inf
+            lam = log_snr[:finite]
+            lo = max(float(lam[-1]), -2.0 * math.log(KARRAS_SIGMA_MAX))
             inv_rho = 1.0 / KARRAS_RHO
-            s_max, s_min = math.exp(-0.5 * lo) ** inv_rho, math.exp(-0.5 * hi) ** inv_rho
+            s_max, s_min = math.exp(-0.5 * lo) ** inv_rho, math.exp(-0.5 * float(lam[0])) ** inv_rho
             sigmas = (s_max + ramp * (s_min - s_max)) ** KARRAS_RHO
-            targets = -2.0 * sigmas.log()
-        raw = _nearest_timesteps(lam, targets).to(torch.float64)
+            raw = _nearest_timesteps(lam, -2.0 * sigmas.log())
     out, prev = [], T
     for i, v in enumerate(raw.tolist()):
         v = T - 1 if i == 0 else min(int(v), prev - 1)  # strictly below the previous point ...
