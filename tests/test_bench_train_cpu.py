@@ -22,7 +22,7 @@ def test_train_cpu_quick_replaces_its_markdown_section(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--markdown", str(md)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
-    assert "ours (eager) / diffusers img/s" in proc.stdout
+    assert "ours (eager) / diffusers throughput" in proc.stdout
     text = md.read_text()
     assert text.count("<!-- train_cpu:start -->") == 1 and text.count("<!-- train_cpu:end -->") == 1
     assert "stale numbers" not in text
