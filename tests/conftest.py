@@ -19,3 +19,11 @@ def photo(tmp_path):
     p = tmp_path / "photo.png"
     Image.fromarray(np.stack([r, g, b], -1), "RGB").save(p)
     return p
+
+
+def pytest_configure(config):
+    # The test models are tiny: one thread is as fast as two, and it cannot stall in OpenMP
+    # spin-waits when another process (a torchrun test, a busy CI neighbour) holds the other core.
+    import torch
+
+    torch.set_num_threads(1)
