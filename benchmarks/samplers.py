@@ -69,10 +69,18 @@ def projections(n: int, seed: int = 1234) -> torch.Tensor:
     return p / p.norm(dim=0, keepdim=True)
 
 
-def sliced_w2(x: torch.Tensor, y: torch.Tensor, proj: torch.Tensor) -> float:
-    """sqrt(mean over directions of W2^2 between the 1-D projections); equal sample sizes."""
-    px = torch.sort(x.to(torch.float64) @ proj, dim=0).values
-    py = torch.sort(y.to(torch.float64) @ proj, dim=0).values
+def sorted_projections(x: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """The points projected on each direction and sorted: (directions, n)."""
+    return torch.sort((proj.T @ x.to(torch.float64).T).contiguous(), dim=1).values
+
+
+def sliced_w2(px: torch.Tensor, py: torch.Tensor) -> float:
+    """Sliced W2 between two equal-size samples given by their :func:`sorted_projections`.
+
+    In 1-D the optimal coupling of two equal-size samples pairs them in sorted order, so W2^2
+    is the mean squared difference of the sorted values; the sliced distance is the square
+    root of its mean over the directions.
+    """
     return float(((px - py) ** 2).mean().sqrt())
 
 
@@ -100,21 +108,38 @@ def ours(name: str, **opts) -> Runner:
     return run
 
 
+# diffusers' own names for our schedules (same formulas); anything else goes in as trained_betas.
+# The native name matters: for "squaredcos_cap_v2" diffusers keeps the Karras / Lu timesteps
+# unrounded, and with rounded ones those grids repeat timesteps on cosine and its solvers crash.
+DIFFUSERS_SCHEDULES = {"linear": "linear", "quadratic": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def diffusers_scheduler(kind: str, diffusion: Diffusion, **config):
+    """A diffusers scheduler on the same beta schedule as ``diffusion``."""
+    import diffusers
+
+    cls = {"ddim": diffusers.DDIMScheduler, "dpm": diffusers.DPMSolverMultistepScheduler,
+           "unipc": diffusers.UniPCMultistepScheduler}[kind]  # fmt: skip
+    extra = {"clip_sample": False, "set_alpha_to_one": True} if kind == "ddim" else {}
+    c = diffusion.config
+    native = DIFFUSERS_SCHEDULES.get(c.schedule) if not c.zero_terminal_snr else None
+    betas = {"beta_schedule": native, "beta_start": c.beta_start, "beta_end": c.beta_end} if native else \
+        {"trained_betas": diffusion.betas.numpy()}  # fmt: skip
+    sched = cls(num_train_timesteps=diffusion.num_timesteps, prediction_type="epsilon", **betas, **extra, **config)
+    ours_abar = diffusion.alphas_cumprod.to(torch.float32)
+    assert torch.allclose(sched.alphas_cumprod, ours_abar, rtol=1e-4, atol=1e-7), f"diffusers {native} != ours"
+    return sched
+
+
 def diffusers_runner(kind: str, **config) -> Runner:
     def run(model, diffusion, x_T, nfe, gen):
-        import diffusers
-
-        cls = {"ddim": diffusers.DDIMScheduler, "dpm": diffusers.DPMSolverMultistepScheduler,
-               "unipc": diffusers.UniPCMultistepScheduler}[kind]  # fmt: skip
-        extra = {"clip_sample": False, "set_alpha_to_one": True} if kind == "ddim" else {}
-        sched = cls(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas.numpy(),
-                    prediction_type="epsilon", **extra, **config)  # fmt: skip
+        sched = diffusers_scheduler(kind, diffusion, **config)
         sched.set_timesteps(nfe)
         x = x_T * sched.init_noise_sigma
         for t in sched.timesteps:
             t_vec = torch.full((x.shape[0],), int(t), dtype=torch.int64)
             out = model(sched.scale_model_input(x, t), t_vec)
-            x = sched.step(out, t, x, generator=gen).prev_sample
+            x = sched.step(out, t, x).prev_sample  # deterministic: DDIM with eta = 0, DPM-Solver++, UniPC
         return x
 
     return run
@@ -127,7 +152,7 @@ def our_configs(variants: bool) -> dict[str, Runner]:
         "ours ddpm (defaults)": ours("ddpm"),
     }
     if variants:
-        c["ours ddpm variance=beta"] = ours("ddpm", variance="beta")
+        c["ours ddpm variance=posterior"] = ours("ddpm", variance="posterior")
         for sp in S.SPACINGS:
             for order in (2, 3):
                 c[f"ours dpmpp {order}M {sp}"] = ours("dpmpp", order=order, spacing=sp)
@@ -139,7 +164,9 @@ def our_configs(variants: bool) -> dict[str, Runner]:
 def diffusers_configs(quick: bool) -> dict[str, Runner]:
     c = {"diffusers DDIM trailing": diffusers_runner("ddim", timestep_spacing="trailing")}
     for order in (2, 3):
-        c[f"diffusers DPM++ {order}M trailing"] = diffusers_runner("dpm", solver_order=order, timestep_spacing="trailing")
+        c[f"diffusers DPM++ {order}M trailing"] = diffusers_runner(
+            "dpm", solver_order=order, timestep_spacing="trailing"
+        )
         c[f"diffusers DPM++ {order}M karras"] = diffusers_runner("dpm", solver_order=order, use_karras_sigmas=True)
         c[f"diffusers DPM++ {order}M lu"] = diffusers_runner("dpm", solver_order=order, use_lu_lambdas=True)
     c["diffusers UniPC-3 trailing"] = diffusers_runner("unipc", solver_order=3, timestep_spacing="trailing")
@@ -158,14 +185,26 @@ def have_diffusers() -> bool:
 
 
 # --- the run ------------------------------------------------------------------------------
-def run_benchmark(n: int, nfes: list[int], schedules: list[str], variants: bool = False, quick: bool = False,
-                  n_proj: int = 128, seed: int = 0, ode_steps: int = 1000, log=print) -> dict:
+def run_benchmark(
+    n: int,
+    nfes: list[int],
+    schedules: list[str],
+    variants: bool = False,
+    quick: bool = False,
+    n_proj: int = 128,
+    seed: int = 0,
+    ode_steps: int = 1000,
+    log=print,
+) -> dict:
     """SW2 to exact samples and to the exact ODE solution per (config, schedule, nfe), plus the floor."""
     mix = mixture()
     proj = projections(n_proj)
-    exact = mix.sample(n, torch.Generator().manual_seed(seed + 1))
+    exact = sorted_projections(mix.sample(n, torch.Generator().manual_seed(seed + 1)), proj)
     pairs = 2 if quick else FLOOR_PAIRS
-    floors = [sliced_w2(exact, mix.sample(n, torch.Generator().manual_seed(seed + 100 + j)), proj) for j in range(pairs)]
+    floors = [
+        sliced_w2(exact, sorted_projections(mix.sample(n, torch.Generator().manual_seed(seed + 100 + j)), proj))
+        for j in range(pairs)
+    ]
     configs = our_configs(variants)
     if have_diffusers():
         configs.update(diffusers_configs(quick))
@@ -177,16 +216,15 @@ def run_benchmark(n: int, nfes: list[int], schedules: list[str], variants: bool 
         model = mix.model(diffusion, "eps")  # the same exact model for everyone
         x_T = S.noise_like((n, 2), torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
         t0 = time.perf_counter()
-        ref = exact_ode(mix, x_T, float(diffusion.alphas_cumprod[-1]), ode_steps)
-        res["ref"][schedule] = sliced_w2(ref, exact, proj)
+        ref = sorted_projections(exact_ode(mix, x_T, float(diffusion.alphas_cumprod[-1]), ode_steps), proj)
+        res["ref"][schedule] = sliced_w2(ref, exact)
         log(f"  {schedule:9s} exact ODE from x_T: sw2={res['ref'][schedule]:.5f} ({time.perf_counter() - t0:.1f}s)")
         for name, runner in configs.items():
             for nfe in nfes:
-                calls = 0
+                calls = []
 
-                def counted(x, t):
-                    nonlocal calls
-                    calls += 1
+                def counted(x, t, model=model, calls=calls):
+                    calls.append(1)
                     return model(x, t)
 
                 t0 = time.perf_counter()
@@ -196,10 +234,11 @@ def run_benchmark(n: int, nfes: list[int], schedules: list[str], variants: bool 
                     res["failed"][(name, schedule, nfe)] = f"{type(err).__name__}: {err}"
                     log(f"  {schedule:9s} {name:30s} nfe={nfe:3d} FAILED {type(err).__name__}: {err}")
                     continue
-                assert calls == nfe, f"{name}: {calls} model calls for {nfe} NFE"
+                assert len(calls) == nfe, f"{name}: {len(calls)} model calls for {nfe} NFE"
                 finite = bool(torch.isfinite(out).all())
-                res["sw2"][(name, schedule, nfe)] = sliced_w2(out, exact, proj) if finite else math.nan
-                res["ode"][(name, schedule, nfe)] = sliced_w2(out, ref, proj) if finite else math.nan
+                out = sorted_projections(out, proj)
+                res["sw2"][(name, schedule, nfe)] = sliced_w2(out, exact) if finite else math.nan
+                res["ode"][(name, schedule, nfe)] = sliced_w2(out, ref) if finite else math.nan
                 log(f"  {schedule:9s} {name:30s} nfe={nfe:3d} sw2={res['sw2'][(name, schedule, nfe)]:.5f} "
                     f"solver={res['ode'][(name, schedule, nfe)]:.5f} ({time.perf_counter() - t0:.1f}s)")  # fmt: skip
     return res
@@ -251,7 +290,21 @@ def summarize(res: dict) -> tuple[str, list[str], bool]:
                          f"(target <= 1: {'met' if good else 'MISSED'})")  # fmt: skip
     for (name, s, k), msg in res["failed"].items():
         lines.append(f"{name} failed on {s} at {k} NFE: {msg.splitlines()[0][:120]}")
-    return "\n".join(t1) + "\n\nSolver error (SW2 to the exact ODE solution from the same x_T):\n\n" + "\n".join(t2), lines, ok
+    return (
+        "\n".join(t1) + "\n\nSolver error (SW2 to the exact ODE solution from the same x_T):\n\n" + "\n".join(t2),
+        lines,
+        ok,
+    )
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: int, elapsed: float) -> None:
@@ -262,7 +315,7 @@ def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: i
         "## Sampler accuracy (`benchmarks/samplers.py`)",
         "",
         f"- command: `{command}`",
-        f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"- date: {datetime.date.today().isoformat()}; machine: {_cpu_name()}, {os.cpu_count()} CPUs, "
         f"{platform.system()}; Python {platform.python_version()}, torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}; {elapsed:.0f} s",
         f"- data: 2-D Gaussian mixture (7 components) with an exact eps predictor; T = 1000; {n} samples per cell; "
@@ -270,6 +323,8 @@ def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: i
         "- SW2: sliced W2 over 128 fixed random directions to exact samples (lower is better; a perfect sampler "
         "scores about the floor, and the exact ODE row is what a perfect deterministic sampler scores from this "
         "x_T). Solver error: SW2 to that exact ODE solution; no sampling noise.",
+        "- the defaults were chosen with `python benchmarks/samplers.py --variants --schedules linear quadratic "
+        "cosine sigmoid`; those numbers are quoted above `DEFAULT_SAMPLER` in `src/diffuse_cli/engine/samplers.py`.",
         "",
         tables,
         "",
@@ -289,19 +344,30 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=50_000, help="samples per cell (default 50000)")
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="model evaluations (default 10 20 50)")
-    p.add_argument("--schedules", nargs="+", default=["linear", "cosine"], choices=["linear", "quadratic", "cosine", "sigmoid"])
+    p.add_argument(
+        "--schedules", nargs="+", default=["linear", "cosine"], choices=["linear", "quadratic", "cosine", "sigmoid"]
+    )
     p.add_argument("--variants", action="store_true", help="also run our non-default spacings and orders")
     p.add_argument("--quick", action="store_true", help="seconds: 2000 samples, 10 NFE, linear, two diffusers configs")
     p.add_argument("--markdown", type=Path, help="write/replace the samplers section of this markdown file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the tensors are small, so more threads mostly add overhead)",
+    )
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     ode_steps = 1000
     if args.quick:
         args.n, args.nfe, args.schedules, ode_steps = 2000, [10], ["linear"], 200
     if not have_diffusers():
         print("diffusers is not installed: only our samplers run (pip install diffusers)")
     t0 = time.perf_counter()
-    res = run_benchmark(args.n, args.nfe, args.schedules, args.variants, args.quick, seed=args.seed, ode_steps=ode_steps)
+    res = run_benchmark(
+        args.n, args.nfe, args.schedules, args.variants, args.quick, seed=args.seed, ode_steps=ode_steps
+    )
     elapsed = time.perf_counter() - t0
     tables, lines, ok = summarize(res)
     print()

@@ -98,6 +98,8 @@ class GaussianMixture:
         chol = torch.linalg.cholesky(c)
         chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(c), upper=False)  # L^-1, (K, D, D)
         gain = a * cov @ chol_inv.transpose(1, 2) @ chol_inv  # a Sigma C^-1, (K, D, D)
+        if mu.shape[0] == 1:  # one Gaussian: E[x0 | x_t] is affine in x_t
+            return mu[0] + (x - a * mu[0]) @ gain[0].T
         diff = x[:, None, :] - a * mu  # (B, K, D)
         z = torch.einsum("kij,bkj->bki", chol_inv, diff)  # whitened residual
         log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
@@ -105,7 +107,9 @@ class GaussianMixture:
         post = mu + torch.einsum("kij,bkj->bki", gain, diff)  # E[x0 | x_t, k], (B, K, D)
         return torch.einsum("bk,bkd->bd", r, post)
 
-    def model(self, diffusion: Diffusion, prediction: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def model(
+        self, diffusion: Diffusion, prediction: str | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The exact network of kind ``prediction`` (default: the diffusion's) as ``model(x_t, t)``.
 
         ``t`` is an int64 tensor of shape (B,) in [0, T); the output has x_t's shape and dtype.

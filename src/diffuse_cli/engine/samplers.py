@@ -38,23 +38,29 @@ SPACINGS = ("uniform", "logsnr", "karras")
 VARIANCES = ("posterior", "beta")
 KARRAS_RHO = 7.0  # Karras et al. (2022), "Elucidating the Design Space", eq. 5
 KARRAS_SIGMA_MAX = 80.0  # ... and their sigma_max (Table 1)
-LOGSNR_KNEE = -4.0  # below SNR e^-4 the "logsnr" grid thins out; see timestep_grid
+LOGSNR_KNEE = -3.0  # below log-SNR -3 the "logsnr" grid thins out; see timestep_grid
+LOGSNR_ROOT = 3.0  # ... like SNR^(1/3)
 
-# Defaults, chosen with benchmarks/samplers.py: a 2-D Gaussian mixture with an exact denoiser,
-# T = 1000, sliced W2 against the exact probability-flow ODE solution from the same x_T (a
-# noise-free measure of solver error; 20k points). Numbers are SW2 x 1e3 at 10 / 20 / 50 steps.
-# - Spacing "logsnr" for every sampler: a grid uniform in log-SNR barely depends on the
-#   training schedule, so it is the robust choice. DDIM, worst case over linear / quadratic /
-#   cosine / sigmoid: logsnr 72 / 35 / 14, uniform 112 / 50 / 20, karras 110 / 51 / 21
-#   (uniform is best on cosine, 52 / 26 / 11, and worst on linear). DDPM with fewer steps
-#   than T: the same picture. DPM-Solver++ 3M: logsnr 9-14 / 1.4-1.7 / 0.6-0.8 on all four,
-#   uniform 86-92 / 22-26 (linear) and karras 72 / 23 (linear, unclipped).
-# - The log-SNR ramp starts at LOGSNR_MIN = -4 (or the schedule's own noisiest level if
-#   higher); T - 1 is always the first point. Below SNR e^-4 the denoiser's x0 barely moves,
-#   so spending steps there is waste: starting the ramp at log-SNR -10 (the linear schedule's
-#   end) gave 3M 16.5 / 5.3 (linear) and 22.5 / 5.5 (cosine); -5: 12.2 / 2.3 and 17.8 / 2.4;
-#   -4: 9.2 / 1.5 and 14.1 / 1.7; -3 trades the 50-step floor for little (0.8 -> 1.6).
-# - DPM-Solver++ order 3: 9-14 / 1.4-1.7 against 2M's 11-14 / 2.0-2.5.
+# Defaults, chosen by measurement with `python benchmarks/samplers.py --variants --schedules
+# linear quadratic cosine sigmoid`: a 2-D Gaussian mixture with an exact denoiser, T = 1000, 50k
+# points; the numbers are the solver error (sliced W2 to the exact probability-flow ODE solution
+# from the same x_T, x 1e3) at 10 / 20 / 50 model evaluations, on linear / quadratic / cosine / sigmoid.
+# - dpmpp: order 3 on the "logsnr" grid: 8.6/1.6/0.5, 7.0/1.4/0.5, 12.3/2.0/0.3, 8.0/1.6/0.5.
+#   Order 2 on the same grid: 16.3/3.4/0.5, 16.0/3.2/0.5, 20.8/4.3/0.6, 16.5/3.4/0.5. Order 3 on
+#   "uniform": 86/26/16, 25/20/6.7, 25/20/4.7, 18/13/6.3; on "karras": 32/13/0.7, 46/8.0/0.6,
+#   32/17/0.7, 32/14/0.7. (Lu et al. also recommend 3M for unconditional sampling.)
+# - ddim: "logsnr", the best worst case: 76/37/14, 73/35/14, 83/40/16, 76/36/14 against
+#   "uniform" 112/50/20, 59/30/13, 52/26/11, 60/31/14 (better on three schedules, much worse
+#   on linear) and "karras" 107/51/20, 91/43/17, 111/52/21, 107/50/20.
+# - ddpm with fewer steps than T (with T every spacing is the full grid): "logsnr" 34/21/11,
+#   33/20/12, 36/22/12, 34/21/11; "uniform" 76/40/24, 40/26/14, 40/27/14, 29/18/11; "karras"
+#   62/34/17, 52/30/15, 61/34/18, 62/34/17. Variance "beta": with "posterior" it is 114/54/21 on
+#   cosine and 104/48/20 on sigmoid.
+# - The knee of the "logsnr" grid (see timestep_grid): a plain log-SNR grid gave 3M 16/5.3 at
+#   10/20 steps on linear and, because cosine's last log-SNR is ~ -18, 2M 75/15 on cosine; a
+#   hard start at log-SNR -4 fixed both (9.2/1.5 and 14/1.7) but stops converging (the first
+#   step never shrinks: DPM-Solver++ error stuck at 2e-3 on the Gaussian of the tests). The
+#   soft knee at -3 with the cube root keeps the gains and converges at third order.
 DEFAULT_SAMPLER = "dpmpp"
 DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpmpp": 20}  # None: all T steps
 DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpmpp": "logsnr"}
@@ -77,7 +83,9 @@ def _nearest_timesteps(log_snr: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """Index of the entry of the (strictly decreasing, finite) ``log_snr`` closest to each target."""
     asc = log_snr.flip(0)
     n = asc.shape[0]
-    pos = torch.searchsorted(asc, targets).clamp(1, max(n - 1, 1))
+    if n == 1:
+        return torch.zeros(targets.shape, dtype=torch.int64)
+    pos = torch.searchsorted(asc, targets).clamp(1, n - 1)
     lo = (pos - 1).clamp(min=0)
     pick = torch.where((targets - asc[lo]).abs() <= (asc[pos] - targets).abs(), lo, pos)
     return (n - 1) - pick
@@ -92,12 +100,13 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
     - ``uniform``: uniform in t, "trailing" so T - 1 is included: round(T - i T / steps) - 1
       (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
       It ends at T / steps - 1.
-    - ``logsnr``: uniform in log(SNR + e^LOGSNR_KNEE) from t = T - 1 to t = 0, each point
-      mapped to the nearest timestep. Above the knee this is uniform in log-SNR (Lu et al.
-      2022, "DPM-Solver", sec. 3.3); below it the variable saturates, so the nearly pure-noise
-      levels, where x0_pred hardly changes, get few points. Zero terminal SNR (log-SNR = -inf)
-      and cosine's clipped last beta (log-SNR(T - 1) near -18) need no special case. Every
-      level still gets points as steps grow, so the samplers converge. Ends at t = 0.
+    - ``logsnr``: uniform in xi = 3 log(SNR^(1/3) + e^(LOGSNR_KNEE / 3)) from t = T - 1 to
+      t = 0, each point mapped to the timestep nearest in xi. Well above the knee (log-SNR -3)
+      this is uniform in log-SNR (Lu et al. 2022, "DPM-Solver", sec. 3.3); below it the
+      levels thin out like SNR^(1/3), because near pure noise x0_pred hardly changes and a
+      plain log-SNR grid spends many steps there. Zero terminal SNR (log-SNR = -inf) and
+      cosine's clipped last beta (log-SNR(T - 1) near -18) need no special case, and every
+      level still gets points as steps grow, so the samplers keep converging. Ends at t = 0.
     - ``karras``: Karras et al. (2022) eq. 5 with rho = 7 in sigma = sqrt((1 - abar) / abar),
       from min(sigma(T - 1), 80) (their sigma_max) to sigma(0), mapped to the timestep nearest
       in log sigma, the first point replaced by T - 1. Ends at t = 0.
@@ -112,10 +121,14 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
     if spacing == "uniform":
         raw = (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round() - 1
     else:
-        ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+        ramp = (
+            torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+        )
         log_snr = diffusion.log_snr.detach().to("cpu", torch.float64)
         if spacing == "logsnr":
-            xi = torch.logaddexp(log_snr, torch.tensor(LOGSNR_KNEE, dtype=torch.float64))  # finite even at SNR 0
+            # xi = 3 log(SNR^(1/3) + SNR_knee^(1/3)): log-SNR above the knee, finite even at SNR = 0
+            q = LOGSNR_ROOT
+            xi = q * torch.logaddexp(log_snr / q, torch.tensor(LOGSNR_KNEE / q, dtype=torch.float64))
             raw = _nearest_timesteps(xi, xi[-1] + ramp * (xi[0] - xi[-1]))
         else:
             finite = int(torch.isfinite(log_snr).sum())  # only the last entry can be -inf
@@ -135,8 +148,12 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
 
 
 # --- shared pieces ----------------------------------------------------------------------
-def noise_like(shape, generator: torch.Generator | None = None, device: torch.device | str | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def noise_like(
+    shape,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Standard normal noise of ``shape``, drawn on the generator's device and moved to ``device``.
 
     Drawing where the generator lives makes a seed give the same x_T whatever device samples.
@@ -154,8 +171,9 @@ def _alphas_cumprod(diffusion: Diffusion, grid: torch.Tensor) -> list[float]:
     return diffusion.alphas_cumprod.detach().to("cpu", torch.float64)[grid].tolist()
 
 
-def _denoise(model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float,
-             clip_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _denoise(
+    model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float, clip_x0: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Call the model once at timestep ``t`` and return (x0, eps) in x's dtype.
 
     The same algebra as :meth:`Diffusion.split_prediction` with float64 scalar coefficients.
@@ -187,17 +205,30 @@ def _report(callback: Callback | None, i: int, steps: int, t: int, x: torch.Tens
 
 # --- DDPM ---------------------------------------------------------------------------------
 @torch.no_grad()
-def ddpm(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int | None = None,
-         variance: str = DEFAULT_VARIANCE, spacing: str = DEFAULT_SPACING["ddpm"],
-         generator: torch.Generator | None = None, clip_x0: bool = False,
-         callback: Callback | None = None) -> torch.Tensor:
+def ddpm(
+    model: Model,
+    diffusion: Diffusion,
+    x_T: torch.Tensor,
+    *,
+    steps: int | None = None,
+    variance: str = DEFAULT_VARIANCE,
+    spacing: str = DEFAULT_SPACING["ddpm"],
+    generator: torch.Generator | None = None,
+    clip_x0: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), respaced when steps < T.
 
     Each step draws x_s ~ N(mu~(x_t, x0_pred), var) with the posterior mean of
-    q(x_s | x_t, x0) (DDPM eq. 7; for eps models it equals eq. 11) and var = beta~ ("posterior")
-    or beta ("beta"); the last step adds no noise. With steps = T (the default) s = t - 1 and
-    this is the seed's algorithm; with fewer steps the betas are recomputed on the subsequence,
-    beta_{t,s} = 1 - abar_t / abar_s (Nichol & Dhariwal 2021, "Improved DDPM", sec. 4).
+    q(x_s | x_t, x0) (DDPM eq. 7; for eps models it equals eq. 11) and var = beta ("beta", the
+    default) or beta~ ("posterior"); the last step adds no noise. With steps = T (the default)
+    s = t - 1 and this is the seed's algorithm; with fewer steps the betas are recomputed on the
+    subsequence, beta_{t,s} = 1 - abar_t / abar_s (Nichol & Dhariwal 2021, "Improved DDPM", sec. 4).
+
+    Ho et al. found both variances equally good with T steps; so does the benchmark (SW2 at
+    1000 steps, two seeds: beta 0.0100 / 0.0089, beta~ 0.0107 / 0.0093 on linear), while with
+    fewer steps beta is far better (cosine, 10 / 20 / 50 steps: 0.036 / 0.022 / 0.012 against
+    0.114 / 0.054 / 0.021), hence the default.
     """
     T = diffusion.num_timesteps
     if variance not in VARIANCES:
@@ -225,9 +256,18 @@ def ddpm(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int | 
 
 # --- DDIM ---------------------------------------------------------------------------------
 @torch.no_grad()
-def ddim(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int = 50, eta: float = 0.0,
-         spacing: str = DEFAULT_SPACING["ddim"], generator: torch.Generator | None = None,
-         clip_x0: bool = False, callback: Callback | None = None) -> torch.Tensor:
+def ddim(
+    model: Model,
+    diffusion: Diffusion,
+    x_T: torch.Tensor,
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    spacing: str = DEFAULT_SPACING["ddim"],
+    generator: torch.Generator | None = None,
+    clip_x0: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12, sigma from eta by eq. 16).
 
     x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z, with
@@ -255,8 +295,15 @@ def ddim(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int = 
 
 
 # --- DPM-Solver++ ------------------------------------------------------------------------
-def _dpmpp_update(x: torch.Tensor, history: list[tuple[float, torch.Tensor]], order: int,
-                  lam_t: float, alpha_t: float, sigma_t: float, sigma_s: float) -> torch.Tensor:
+def _dpmpp_update(
+    x: torch.Tensor,
+    history: list[tuple[float, torch.Tensor]],
+    order: int,
+    lam_t: float,
+    alpha_t: float,
+    sigma_t: float,
+    sigma_s: float,
+) -> torch.Tensor:
     """One multistep DPM-Solver++ step from lambda_s = history[-1][0] to lambda_t.
 
     The data-prediction ODE solved by variation of constants in lambda = log(alpha / sigma)
@@ -270,9 +317,11 @@ def _dpmpp_update(x: torch.Tensor, history: list[tuple[float, torch.Tensor]], or
         int e^(u-h) du = phi1,  int u e^(u-h) du = h - phi1,  int u^2 e^(u-h) du = h^2 - 2h + 2 phi1.
 
     order 1 is DDIM. order 2 is Algorithm 2 of the paper, D = (1 + 1/2r) m0 - (1/2r) m1 with
-    r = h_prev / h, i.e. the slope term phi1 h/2 instead of the exact h - phi1 (equal to O(h^3)).
+    r = h_prev / h, i.e. the slope term phi1 h/2 where the exact integral has h - phi1 (they agree to O(h^3)).
     order 3 integrates the quadratic through (m0, m1, m2) exactly (Newton form over the
-    non-uniform lambda nodes): an exponential Adams-Bashforth three-step method.
+    non-uniform lambda nodes): an exponential Adams-Bashforth three-step method. (diffusers 0.42's
+    3M weights the u^2 part with half of its integral; on the same grid and the tests' Gaussian
+    this one is 1.8x more accurate at 10 steps and 5.8x at 20.)
     """
     lam_s, m0 = history[-1]
     h = lam_t - lam_s
@@ -281,21 +330,32 @@ def _dpmpp_update(x: torch.Tensor, history: list[tuple[float, torch.Tensor]], or
     if order == 2:
         lam_1, m1 = history[-2]
         r = (lam_s - lam_1) / h
-        x_next = x_next + (alpha_t * phi1 / (2.0 * r)) * (m0 - m1)  # Algorithm 2, line 6
+        x_next = x_next + (alpha_t * phi1 / (2.0 * r)) * (m0 - m1)  # Algorithm 2: D = m0 + (m0 - m1) / 2r
     elif order == 3:
         (lam_2, m2), (lam_1, m1) = history[-3], history[-2]
         h0, h1 = lam_s - lam_1, lam_1 - lam_2
         d01 = (m0 - m1) / h0  # divided differences of x0 over lambda
         d012 = (d01 - (m1 - m2) / h1) / (h0 + h1)
         # x0(lambda_s + u) ~ m0 + d01 u + d012 u (u + h0)
-        x_next = x_next + (alpha_t * (h - phi1)) * d01 + (alpha_t * (h * h - 2.0 * h + 2.0 * phi1 + h0 * (h - phi1))) * d012
+        x_next = (
+            x_next + (alpha_t * (h - phi1)) * d01 + (alpha_t * (h * h - 2.0 * h + 2.0 * phi1 + h0 * (h - phi1))) * d012
+        )
     return x_next
 
 
 @torch.no_grad()
-def dpmpp(model: Model, diffusion: Diffusion, x_T: torch.Tensor, *, steps: int = 20, order: int = DEFAULT_ORDER,
-          spacing: str = DEFAULT_SPACING["dpmpp"], generator: torch.Generator | None = None,
-          clip_x0: bool = False, callback: Callback | None = None) -> torch.Tensor:
+def dpmpp(
+    model: Model,
+    diffusion: Diffusion,
+    x_T: torch.Tensor,
+    *,
+    steps: int = 20,
+    order: int = DEFAULT_ORDER,
+    spacing: str = DEFAULT_SPACING["dpmpp"],
+    generator: torch.Generator | None = None,
+    clip_x0: bool = False,
+    callback: Callback | None = None,
+) -> torch.Tensor:
     """DPM-Solver++ multistep, "2M" or "3M" (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and sec. 4).
 
     Data prediction, stepping in lambda = log(alpha / sigma) (half the log-SNR). Warm-up: step
@@ -348,8 +408,14 @@ def default_steps(sampler: str, num_timesteps: int) -> int:
     return num_timesteps if d is None else min(d, num_timesteps)
 
 
-def sample(model: Model, diffusion: Diffusion, x_T: torch.Tensor, sampler: str = DEFAULT_SAMPLER,
-           steps: int | None = None, **opts) -> torch.Tensor:
+def sample(
+    model: Model,
+    diffusion: Diffusion,
+    x_T: torch.Tensor,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int | None = None,
+    **opts,
+) -> torch.Tensor:
     """Run the sampler named ``sampler`` (see :data:`SAMPLERS`); ``steps=None`` means its default."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
