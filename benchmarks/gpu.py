@@ -10,7 +10,8 @@ the GPU only at the end of a timed chunk of steps.
 Training variants, each in its own try/except and time budget:
 
 * ``ours`` fp32 / bf16 / bf16 + ``torch.compile``: :class:`UNet` with channels_last and fused
-  AdamW (:mod:`diffuse_cli.engine.perf`), bf16 by autocast;
+  AdamW (:mod:`diffuse_cli.engine.device`), bf16 by autocast, built and run by the engine's own
+  :func:`~diffuse_cli.engine.step.make_train_step`: the step ``diffuse train`` runs;
 * ``ours`` bf16 NCHW: a control that shows what channels_last buys on this card;
 * ``diffusers`` fp32 / bf16: UNet2DModel as a user gets it (NCHW, ``torch.optim.AdamW()``).
 
@@ -46,9 +47,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffuse_cli.engine import perf, samplers  # noqa: E402
+from diffuse_cli.engine import device as perf  # noqa: E402
+from diffuse_cli.engine import samplers  # noqa: E402
+from diffuse_cli.engine.config import TrainConfig  # noqa: E402
 from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig  # noqa: E402
-from diffuse_cli.engine.training import EMA  # noqa: E402
+from diffuse_cli.engine.step import EMA, make_train_step  # noqa: E402
 from diffuse_cli.engine.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 
 MARK_START, MARK_END = "<!-- gpu:start -->", "<!-- gpu:end -->"
@@ -182,7 +185,7 @@ def first_line(err: BaseException) -> str:
 def train_step(model: torch.nn.Module, call: Callable, opt: torch.optim.Optimizer, s: Setup,
                diffusion: Diffusion, images: torch.Tensor, amp: torch.dtype | None,
                channels_last: bool) -> Callable[[], torch.Tensor]:  # fmt: skip
-    """One step of ``diffuse train`` (see ``engine/training.py``) for any model callable."""
+    """The same step for diffusers' model (the reference): the batch, loss and updates of ``engine/step.py``."""
     dev, b = s.device, s.batch
     gen = torch.Generator(device=dev).manual_seed(0)
     ema = EMA(model, 0.9999)
@@ -223,13 +226,39 @@ def train_flops(kind: str, s: Setup) -> float:
     return float(counter.get_total_flops())
 
 
+def ours_step(s: Setup, images: torch.Tensor, amp: torch.dtype | None, compile_: bool,
+              channels_last: bool) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """The training step ``diffuse train`` runs (engine/step.py), on DDPM's CIFAR-10 settings."""
+    cfg = TrainConfig(batch_size=s.batch, hflip=True, ema_decay=0.9999, warmup=0, compile=compile_,
+                      precision="bf16" if amp is not None else "fp32")  # fmt: skip
+    ts = make_train_step(s.cfg, DiffusionConfig(), cfg, images, s.device, amp=amp)
+    if not channels_last:  # the NCHW control
+        ts.model.to(memory_format=torch.contiguous_format)
+        ts.memory_format = torch.contiguous_format
+    if compile_ and ts.compile(s.compile_backend) is not None:
+        raise RuntimeError("torch.compile does not work here")
+    loss_sum = torch.zeros((), device=s.device)
+    k = 0
+
+    def step() -> torch.Tensor:
+        nonlocal k
+        loss_sum.add_(ts(k))
+        k += 1
+        return loss_sum
+
+    return step
+
+
 def run_train(r: Result, kind: str, s: Setup, diffusion: Diffusion, images: torch.Tensor, budget_s: float,
               amp: torch.dtype | None, compile_: bool = False, channels_last: bool = True) -> None:  # fmt: skip
     reset_memory(s.device)
-    model, call, opt = build(kind, s, channels_last)
-    if compile_:
-        call = torch.compile(model, backend=s.compile_backend)
-    step = train_step(model, call, opt, s, diffusion, images, amp, channels_last)
+    if kind == "ours":
+        step = ours_step(s, images, amp, compile_, channels_last)
+    else:
+        model, call, opt = build(kind, s, channels_last)
+        if compile_:
+            call = torch.compile(model, backend=s.compile_backend)
+        step = train_step(model, call, opt, s, diffusion, images, amp, channels_last)
     t0 = time.perf_counter()
     for _ in range(s.warmup):
         loss_sum = step()
@@ -310,8 +339,13 @@ def run_sample(r: Result, s: Setup, diffusion: Diffusion, budget_s: float, amp: 
 
 
 # --- the run -------------------------------------------------------------------------------
+def bench_device(name: str | None) -> torch.device:
+    """``--device`` as ``diffuse train`` resolves it: none = auto (CUDA if present); ``cuda`` gets index 0."""
+    return perf.resolve_device(name or "auto")
+
+
 def run(args: argparse.Namespace) -> dict:
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = bench_device(args.device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     perf.enable_tf32(dev)  # as `diffuse train` does

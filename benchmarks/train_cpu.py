@@ -44,7 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffuse_cli.engine import perf  # noqa: E402
+from diffuse_cli.engine import device as perf  # noqa: E402
 from diffuse_cli.engine.unet import UNet, UNetConfig, count_parameters  # noqa: E402
 
 MARK_START, MARK_END = "<!-- train_cpu:start -->", "<!-- train_cpu:end -->"

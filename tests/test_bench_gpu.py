@@ -36,3 +36,32 @@ def test_gpu_benchmark_tiny_on_cpu_replaces_its_markdown_section(tmp_path):
     assert "stale numbers" not in text
     assert "keep me" in text and text.rstrip().endswith("trailer")
     assert "--tiny" in text and "torch " in text and "device: CPU" in text
+
+
+def _load_gpu_module():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_picks_cuda_without_device_flag(monkeypatch):
+    import torch
+
+    gpu = _load_gpu_module()
+    assert gpu.bench_device(None) == torch.device("cpu") or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # a bare "cuda" (or nothing) must carry an index: torch.cuda.set_device rejects "cuda"
+    assert gpu.bench_device(None) == torch.device("cuda", 0)
+    assert gpu.bench_device("cuda") == torch.device("cuda", 0)
+    assert gpu.bench_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_benchmark_and_training_share_the_step():
+    from diffuse_cli.engine import step, training
+
+    gpu = _load_gpu_module()
+    assert gpu.make_train_step is step.make_train_step
+    assert training.make_train_step is step.make_train_step

@@ -8,16 +8,9 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffuse_cli.cli import app
 from diffuse_cli.engine import schedules
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+from helpers import invoke as run
 
 
 def test_help_lists_commands_and_is_fast():

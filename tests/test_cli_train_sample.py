@@ -4,18 +4,12 @@ import json
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffuse_cli.cli import app
 from diffuse_cli.engine import checkpoint as ckpt
+from helpers import TINY_TRAIN
+from helpers import invoke as run
 
-runner = CliRunner()
-TINY = ["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--save-every", "2", "--sample-every", "0",
-        "--device", "cpu", "-T", "50"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+TINY = [*TINY_TRAIN, "-T", "50"]
 
 
 def one_line_error(r, code=1):
@@ -121,7 +115,7 @@ def test_train_bad_input(tmp_path, folder):
         (["train", folder, "--out", tmp_path / "o6", "--lr", "-1"], "--lr must be a positive"),
         (["train", folder, "--out", tmp_path / "o7", "--device", "tpu"], "unknown device"),
         (["train", "builtin:nothing", "--out", tmp_path / "o8"], "digits"),
-        (["train", folder, "--out", tmp_path / "o9", "--channels", "2"], "1 or 3"),
+        (["train", folder, "--out", tmp_path / "o9", "--channels", "2"], "--channels must be 1 (grayscale) or 3 (RGB)"),
     ]
     for args, msg in cases:
         out = one_line_error(run(*args))
@@ -153,7 +147,8 @@ def test_sample_bad_input(tmp_path, run_dir):
         (["sample", foreign], "not a diffuse checkpoint"),
         (["sample", run_dir, "--steps", "0"], "--steps must be between 1 and T = 50"),
         (["sample", run_dir, "--steps", "51"], "--steps must be between 1 and T = 50"),
-        (["sample", run_dir, "--eta", "1.5"], "--eta must be in [0, 1]"),
+        (["sample", run_dir, "--sampler", "ddim", "--eta", "1.5"], "--eta must be between 0 and 1"),
+        (["sample", run_dir, "--eta", "0.5"], "--eta applies to --sampler ddim, not dpmpp"),
         (["sample", run_dir, "--num", "0"], "--num must be at least 1"),
         (["sample", run_dir, "--out", blocker / "x"], "blocker"),
     ]

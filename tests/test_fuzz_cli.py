@@ -26,12 +26,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from typer.testing import CliRunner
 
 from diffuse_cli.cli import app
 from diffuse_cli.engine import training
+from helpers import runner
 
-runner = CliRunner()
 FAST, SLOW = 25, 250
 COMMON = dict(
     deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=True
@@ -144,10 +143,6 @@ def check(args: list[str]) -> None:
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def schedule_args(place, tmp, v: Values):

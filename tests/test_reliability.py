@@ -40,15 +40,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from diffuse_cli.cli import app
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import data as data_mod
-from diffuse_cli.engine import fileio, training
+from diffuse_cli.engine import fileio, rundir
 from diffuse_cli.engine.unet import UNet, UNetConfig
+from helpers import runner
 
-runner = CliRunner()
 # A 1M-parameter U-Net on 8x8 digits: a training step takes milliseconds on one CPU thread.
 TINY = ["--preset", "tiny", "--batch-size", "8", "--device", "cpu", "-T", "50", "--kind", "cosine"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
@@ -116,15 +115,6 @@ def flip_byte(path: Path, index: int) -> None:
 
 def header_length(path: Path) -> int:
     return struct.unpack("<Q", path.read_bytes()[:8])[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Like OMP_NUM_THREADS=1 for the subprocesses: the tiny model is fastest on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
@@ -219,7 +209,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
             assert seen <= every, "more than one save interval lost"
             kills.append((target, caught, 0))
             continue
-        now = training.newest_state(run).step
+        now = rundir.newest_state(run).step
         assert now >= max(seen_states, default=0), "a saved state was lost"
         assert now >= seen - every, f"lost more than one save interval: showed step {seen}, resumes at {now}"
         assert now >= resumable, "completed steps went backwards"
@@ -259,7 +249,7 @@ def test_sigkill_during_state_write_then_resume(tmp_path):
     p.kill()
     p.communicate()
     assert p.returncode == -signal.SIGKILL
-    assert state_steps(run)[-1] == 5 and training.newest_state(run).step == 5
+    assert state_steps(run)[-1] == 5 and rundir.newest_state(run).step == 5
     assert temporaries(run)  # the torn write is still there, hidden ...
     p = diffuse(*args, "--resume")
     out, err = p.communicate(timeout=300)
@@ -445,7 +435,7 @@ def test_checkpoint_write_fault_keeps_previous(run_copy, disk, code, how):
     assert "state-00000006.safetensors" in line
     assert (run / "model.safetensors").read_bytes() == model_before
     assert {p.name: p.read_bytes() for p in ckpt.list_states(run)} == states_before
-    assert training.newest_state(run).step == 4
+    assert rundir.newest_state(run).step == 4
     assert not temporaries(run)
 
 
@@ -465,7 +455,7 @@ def test_run_file_write_fault_keeps_checkpoint(run_copy, disk, monkeypatch, what
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             return real_open(path, mode, *a, **k)
 
-        monkeypatch.setattr(training, "open", open_, raising=False)
+        monkeypatch.setattr(rundir, "open", open_, raising=False)  # the log is appended by rundir.append_log
     r = invoke(
         "train",
         "builtin:digits",
@@ -486,7 +476,7 @@ def test_run_file_write_fault_keeps_checkpoint(run_copy, disk, monkeypatch, what
         + {"preview": r"step-0+5\.png", "log": "log.jsonl", "config": "config.json"}[what],
     )
     assert (run / "model.safetensors").read_bytes() == model_before
-    assert training.newest_state(run).step == 4
+    assert rundir.newest_state(run).step == 4
     assert not temporaries(run)
 
 
@@ -838,10 +828,6 @@ DAMAGED = {  # name -> (make(model_path, tmp_dir) -> path, what the one line mus
         lambda s, d: _rewrite(s, d / "m.safetensors", meta=_edit_json("model", channel_mults=[1, 2])),
         "do not match its model config",
     ),
-    "edited-learn-sigma": (
-        lambda s, d: _rewrite(s, d / "m.safetensors", meta=_edit_json("model", learn_sigma=True)),
-        "do not match its model config",
-    ),
     "edited-image-size": (
         lambda s, d: _rewrite(s, d / "m.safetensors", meta=_edit_json("model", image_size=10**12)),
         "inconsistent model config",
@@ -1133,5 +1119,5 @@ def test_real_write_failure_in_a_subprocess(run_copy):
     assert err.strip().count("\n") == 0 and "Traceback" not in out + err
     assert re.fullmatch(r"error: file too large .*: cannot write .*state-00000006\.safetensors", err.strip()), err
     assert (run / "model.safetensors").read_bytes() == model_before
-    assert training.newest_state(run).step == 4
+    assert rundir.newest_state(run).step == 4
     assert not temporaries(run)

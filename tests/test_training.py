@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 from diffuse_cli.engine import checkpoint as ckpt
+from diffuse_cli.engine import step as step_mod
 from diffuse_cli.engine import training
 from diffuse_cli.engine.data import load_dataset
+from diffuse_cli.engine.device import resolve_device
 from diffuse_cli.engine.diffusion import DiffusionConfig
-from diffuse_cli.engine.errors import CheckpointError, Interrupted, OutputError, TrainingDiverged
+from diffuse_cli.engine.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingDiverged
 from diffuse_cli.engine.unet import UNetConfig
 
 MODEL = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
@@ -148,11 +150,11 @@ def test_sigint_saves_and_raises_interrupted(tmp_path, digits):
 
 
 def test_unknown_and_missing_devices():
-    with pytest.raises(Exception, match="unknown device"):
-        training.resolve_device("tpu")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(Exception, match="CUDA is not available"):
-            training.resolve_device("cuda")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
 
 
 def test_checkpoint_refuses_pickles_and_garbage(tmp_path):
@@ -174,3 +176,18 @@ def test_checkpoint_refuses_pickles_and_garbage(tmp_path):
     save_file({"w": torch.zeros(3)}, str(foreign))
     with pytest.raises(CheckpointError, match="not a diffuse checkpoint"):
         ckpt.load(foreign)
+
+
+def test_compiled_and_eager_steps_agree(digits):
+    """The compiled step (a backend that runs on any CPU) computes the eager step's losses and weights."""
+    cfg_ = cfg(batch_size=8, hflip=True)
+    eager = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
+    comp = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
+    assert comp.compile(backend="aot_eager") is None
+    for k in range(3):
+        torch.testing.assert_close(comp(k), eager(k), rtol=1e-5, atol=1e-6)
+    for a, b in zip(eager.model.parameters(), comp.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # not vacuous: the weights moved
+    fresh = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.model.parameters(), eager.model.parameters(), strict=True))

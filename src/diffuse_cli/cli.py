@@ -22,6 +22,16 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .engine.config import (  # no torch
+    KINDS,
+    PRECISIONS,
+    PREDICTIONS,
+    PRESETS,
+    SAMPLER_NAMES,
+    WEIGHTINGS,
+    DiffusionConfig,
+    TrainConfig,
+)
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -39,47 +49,18 @@ app = typer.Typer(
 )
 
 
-class Kind(str, Enum):
-    linear = "linear"
-    quadratic = "quadratic"
-    cosine = "cosine"
-    sigmoid = "sigmoid"
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of the engine's own names, so the CLI's choices cannot drift from what the engine accepts."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    csv = "csv"
-
-
-class Prediction(str, Enum):
-    eps = "eps"
-    x0 = "x0"
-    v = "v"
-
-
-class SamplerName(str, Enum):
-    ddpm = "ddpm"
-    ddim = "ddim"
-    dpmpp = "dpmpp"
-
-
-class Weighting(str, Enum):
-    uniform = "uniform"
-    min_snr = "min-snr"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class Preset(str, Enum):
-    auto = "auto"
-    tiny = "tiny"
-    small = "small"
-    ddpm_cifar10 = "ddpm-cifar10"
+Kind = _choices("Kind", KINDS)
+Format = _choices("Format", ("table", "json", "csv"))
+Prediction = _choices("Prediction", PREDICTIONS)
+SamplerName = _choices("SamplerName", SAMPLER_NAMES)
+Weighting = _choices("Weighting", WEIGHTINGS)
+Precision = _choices("Precision", PRECISIONS)
+Preset = _choices("Preset", ("auto", *PRESETS))
 
 
 def _version(value: bool) -> None:
@@ -89,9 +70,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
-) -> None:
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False) -> None:
     """Train and sample denoising diffusion probabilistic models."""
 
 
@@ -113,22 +92,9 @@ def _interrupt_exit(err: KeyboardInterrupt) -> tuple[str, int]:
     return ("terminated", 143) if isinstance(err, Terminated) else ("interrupted", 130)
 
 
-def _out_of_memory(err: BaseException) -> str | None:
-    """A one-line reason if ``err`` is an allocation failure (CPU or GPU), else None."""
-    import re
-
-    text = str(err)
-    if not (isinstance(err, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text
-            or "Storage size calculation overflowed" in text):
-        return None
-    size = re.search(r"allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", text)
-    return (f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}; "
-            "try a smaller --batch-size, --image-size or model")
-
-
 def _run(fn, *args, **kwargs):
     """Call into the engine, turning its errors into one line and an exit code."""
-    from .engine.errors import DiffuseError
+    from .engine.errors import DiffuseError, out_of_memory_reason
 
     try:
         return fn(*args, **kwargs)
@@ -137,7 +103,7 @@ def _run(fn, *args, **kwargs):
     except KeyboardInterrupt as err:
         fail(*_interrupt_exit(err))
     except (MemoryError, RuntimeError) as err:
-        reason = _out_of_memory(err)
+        reason = out_of_memory_reason(err)
         if reason is None:
             raise
         fail(reason)
@@ -149,7 +115,6 @@ TOpt = Annotated[int, typer.Option("--timesteps", "-T", help="Number of diffusio
 BStartOpt = Annotated[float, typer.Option("--beta-start", help="beta at the first step (linear/quadratic/sigmoid).")]
 BEndOpt = Annotated[float, typer.Option("--beta-end", help="beta at the last step (linear/quadratic/sigmoid).")]
 ZtsnrOpt = Annotated[bool, typer.Option("--zero-terminal-snr", help="Rescale so x_T is exactly pure noise (Lin et al. 2024).")]
-MAX_IMAGE_SIZE = 4096  # as for `noise --size`: beyond it a data set no longer fits in memory, let alone trains
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; previews add a small offset to the seed
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.", min=0, max=MAX_SEED)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
@@ -170,12 +135,12 @@ def _fmt_snr_db(snr: float) -> str:
 # --- schedule -------------------------------------------------------------------------------
 @app.command(no_args_is_help=False)
 def schedule(
-    kind: Annotated[list[Kind], typer.Option("--kind", "-k", help="Beta schedule; repeat to compare several.")] = [Kind.linear],  # noqa: B006
+    kind: Annotated[list[Kind], typer.Option("--kind", "-k", help="Beta schedule; repeat to compare several.")] = [Kind("linear")],  # noqa: B006
     timesteps: TOpt = 1000,
     beta_start: BStartOpt = 1e-4,
     beta_end: BEndOpt = 0.02,
     zero_terminal_snr: ZtsnrOpt = False,
-    format: Annotated[Format, typer.Option("--format", "-f", help="table for people; json/csv with every t.")] = Format.table,
+    format: Annotated[Format, typer.Option("--format", "-f", help="table for people; json/csv with every t.")] = Format("table"),
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot of alpha_bar, sqrt forms and log-SNR.")] = None,
     rows: Annotated[int, typer.Option("--rows", help="How many timesteps the table shows.", min=2)] = 11,
 ) -> None:
@@ -196,34 +161,25 @@ def schedule(
     kinds = list(dict.fromkeys(k.value for k in kind))
     diffs = {k: _run(_diffusion, k, timesteps, beta_start, beta_end, zero_terminal_snr) for k in kinds}
     if plot is not None:
-        _run(_schedule_plot, diffs, plot)
-    if format is Format.json:
-        objs = [_schedule_json(k, d) for k, d in diffs.items()]
+        from .engine.images import schedule_plot
+
+        _run(schedule_plot, diffs, plot)
+    if format is Format("json"):
+        objs = [d.schedule_record(k) for k, d in diffs.items()]
         sys.stdout.write(json.dumps(objs[0] if len(objs) == 1 else objs) + "\n")
-    elif format is Format.csv:
-        multi = len(diffs) > 1
-        lines = [("kind," if multi else "") + "t,beta,alpha_bar,snr"]
-        for k, d in diffs.items():
-            for t in range(d.num_timesteps):
-                lines.append((f"{k}," if multi else "") + f"{t},{float(d.betas[t])!r},{float(d.alphas_cumprod[t])!r},{float(d.snr[t])!r}")
+    elif format is Format("csv"):
+        rows_ = [d.schedule_record(k) for k, d in diffs.items()]
+        lead = len(rows_) > 1  # a leading kind column only when several schedules are compared
+        lines = [("kind," if lead else "") + "t,beta,alpha_bar,snr"]
+        lines += [
+            (f"{r['kind']}," if lead else "") + ",".join(map(repr, v)) for r in rows_ for v in zip(r["t"], r["beta"], r["alpha_bar"], r["snr"], strict=True)
+        ]
         sys.stdout.write("\n".join(lines) + "\n")
     else:
         for k, d in diffs.items():
             _schedule_table(k, d, rows, zero_terminal_snr)
-    if plot is not None and format is Format.table:
+    if plot is not None and format is Format("table"):
         console.print(f"plot written to [bold]{plot}[/]")
-
-
-def _schedule_json(kind: str, d) -> dict:
-    return {
-        "kind": kind,
-        "timesteps": d.num_timesteps,
-        "zero_terminal_snr": d.config.zero_terminal_snr,
-        "t": list(range(d.num_timesteps)),
-        "beta": d.betas.tolist(),
-        "alpha_bar": d.alphas_cumprod.tolist(),
-        "snr": d.snr.tolist(),
-    }
 
 
 def _schedule_table(kind: str, d, rows: int, ztsnr: bool) -> None:
@@ -236,40 +192,22 @@ def _schedule_table(kind: str, d, rows: int, ztsnr: bool) -> None:
         table.add_column(col, justify="right")
     for t in ts:
         snr = float(d.snr[t])
-        table.add_row(str(t), f"{float(d.betas[t]):.6f}", f"{float(d.alphas_cumprod[t]):.4g}",
-                      f"{float(d.sqrt_alphas_cumprod[t]):.4f}", f"{float(d.sqrt_one_minus_alphas_cumprod[t]):.4f}",
-                      f"{snr:.4g}", _fmt_snr_db(snr))
+        row = (d.betas[t], d.alphas_cumprod[t], d.sqrt_alphas_cumprod[t], d.sqrt_one_minus_alphas_cumprod[t])
+        table.add_row(str(t), *(f"{float(v):{f}}" for v, f in zip(row, (".6f", ".4g", ".4f", ".4f"), strict=True)), f"{snr:.4g}", _fmt_snr_db(snr))
     console.print(table)
     console.print("abar = alpha_bar = prod of (1 - beta); t is 0-based (t = 0 is the seed's x_1, t = T-1 its x_T)")
     snr_T = float(d.snr[-1])
-    console.print(f"signal left in x_T: sqrt(alpha_bar) = {float(d.sqrt_alphas_cumprod[-1]):.3g};  "
-                  f"alpha_bar_T = {float(d.alphas_cumprod[-1]):.3g};  SNR(T) = {snr_T:.3g} ({_fmt_snr_db(snr_T)} dB)")
+    console.print(
+        f"signal left in x_T: sqrt(alpha_bar) = {float(d.sqrt_alphas_cumprod[-1]):.3g};  alpha_bar_T = {float(d.alphas_cumprod[-1]):.3g};  SNR(T) = {snr_T:.3g} ({_fmt_snr_db(snr_T)} dB)"
+    )
     if snr_T > 1e-3:
-        console.print(f"[bold yellow]warning:[/] x_T is not close to pure noise (SNR(T) = {snr_T:.3g} > 1e-3): "
-                      "sampling starts from N(0, I) but training never saw that; use more steps, a larger --beta-end "
-                      "or --zero-terminal-snr.")
+        console.print(
+            f"[bold yellow]warning:[/] x_T is not close to pure noise (SNR(T) = {snr_T:.3g} > 1e-3): "
+            "sampling starts from N(0, I) but training never saw that; use more steps, a larger --beta-end "
+            "or --zero-terminal-snr."
+        )
     else:
         console.print("[green]x_T is close to pure noise[/] (SNR(T) <= 1e-3), as the reverse process assumes.")
-
-
-def _schedule_plot(diffs: dict, path: Path) -> None:
-    from .engine import images as img
-
-    names = list(diffs)
-    multi = len(names) > 1
-    panels = []
-    specs = [
-        ("alpha_bar_t", lambda d: d.alphas_cumprod, (0.0, 1.0)),
-        ("sqrt(alpha_bar_t): signal scale", lambda d: d.sqrt_alphas_cumprod, (0.0, 1.0)),
-        ("sqrt(1 - alpha_bar_t): noise scale", lambda d: d.sqrt_one_minus_alphas_cumprod, (0.0, 1.0)),
-        ("log SNR_t = log(alpha_bar / (1 - alpha_bar))", lambda d: d.log_snr, None),
-    ]
-    for title, fn, ylim in specs:
-        series = [(n, list(range(diffs[n].num_timesteps)), fn(diffs[n]).tolist()) for n in names]
-        panels.append(img.line_plot(series, title=title, xlabel="t", ylabel=title.split(":")[0].split(" =")[0], ylim=ylim))
-    if not multi:
-        pass
-    img.save_image(img.grid_of_plots(panels, ncol=2), path)
 
 
 # --- noise ----------------------------------------------------------------------------------
@@ -277,7 +215,7 @@ def _schedule_plot(diffs: dict, path: Path) -> None:
 def noise(
     image: Annotated[Path, typer.Argument(help="An image file (png, jpg, webp, bmp, gif, tif).", show_default=False)],
     t: Annotated[str | None, typer.Option("--t", help="Comma-separated timesteps in [0, T), e.g. 0,100,500,999. Default: a spread.")] = None,
-    kind: KindOpt = Kind.linear,
+    kind: KindOpt = Kind("linear"),
     timesteps: TOpt = 1000,
     beta_start: BStartOpt = 1e-4,
     beta_end: BEndOpt = 0.02,
@@ -319,57 +257,30 @@ def _parse_ints(text: str, name: str) -> list[int]:
 
 
 def _noise(image, t_text, kind, timesteps, beta_start, beta_end, ztsnr, size, seed, out, frames_dir, gif, iterative) -> None:
-    import torch
-
-    from .engine import data as data_mod
     from .engine import images as img
-    from .engine.errors import ConfigError, DataError
     from .engine.fileio import ensure_dir
+    from .engine.forward import noise_image
 
     d = _diffusion(kind, timesteps, beta_start, beta_end, ztsnr)
     T = d.num_timesteps
-    ts = _parse_ints(t_text, "--t") if t_text else sorted({0, T // 20, T // 10, T // 4, T // 2, (3 * T) // 4, T - 1})
-    bad = [x for x in ts if not 0 <= x < T]
-    if bad:
-        raise ConfigError(f"--t values must be in [0, {T - 1}] (t is 0-based; got {bad[0]})")
-    if not image.exists():
-        raise DataError(f"no such file: {image}")
-    if image.is_dir():
-        raise DataError(f"{image} is a folder; give one image file")
-    x0_u8 = data_mod.decode_image(image, size)  # (C, H, W) uint8; raises DataError
+    x0_u8, shown = noise_image(image, d, _parse_ints(t_text, "--t") if t_text else None, size, seed, iterative)
     out = out or Path(f"{image.stem}-noise.png")
-    x0 = data_mod.to_model_range(x0_u8, torch.float64)[None]
-    gen = torch.Generator().manual_seed(seed)
-    panels, labels, rows = [img.to_pil(x0_u8)], ["original x_0"], []
-    frame_imgs = []
-    for tt in ts:
-        tb = torch.tensor([tt])
-        if iterative:
-            x_t = d.q_sample_iterative(x0, tt, generator=gen)
-        else:
-            x_t = d.q_sample(x0, tb, generator=gen)
-        u8 = img.to_uint8(x_t[0])
-        mse = (u8.float() - x0_u8.float()).pow(2).mean().item()
-        psnr = float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-        rows.append((tt, float(d.sqrt_alphas_cumprod[tt]), float(d.sqrt_one_minus_alphas_cumprod[tt]), float(d.snr[tt]), psnr))
-        pil = img.to_pil(u8)
-        panels.append(pil)
-        labels.append(f"t = {tt}")
-        frame_imgs.append(pil)
-        if frames_dir is not None:
-            ensure_dir(frames_dir)
-            img.save_image(pil, Path(frames_dir) / f"t{tt:04d}.png")
+    panels = [img.to_pil(x0_u8)] + [img.to_pil(p.image) for p in shown]
+    labels = ["original x_0"] + [f"t = {p.t}" for p in shown]
+    if frames_dir is not None:
+        ensure_dir(frames_dir)
+        for p, pil in zip(shown, panels[1:], strict=True):
+            img.save_image(pil, Path(frames_dir) / f"t{p.t:04d}.png")
     img.save_image(img.labelled_strip(panels, labels, panel_size=max(96, min(size, 192))), out)
     if gif is not None:
         gif_frames = [img.labelled_strip([p], [lab], panel_size=max(128, size)) for p, lab in zip(panels, labels, strict=True)]
         img.save_gif(gif_frames, gif, duration_ms=400)
 
-    table = Table(title=f"forward process on {image.name} ({kind}, T = {T}, {'iterative' if iterative else 'closed form'})",
-                  title_justify="left")
+    table = Table(title=f"forward process on {image.name} ({kind}, T = {T}, {'iterative' if iterative else 'closed form'})", title_justify="left")
     for col in ("t", "sqrt(alpha_bar_t)", "sqrt(1-alpha_bar_t)", "SNR (dB)", "PSNR vs x_0 (dB)"):
         table.add_column(col, justify="right")
-    for tt, sa, sn, snr, psnr in rows:
-        table.add_row(str(tt), f"{sa:.4f}", f"{sn:.4f}", _fmt_snr_db(snr), "inf" if math.isinf(psnr) else f"{psnr:.1f}")
+    for p in shown:
+        table.add_row(str(p.t), f"{p.signal:.4f}", f"{p.noise:.4f}", _fmt_snr_db(p.snr), "inf" if math.isinf(p.psnr) else f"{p.psnr:.1f}")
     console.print(table)
     console.print(f"strip written to [bold]{out}[/]")
     if frames_dir is not None:
@@ -379,38 +290,53 @@ def _noise(image, t_text, kind, timesteps, beta_start, beta_end, ztsnr, size, se
 
 
 # --- train ----------------------------------------------------------------------------------
+_T, _D = TrainConfig(), DiffusionConfig()  # help texts read their defaults from the engine's configs
+
+
+def _d(value) -> str:
+    return f"[default: {value}]"
+
+
 @app.command(no_args_is_help=True)
 def train(
     data: Annotated[str, typer.Argument(help="A folder of images (searched recursively) or builtin:digits.", show_default=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder for checkpoints, samples and logs. Default: runs/<data name>.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps to train (total, also when resuming). [default: 5000]")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="GLOBAL batch size, split over all torchrun processes. [default: 64]")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate. [default: 2e-4]")] = None,
-    warmup: Annotated[int | None, typer.Option("--warmup", help="Linear learning-rate warmup steps. [default: 200]")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help=f"Optimizer steps to train (total, also when resuming). {_d(_T.steps)}")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", "-b", help=f"GLOBAL batch size, split over all torchrun processes. {_d(_T.batch_size)}")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=f"AdamW learning rate. {_d(_T.lr)}")] = None,
+    warmup: Annotated[int | None, typer.Option("--warmup", help=f"Linear learning-rate warmup steps. {_d(_T.warmup)}")] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help="Resize + center-crop to this size. [default: 8 for digits, 32 for folders]")] = None,
     channels: Annotated[int | None, typer.Option("--channels", help="1 (grayscale) or 3 (RGB). [default: from the data]")] = None,
-    preset: Annotated[Preset, typer.Option("--preset", help="Model size; auto picks by image size.")] = Preset.auto,
+    preset: Annotated[Preset, typer.Option("--preset", help="Model size; auto picks by image size.")] = Preset("auto"),
     base_channels: Annotated[int | None, typer.Option("--base-channels", help="Width of the first U-Net level.")] = None,
     channel_mults: Annotated[str | None, typer.Option("--channel-mults", help="Width multiplier per level, e.g. 1,2,2,2.")] = None,
     num_res_blocks: Annotated[int | None, typer.Option("--num-res-blocks", help="Residual blocks per level.")] = None,
     attention_res: Annotated[str | None, typer.Option("--attention-res", help="Resolutions with self-attention, e.g. 16 or 16,8 ('' for none).")] = None,
     dropout: Annotated[float | None, typer.Option("--dropout", help="Dropout in residual blocks.")] = None,
-    kind: Annotated[Kind | None, typer.Option("--kind", "-k", help="Beta schedule. [default: linear]")] = None,
-    timesteps: Annotated[int | None, typer.Option("--timesteps", "-T", help="Diffusion steps T. [default: 1000]")] = None,
-    beta_start: Annotated[float | None, typer.Option("--beta-start", help="[default: 1e-4]")] = None,
-    beta_end: Annotated[float | None, typer.Option("--beta-end", help="[default: 0.02]")] = None,
+    kind: Annotated[Kind | None, typer.Option("--kind", "-k", help=f"Beta schedule. {_d(_D.schedule)}")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", "-T", help=f"Diffusion steps T. {_d(_D.timesteps)}")] = None,
+    beta_start: Annotated[float | None, typer.Option("--beta-start", help=_d(_D.beta_start))] = None,
+    beta_end: Annotated[float | None, typer.Option("--beta-end", help=_d(_D.beta_end))] = None,
     zero_terminal_snr: ZtsnrOpt = False,
-    prediction: Annotated[Prediction | None, typer.Option("--prediction", help="What the network predicts: eps (the seed's), x0 or v. [default: eps]")] = None,
-    loss_weighting: Annotated[Weighting | None, typer.Option("--loss-weighting", help="uniform (the seed's) or min-snr (Hang et al. 2023).")] = None,
-    ema_decay: Annotated[float | None, typer.Option("--ema-decay", help="EMA decay of the weights used for samples. [default: 0.999]")] = None,
+    prediction: Annotated[
+        Prediction | None, typer.Option("--prediction", help=f"What the network predicts: eps (as in DDPM), x0 or v. {_d(_D.prediction)}")
+    ] = None,
+    loss_weighting: Annotated[
+        Weighting | None, typer.Option("--loss-weighting", help=f"uniform (DDPM's L_simple) or min-snr (Hang et al. 2023). {_d(_T.loss_weighting)}")
+    ] = None,
+    ema_decay: Annotated[float | None, typer.Option("--ema-decay", help=f"EMA decay of the weights used for samples. {_d(_T.ema_decay)}")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Random horizontal flips. [default: on for folders, off for digits]")] = None,
-    save_every: Annotated[int | None, typer.Option("--save-every", help="Save a resumable state every N steps. [default: 1000]")] = None,
-    sample_every: Annotated[int | None, typer.Option("--sample-every", help="Write a preview grid every N steps and at the end (0: never). [default: 1000]")] = None,
-    keep: Annotated[int | None, typer.Option("--keep", help="How many periodic states to keep. [default: 3]")] = None,
+    save_every: Annotated[int | None, typer.Option("--save-every", help=f"Save a resumable state every N steps. {_d(_T.save_every)}")] = None,
+    sample_every: Annotated[
+        int | None, typer.Option("--sample-every", help=f"Write a preview grid every N steps and at the end (0: never). {_d(_T.sample_every)}")
+    ] = None,
+    keep: Annotated[int | None, typer.Option("--keep", help=f"How many periodic states to keep. {_d(_T.keep)}")] = None,
     device: DeviceOpt = "auto",
-    precision: Annotated[Precision, typer.Option("--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.")] = Precision.auto,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (faster on GPU after a warm-up).")] = False,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed: same seed, same run. [default: 0]", min=0, max=MAX_SEED)] = None,
+    precision: Annotated[Precision, typer.Option("--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.")] = Precision("auto"),
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass and loss (faster on GPU after a warm-up).")] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help=f"Random seed: same seed, same run. {_d(_T.seed)}", min=0, max=MAX_SEED)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest state.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out that holds another run.")] = False,
 ) -> None:
@@ -431,14 +357,33 @@ def train(
 
         torchrun --nproc_per_node 4 -m diffuse_cli train data/ --out runs/big --batch-size 256
     """
-    opts = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, save_every=save_every,
-                sample_every=sample_every, keep=keep, seed=seed, loss_weighting=loss_weighting.value if loss_weighting else None,
-                hflip=flip)
-    model_opts = dict(base_channels=base_channels, channel_mults=channel_mults, num_res_blocks=num_res_blocks,
-                      attention_res=attention_res, dropout=dropout, preset=preset.value)
-    diff_opts = dict(schedule=kind.value if kind else None, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-                     zero_terminal_snr=zero_terminal_snr, prediction=prediction.value if prediction else None)
-    _run(_train, data, out, image_size, channels, opts, model_opts, diff_opts, device, precision.value, compile, resume, overwrite)
+    train_opts = dict(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        ema_decay=ema_decay,
+        save_every=save_every,
+        sample_every=sample_every,
+        keep=keep,
+        seed=seed,
+        hflip=flip,
+        loss_weighting=loss_weighting.value if loss_weighting else None,
+        precision=precision.value,
+        compile=compile,
+    )
+    model_opts = dict(
+        base_channels=base_channels, channel_mults=channel_mults, num_res_blocks=num_res_blocks, attention_resolutions=attention_res, dropout=dropout
+    )
+    diff_opts = dict(
+        schedule=kind.value if kind else None,
+        timesteps=timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        zero_terminal_snr=zero_terminal_snr,
+        prediction=prediction.value if prediction else None,
+    )
+    _run(_train, data, out, image_size, channels, preset.value, train_opts, model_opts, diff_opts, device, resume, overwrite)
 
 
 def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[int, ...] | None:
@@ -456,55 +401,20 @@ def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[i
     return tuple(vals)
 
 
-def preset_kwargs(name: str, image_size: int) -> dict:
-    """Model options of a preset; ``auto`` picks by image size (tiny <= 16 px, small up to 32, deeper above)."""
-    from .engine.unet import PRESETS
-
-    if name != "auto":
-        return dict(PRESETS[name])
-    if image_size <= 16:
-        return dict(PRESETS["tiny"])
-    kw = dict(PRESETS["small"])
-    if image_size >= 64:  # one more level per doubling keeps the bottleneck at 8x8 or below
-        extra = max(0, (image_size // 64).bit_length())
-        kw["channel_mults"] = tuple(kw["channel_mults"]) + (2,) * extra
-    return kw
-
-
-def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, device, precision, compile_, resume, overwrite):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from .engine import checkpoint as ckpt
+def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts, diff_opts, device, resume, overwrite):
     from .engine import data as data_mod
-    from .engine import training
-    from .engine.diffusion import DiffusionConfig
-    from .engine.errors import ConfigError
+    from .engine import rundir, training
+    from .engine.distributed import launched_rank
     from .engine.unet import UNetConfig
 
-    if channels is not None and channels not in (1, 3):
-        raise ConfigError(f"--channels must be 1 or 3 (got {channels})")
-    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"--image-size must be between 1 and {MAX_IMAGE_SIZE} (got {image_size})")
-    out = out or Path("runs") / (data_spec.split(":", 1)[1] if data_spec.startswith("builtin:") else (Path(data_spec).name or "run"))
-    given = {k: v for k, v in opts.items() if v is not None}
-    stored_train: dict = {}
-    stored_model: dict | None = None
-    if resume:
-        st = training.newest_state(out)
-        stored_train, stored_model = st.train, st.model
-        image_size = image_size or stored_model.get("image_size")
-        channels = channels or stored_model.get("in_channels")
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    out = out or rundir.default_out(data_spec)
+    stored = rundir.newest_state(out, tensors=False) if resume else None  # metadata only: the engine reads the tensors
+    if stored is not None:
+        image_size = image_size or stored.model.get("image_size")
+        channels = channels or stored.model.get("in_channels")
+    is_main = launched_rank() == 0
     say = console.print if is_main else (lambda *a, **k: None)
 
-    # --- data ----------------------------------------------------------------------------
     t_load = time.perf_counter()
     ds = data_mod.load_dataset(data_spec, image_size, channels)
     n, c, s = ds.images.shape[0], ds.images.shape[1], ds.images.shape[-1]
@@ -512,90 +422,87 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
     for line in ds.summary.lines():
         say(f"  [yellow]{line}[/]")
 
-    # --- configs -------------------------------------------------------------------------
-    if resume:
-        model_cfg = UNetConfig.from_dict(stored_model)
-        base = TrainConfig_from(stored_train)
-        diff_cfg = None  # taken from the state by the engine
+    if stored is not None:
+        model_cfg, diff_cfg = UNetConfig.from_dict(stored.model), None  # the engine takes both from the state
+        cfg = TrainConfig.from_dict(stored.train).resumed(**train_opts)
     else:
-        kw = preset_kwargs(model_opts["preset"], s)
-        for key, val in (("base_channels", model_opts["base_channels"]), ("num_res_blocks", model_opts["num_res_blocks"]),
-                         ("dropout", model_opts["dropout"])):
-            if val is not None:
-                kw[key] = val
-        cm = _csv_ints(model_opts["channel_mults"], "--channel-mults")
-        if cm is not None:
-            kw["channel_mults"] = cm
-        ar = _csv_ints(model_opts["attention_res"], "--attention-res", allow_empty=True)
-        if ar is not None:
-            kw["attention_resolutions"] = ar
-        elif s % 2 ** (len(kw["channel_mults"]) - 1) == 0:
-            # A preset's attention levels are a suggestion: keep those this image size has.
-            levels = {s // 2**i for i in range(len(kw["channel_mults"]))}
-            kw["attention_resolutions"] = tuple(r for r in kw["attention_resolutions"] if r in levels)
-        model_cfg = UNetConfig(**kw, image_size=s, in_channels=c)
-        dkw = {k: v for k, v in diff_opts.items() if v is not None and k != "zero_terminal_snr"}
-        diff_cfg = DiffusionConfig(**dkw, zero_terminal_snr=diff_opts["zero_terminal_snr"])
-        base = {}
-    if "hflip" not in given and not resume:
-        given["hflip"] = not data_spec.startswith("builtin:")
-    cfg = training.TrainConfig(**{**base, **given, "precision": precision, "compile": compile_})
+        model_opts = {
+            **model_opts,
+            "channel_mults": _csv_ints(model_opts["channel_mults"], "--channel-mults"),
+            "attention_resolutions": _csv_ints(model_opts["attention_resolutions"], "--attention-res", allow_empty=True),
+        }
+        model_cfg = UNetConfig.preset(preset, s, c, **model_opts)
+        diff_cfg = DiffusionConfig(**{k: v for k, v in diff_opts.items() if v is not None})
+        hflip = ds.default_hflip if train_opts["hflip"] is None else train_opts["hflip"]
+        cfg = TrainConfig(**{k: v for k, v in {**train_opts, "hflip": hflip}.items() if v is not None})
 
-    # --- run -------------------------------------------------------------------------------
-    progress = Progress(
-        TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not is_main, transient=False,
-    )
-    task = None
-    smooth = None
-
-    def on_event(e: dict) -> None:
-        nonlocal task, smooth
-        kind = e["event"]
-        if kind == "start":
-            say(f"[bold]model[/] U-Net {e['parameters'] / 1e6:.2f}M parameters; device {e['device']}, "
-                f"precision {e['precision']}, {e['world_size']} process(es), global batch {cfg.batch_size}")
-            dcfg = diff_cfg
-            if dcfg is not None:
-                say(f"[bold]noise[/] {dcfg.schedule} schedule, T = {dcfg.timesteps}, predicting {dcfg.prediction}")
-            if e["resumed"]:
-                say(f"resuming at step {e['step']}")
-            task = progress.add_task("train", total=e["steps"], completed=e["step"], loss="…", ips="…")
-            progress.start()
-        elif kind == "step":
-            progress.update(task, completed=e["step"])
-        elif kind == "log":
-            smooth = e["loss"] if smooth is None else 0.8 * smooth + 0.2 * e["loss"]
-            progress.update(task, loss=f"{smooth:.4f}", ips=f"{e['img_per_s']:.0f}")
-            if not console.is_terminal and is_main:  # logs and CI: a plain line every ~10%
-                tenth = max(1, cfg.steps // 10)
-                if e["step"] // tenth != (e["step"] - cfg.log_every) // tenth or e["step"] == cfg.steps:
-                    say(f"  step {e['step']}/{cfg.steps}  loss {smooth:.4f}  {e['img_per_s']:.0f} img/s  "
-                        f"{e['elapsed']:.0f}s")
-        elif kind == "warning":
-            progress.console.print(f"[yellow]warning:[/] {e['message']}")
-        elif kind == "preview":
-            progress.console.print(f"  step {e['step']}: samples -> {e['path']}")
-
+    progress = _TrainProgress(cfg, diff_cfg, say, is_main)
     try:
-        result = training.train(ds, out, model_cfg, diff_cfg, cfg, device=device, resume=resume, overwrite=overwrite,
-                                 callback=on_event)
+        result = training.train(ds, out, model_cfg, diff_cfg, cfg, device=device, resume=resume, overwrite=overwrite, callback=progress.on_event)
     finally:
-        progress.stop()
-    if is_main:
+        progress.bar.stop()
+    if result["is_main"]:
         say(f"[bold green]done[/] {result['step']} steps in {result['elapsed']:.0f}s, final loss {result['loss']:.4f}")
         say(f"  model    {result['model']}")
         say(f"  previews {result['samples']}/")
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")
-    _ = ckpt
 
 
-def TrainConfig_from(d: dict) -> dict:  # noqa: N802
-    """The stored training options that a resumed run keeps unless given again."""
-    keep = ("steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "loss_weighting", "hflip",
-            "save_every", "sample_every", "keep", "log_every", "num_preview", "preview_steps", "seed")
-    return {k: d[k] for k in keep if k in d}
+class _TrainProgress:
+    """Draws the training events: a header, a progress bar (plain lines every ~10% off a terminal), notes."""
+
+    def __init__(self, cfg, diff_cfg, say, is_main: bool):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.cfg, self.diff_cfg, self.say, self.is_main = cfg, diff_cfg, say, is_main
+        self.bar = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not is_main,
+            transient=False,
+        )
+        self.task, self.smooth = None, None
+
+    def on_event(self, e: dict) -> None:
+        kind, cfg, say = e["event"], self.cfg, self.say
+        if kind == "start":
+            say(
+                f"[bold]model[/] U-Net {e['parameters'] / 1e6:.2f}M parameters; device {e['device']}, precision {e['precision']}, {e['world_size']} process(es), global batch {cfg.batch_size}"
+            )
+            if self.diff_cfg is not None:
+                d = self.diff_cfg
+                say(f"[bold]noise[/] {d.schedule} schedule, T = {d.timesteps}, predicting {d.prediction}")
+            if e["resumed"]:
+                say(f"resuming at step {e['step']}")
+            self.task = self.bar.add_task("train", total=e["steps"], completed=e["step"], loss="…", ips="…")
+            self.bar.start()
+        elif kind == "step":
+            self.bar.update(self.task, completed=e["step"])
+        elif kind == "log":
+            self.smooth = e["loss"] if self.smooth is None else 0.8 * self.smooth + 0.2 * e["loss"]
+            self.bar.update(self.task, loss=f"{self.smooth:.4f}", ips=f"{e['img_per_s']:.0f}")
+            if not console.is_terminal and self.is_main:  # logs and CI: a plain line every ~10%
+                tenth = max(1, cfg.steps // 10)
+                if e["step"] // tenth != (e["step"] - cfg.log_every) // tenth or e["step"] == cfg.steps:
+                    say(f"  step {e['step']}/{cfg.steps}  loss {self.smooth:.4f}  {e['img_per_s']:.0f} img/s  {e['elapsed']:.0f}s")
+        elif kind == "warning":
+            self.bar.console.print(f"[yellow]warning:[/] {e['message']}")
+        elif kind == "preview":
+            self.bar.console.print(f"  step {e['step']}: samples -> {e['path']}")
 
 
 # --- sample ---------------------------------------------------------------------------------
@@ -605,19 +512,22 @@ def sample(
     num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 16,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for one PNG per image (0000.png ...).")] = Path("samples"),
     grid: Annotated[Path | None, typer.Option("--grid", help="Also write all images as one grid PNG.")] = None,
-    sampler: Annotated[SamplerName, typer.Option("--sampler", help="dpmpp (fast, default), ddim, or ddpm (the seed's ancestral sampler).")] = SamplerName.dpmpp,
+    sampler: Annotated[
+        SamplerName, typer.Option("--sampler", help="dpmpp (fast, default), ddim, or ddpm (DDPM's ancestral sampler, Algorithm 2).")
+    ] = SamplerName("dpmpp"),
     steps: Annotated[int | None, typer.Option("--steps", help="Model evaluations. [default: 20 dpmpp, 50 ddim, T ddpm]")] = None,
     eta: Annotated[float, typer.Option("--eta", help="DDIM noise: 0 deterministic, 1 DDPM-like.")] = 0.0,
     seed: SeedOpt = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per model call.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per model call (does not change the images).")] = 64,
     device: DeviceOpt = "auto",
     gif: Annotated[Path | None, typer.Option("--gif", help="Animate the denoising of the first few images: x_t beside predicted x_0.")] = None,
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip predicted x_0 to [-1, 1] at each step.")] = True,
 ) -> None:
     """Generate images by running the learned reverse process from pure noise x_T ~ N(0, I).
 
-    `--sampler ddpm --steps T` is the seed's algorithm exactly (DDPM Algorithm 2); ddim (Song et al.
-    2021) and dpmpp (DPM-Solver++, Lu et al. 2022) reach similar quality in 10-50 model calls.
+    `--sampler ddpm --steps T` is DDPM's Algorithm 2 exactly; ddim (Song et al. 2021) and dpmpp
+    (DPM-Solver++, Lu et al. 2022) reach similar quality in 10-50 model calls. Each image has its own
+    random stream, seeded from --seed and its number, so --batch-size never changes the images.
 
     **Examples**
 
@@ -631,92 +541,64 @@ def sample(
 
 
 def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_size, device, gif, clip) -> None:
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .engine import checkpoint as ckpt
     from .engine import images as img
     from .engine import samplers
+    from .engine.device import autocast_dtype, resolve_device
     from .engine.errors import ConfigError
     from .engine.fileio import ensure_dir
-    from .engine.training import autocast_dtype, resolve_device
+    from .engine.generate import Trajectory, generate
 
-    if num < 1:
-        raise ConfigError(f"--num must be at least 1 (got {num})")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
-    if not 0.0 <= eta <= 1.0:
-        raise ConfigError(f"--eta must be in [0, 1] (got {eta})")
     if out is None and grid is None and gif is None:
         raise ConfigError("nothing to write: give --out, --grid or --gif")
     dev = resolve_device(device)
     model, diffusion, ck = ckpt.load_for_sampling(checkpoint, dev)
     T = diffusion.num_timesteps
     steps = steps if steps is not None else samplers.default_steps(sampler_name, T)
-    if not 1 <= steps <= T:
-        raise ConfigError(f"--steps must be between 1 and T = {T} (got {steps})")
-    # Check outputs before spending time sampling.
-    if out is not None:
-        ensure_dir(out)
-    for p in (grid, gif):
-        if p is not None:
-            ensure_dir(Path(p).parent if str(Path(p).parent) else Path("."))
-    mc = ck.model
-    c, s = mc["in_channels"], mc["image_size"]
-    amp = autocast_dtype("auto", dev)
-
-    def net(x_t, t):
-        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-            return model(x_t, t).float()
-
-    opts = {"clip_x0": clip}
-    if sampler_name == "ddim":
-        opts["eta"] = eta
-    console.print(f"[bold]sample[/] {ck.path} (step {ck.step}, {ck.diffusion.get('schedule')} schedule, T = {T}, "
-                  f"predicts {ck.diffusion.get('prediction')}); {sampler_name}, {steps} steps, device {dev}")
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    results = []
-    trajectory = []
+    for folder in ([out] if out is not None else []) + [Path(p).parent for p in (grid, gif) if p is not None]:
+        ensure_dir(folder)  # outputs are checked before spending time sampling
+    opts = {"clip_x0": clip, **({"eta": eta} if sampler_name == "ddim" or eta != 0.0 else {})}  # the engine says where eta applies
+    console.print(
+        f"[bold]sample[/] {ck.path} (step {ck.step}, {ck.diffusion.get('schedule')} schedule, T = {T}, predicts {ck.diffusion.get('prediction')}); {sampler_name}, {steps} steps, device {dev}"
+    )
+    trajectory = Trajectory() if gif is not None else None
     t0 = time.perf_counter()
-    with Progress(TextColumn("[bold]sample[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ips]} img/s"),
-                  TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("[bold]sample[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), console=console
+    ) as progress:
         task = progress.add_task("sample", total=num, ips="…")
-        done = 0
-        while done < num:
-            b = min(batch_size, num - done)
-            x_T = torch.randn((b, c, s, s), generator=gen, device=dev)
-            cb = None
-            if gif is not None and done == 0:
-                k = min(b, 4)
 
-                def cb(state, k=k):
-                    trajectory.append((state["x_t"][:k].float().cpu(), state["x0_pred"][:k].float().cpu()))
-
-            with torch.no_grad():
-                x0 = samplers.sample(net, diffusion, x_T, sampler=sampler_name, steps=steps, generator=gen, callback=cb, **opts)
-            results.append(x0.float().cpu())
-            done += b
+        def advance(done: int) -> None:
             progress.update(task, completed=done, ips=f"{done / (time.perf_counter() - t0):.1f}")
-    images = torch.cat(results)
+
+        images = generate(
+            model,
+            diffusion,
+            num,
+            (ck.model["in_channels"], ck.model["image_size"], ck.model["image_size"]),
+            sampler=sampler_name,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            device=dev,
+            amp=autocast_dtype("auto", dev),
+            progress=advance,
+            trajectory=trajectory,
+            **opts,
+        )
     if out is not None:
         width = max(4, len(str(num - 1)))
         for i, im in enumerate(images):
             img.save_image(img.to_pil(im), Path(out) / f"{i:0{width}d}.png")
         console.print(f"{num} images written to [bold]{out}/[/]")
     if grid is not None:
-        g = img.make_grid(images)
-        img.save_image(img.upscale(g, 512), grid)
+        img.save_image(img.upscale(img.make_grid(images), 512), grid)
         console.print(f"grid written to [bold]{grid}[/]")
-    if gif is not None:
-        frames = []
-        keep = max(1, math.ceil(len(trajectory) / 40))  # at most ~40 frames, always the last one
-        trajectory = trajectory[::-1][::keep][::-1]
-        for x_t, x0p in trajectory:
-            pair = torch.cat([x_t, x0p])  # top row x_t, bottom row predicted x_0
-            frames.append(img.upscale(img.make_grid(pair, nrow=x_t.shape[0]), 256))
-        if trajectory:
-            img.save_gif(frames, gif, duration_ms=120)
-            console.print(f"trajectory written to [bold]{gif}[/] (top: x_t, bottom: predicted x_0)")
+    if trajectory is not None and trajectory.frames:
+        img.save_gif(img.trajectory_frames(trajectory.frames), gif, duration_ms=120)
+        console.print(f"trajectory written to [bold]{gif}[/] (top: x_t, bottom: predicted x_0)")
 
 
 def main() -> None:
@@ -738,8 +620,7 @@ def main() -> None:
         if os.environ.get("DIFFUSE_DEBUG"):
             raise
         msg = str(err).splitlines()[0] if str(err) else ""
-        err_console.print(f"[bold red]error:[/] unexpected {type(err).__name__}: {msg} "
-                          "(please report it; DIFFUSE_DEBUG=1 shows the traceback)", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] unexpected {type(err).__name__}: {msg} (please report it; DIFFUSE_DEBUG=1 shows the traceback)", soft_wrap=True)
         sys.exit(1)
 
 

@@ -1,4 +1,4 @@
-"""Exact denoisers for Gaussian and Gaussian-mixture data, for tests and benchmarks.
+"""Exact denoisers for Gaussian and Gaussian-mixture data: a feature for testing samplers.
 
 If the data is a mixture sum_k w_k N(mu_k, Sigma_k), every noisy marginal is a mixture
 too: given component k, x_t ~ N(a mu_k, a^2 Sigma_k + s^2 I) with a = sqrt(abar_t) and
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .diffusion import PREDICTIONS, Diffusion
+from .diffusion import PREDICTIONS, Diffusion, from_x0_eps
 from .errors import ConfigError
 
 _F64 = torch.float64
@@ -128,12 +128,8 @@ class GaussianMixture:
                 x0[rows] = self.posterior_mean(x[rows], float(abar_table[tv]))
             abar = abar_table[t_cpu].to(x.device)[:, None]
             a, s = abar.sqrt(), (1.0 - abar).sqrt()
-            if kind == "x0":
-                out = x0
-            else:
-                eps = (x - a * x0) / s  # s > 0 for every t in [0, T)
-                out = eps if kind == "eps" else a * eps - s * x0  # v (Salimans & Ho 2022)
-            return out.reshape(x_t.shape).to(x_t.dtype)
+            eps = (x - a * x0) / s  # s > 0 for every t in [0, T)
+            return from_x0_eps(kind, x0, eps, a, s).reshape(x_t.shape).to(x_t.dtype)
 
         return model
 

@@ -155,8 +155,14 @@ def _sniff(path: Path) -> None:
         raise CheckpointError(f"{path} is corrupt or truncated (its safetensors header length does not fit the file)")
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_kind: str | None = None) -> Checkpoint:
-    """Read and validate a diffuse checkpoint. A run folder means its ``model.safetensors``."""
+def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_kind: str | None = None,
+         tensors: bool = True) -> Checkpoint:
+    """Read and validate a diffuse checkpoint. A run folder means its ``model.safetensors``.
+
+    ``tensors=False`` reads the metadata only (configs, step): cheap, and the tensor checksum is
+    then not verified.
+    """
+    read_tensors = tensors
     from safetensors import safe_open
 
     path = Path(path)
@@ -175,7 +181,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_
                     f"{path} is a safetensors file but not a diffuse checkpoint (no diffuse metadata; "
                     "was it written by another program?)"
                 )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if read_tensors else {}  # noqa: SIM118
     except CheckpointError:
         raise
     except Exception as err:  # safetensors raises its own error types for corrupt data
@@ -202,7 +208,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_
             raise CheckpointError(f"{path} has damaged diffuse metadata ({name!r} is not a JSON object)")
     if ck.kind not in KINDS:
         raise CheckpointError(f"{path} has damaged diffuse metadata (unknown checkpoint kind {ck.kind!r})")
-    if "diffuse.crc32" in meta and meta["diffuse.crc32"] != _crc32(tensors):
+    if read_tensors and "diffuse.crc32" in meta and meta["diffuse.crc32"] != _crc32(tensors):
         raise CheckpointError(f"{path} is corrupt: its tensor data does not match the checksum stored with it "
                               "(damaged on disk or in a copy)")
     if expect_kind and ck.kind != expect_kind:

@@ -2,7 +2,7 @@
 
 A dataset is decoded once into memory as one contiguous uint8 tensor (N, C, H, W)
 on the CPU; training moves batches to its device, maps them to [-1, 1] with
-:func:`to_model_range` and augments them there (:func:`random_hflip`).
+:func:`to_model_range` and augments them there (see ``step.py``).
 
 How an image file becomes a (C, S, S) uint8 tensor (:func:`decode_image`):
 
@@ -60,6 +60,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_IMAGE_SIZE = 4096  # beyond it a data set no longer fits in memory, let alone trains
 DEFAULT_IMAGE_SIZE = 32  # for folders; built-in datasets default to their native size
 # Pillow's own default (about 9459 x 9459). Pillow warns above it and refuses twice
 # as much; we skip anything above it as "too large". A lower value may be passed in.
@@ -181,6 +182,12 @@ class ImageDataset:
     def image_size(self) -> int:
         return self.images.shape[-1]
 
+    @property
+    def default_hflip(self) -> bool:
+        """Whether random horizontal flips suit this source when the user does not say: not for the
+        built-in digits (a mirrored 2 is not a 2), yes for folders of pictures."""
+        return not self.summary.source.startswith(BUILTIN_PREFIX)
+
 
 # --------------------------------------------------------------------------- value ranges and augmentation
 
@@ -194,18 +201,6 @@ def from_model_range(x: torch.Tensor) -> torch.Tensor:
     """float in [-1, 1] -> uint8 0..255: clamped, then rounded to nearest."""
     return x.detach().float().clamp(-1.0, 1.0).add(1.0).mul_(127.5).round_().to(torch.uint8)
 
-
-def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> torch.Tensor:
-    """Mirror each image of the batch ``x`` (B, C, H, W) left-right with probability ``p``.
-
-    One uniform number per image is drawn from ``generator`` on the generator's own
-    device (the CPU when it is None); the (B,) mask is then moved to ``x``'s device,
-    a tiny copy that needs no host sync. The same seed gives the same flips.
-    """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    flip = torch.rand((x.shape[0],), generator=generator, device=gen_device) < p
-    flip = flip.to(x.device, non_blocking=True)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 # --------------------------------------------------------------------------- finding files
@@ -280,10 +275,10 @@ def scan_folder(root: str | os.PathLike) -> list[Path]:
 
 
 def _check_size_channels(image_size: int, channels: int | None) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"image size must be a positive whole number, got {image_size!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"--image-size must be a whole number between 1 and {MAX_IMAGE_SIZE} (got {image_size!r})")
     if channels not in (None, 1, 3):
-        raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB) (got {channels!r})")
 
 
 def _stretch_to_l(img: Image.Image) -> Image.Image:
@@ -656,7 +651,6 @@ __all__ = [
     "load_dataset",
     "load_digits",
     "load_folder",
-    "random_hflip",
     "scan_folder",
     "to_model_range",
 ]

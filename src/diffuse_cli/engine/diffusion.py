@@ -18,46 +18,52 @@ are looked up per sample and broadcast by :meth:`Diffusion._coef`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import schedules
+from .config import PREDICTIONS, WEIGHTINGS, DiffusionConfig
 from .errors import ConfigError
 
-PREDICTIONS = ("eps", "x0", "v")
-WEIGHTINGS = ("uniform", "min-snr")
+
+def to_x0_eps(kind: str, pred: torch.Tensor, x_t: torch.Tensor, a, s) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) from a network output ``pred`` of kind eps, x0 or v at ``x_t``: the one place this algebra lives.
+
+    ``a = sqrt(abar_t)`` and ``s = sqrt(1 - abar_t)`` are floats or tensors that broadcast against
+    x_t, so the samplers (float64 scalars per step) and training (per-sample tables) share it.
+    From x_t = a x0 + s eps and v = a eps - s x0 (Salimans & Ho 2022, sec. 4):
+
+        eps:  x0 = (x_t - s eps) / a
+        x0:   eps = (x_t - a x0) / s                      (s > 0 for every t in [0, T))
+        v:    x0 = a x_t - s v,   eps = s x_t + a v
+
+    At a = 0 (zero terminal SNR) an eps prediction says nothing about x0; we return x0 = 0
+    there, the limit of (x_t - s eps) / a when eps = x_t, to stay finite.
+    """
+    if kind == "eps":
+        if isinstance(a, torch.Tensor):
+            x0 = torch.where(a > 0, (x_t - s * pred) / a.clamp(min=torch.finfo(a.dtype).tiny), torch.zeros_like(x_t))
+        else:
+            x0 = (x_t - s * pred) / a if a > 0 else torch.zeros_like(x_t)
+        return x0, pred
+    if kind == "x0":
+        return pred, (x_t - a * pred) / s
+    if kind == "v":
+        return a * x_t - s * pred, s * x_t + a * pred
+    raise ConfigError(f"unknown prediction {kind!r}; choose one of {', '.join(PREDICTIONS)}")
 
 
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """What defines the forward process and what the network predicts."""
-
-    schedule: str = "linear"  # DDPM's choice; cosine is better for small images
-    timesteps: int = schedules.DEFAULT_TIMESTEPS  # T = 1000 as in DDPM
-    beta_start: float = schedules.DEFAULT_BETA_START
-    beta_end: float = schedules.DEFAULT_BETA_END
-    zero_terminal_snr: bool = False  # Lin et al. 2024; pair it with v-prediction
-    prediction: str = "eps"  # the seed's objective: predict the noise
-
-    def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
-            raise ConfigError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-        if self.schedule not in schedules.KINDS:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(schedules.KINDS)}")
-        if not isinstance(self.zero_terminal_snr, bool):
-            raise ConfigError(f"zero_terminal_snr must be true or false (got {self.zero_terminal_snr!r})")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DiffusionConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+def from_x0_eps(kind: str, x0: torch.Tensor, eps: torch.Tensor, a, s) -> torch.Tensor:
+    """The network output of kind eps, x0 or v that (x0, eps) correspond to: the inverse of :func:`to_x0_eps`."""
+    if kind == "eps":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        return a * eps - s * x0
+    raise ConfigError(f"unknown prediction {kind!r}; choose one of {', '.join(PREDICTIONS)}")
 
 
 class Diffusion:
@@ -112,22 +118,19 @@ class Diffusion:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    def schedule_record(self, kind: str) -> dict:
+        """Every t's beta, alpha_bar and SNR as plain lists (``diffuse schedule --format json/csv``)."""
+        return {"kind": kind, "timesteps": self.num_timesteps, "zero_terminal_snr": self.config.zero_terminal_snr,
+                "t": list(range(self.num_timesteps)), "beta": self.betas.tolist(), "alpha_bar": self.alphas_cumprod.tolist(),
+                "snr": self.snr.tolist()}
+
     @staticmethod
     def _coef(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table[t] reshaped to (B, 1, ..., 1) to broadcast against ``like``, in like's dtype."""
         out = table.to(like.device)[t].to(like.dtype)
         return out.reshape(t.shape[0], *([1] * (like.ndim - 1)))
 
-    def check_t(self, t: torch.Tensor) -> None:
-        assert t.dtype == torch.int64, "timesteps must be int64"
-
     # --- forward process -------------------------------------------------------------
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of q(x_t | x_0) (DDPM eq. 4)."""
-        mean = self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = self._coef(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
-        return mean, var
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) in closed form: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
@@ -161,49 +164,17 @@ class Diffusion:
         log_var = self._coef(self.posterior_log_variance_clipped, t, x_t)
         return mean, var, log_var
 
-    # --- conversions between what a network can predict -----------------------------
-    def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)."""
-        return self._coef(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._coef(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-
-    def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
-        return (x_t - self._coef(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-
-    def v_from_x0_eps(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4)."""
-        return self._coef(self.sqrt_alphas_cumprod, t, x0) * eps - self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-
-    def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """x0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
-        return self._coef(self.sqrt_alphas_cumprod, t, x_t) * x_t - self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
-
-    def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
-        return self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + self._coef(self.sqrt_alphas_cumprod, t, x_t) * v
-
+    # --- what a network can predict --------------------------------------------------
     def split_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                          prediction: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn a network output of kind ``prediction`` (default: the config's) into (x0, eps)."""
-        kind = prediction or self.prediction
-        if kind == "eps":
-            return self.x0_from_eps(x_t, t, pred), pred
-        if kind == "x0":
-            return pred, self.eps_from_x0(x_t, t, pred)
-        if kind == "v":
-            return self.x0_from_v(x_t, t, pred), self.eps_from_v(x_t, t, pred)
-        raise ConfigError(f"unknown prediction {kind!r}")
+        a, s = self._coef(self.sqrt_alphas_cumprod, t, x_t), self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return to_x0_eps(prediction or self.prediction, pred, x_t, a, s)
 
     def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction: str | None = None) -> torch.Tensor:
         """What a network of kind ``prediction`` should output for (x0, eps, t)."""
-        kind = prediction or self.prediction
-        if kind == "eps":
-            return eps
-        if kind == "x0":
-            return x0
-        if kind == "v":
-            return self.v_from_x0_eps(x0, t, eps)
-        raise ConfigError(f"unknown prediction {kind!r}")
+        a, s = self._coef(self.sqrt_alphas_cumprod, t, x0), self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return from_x0_eps(prediction or self.prediction, x0, eps, a, s)
 
     # --- training objective ---------------------------------------------------------
     def loss_weight(self, t: torch.Tensor, weighting: str = "uniform", gamma: float = 5.0,
@@ -248,7 +219,3 @@ class Diffusion:
         target = self.target(x0, eps, t)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return per_sample * self.loss_weight(t, weighting)
-
-    # --- reporting ------------------------------------------------------------------
-    def terminal_snr(self) -> float:
-        return float(self.snr[-1])

@@ -45,3 +45,17 @@ class Interrupted(DiffuseError):
     def __init__(self, message: str, signum: int = 2) -> None:
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+
+
+def out_of_memory_reason(err: BaseException) -> str | None:
+    """A one-line reason if ``err`` is an allocation failure (CPU or GPU), else None."""
+    import re
+
+    text = str(err)
+    markers = ("out of memory", "can't allocate memory", "storage size calculation overflowed")
+    if not (isinstance(err, MemoryError) or any(m in text.lower() for m in markers)):
+        return None
+    size = re.search(r"allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", text)
+    return (f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}; "
+            "try a smaller --batch-size, --image-size or model")
+

@@ -170,17 +170,6 @@ def line_plot(
     return img
 
 
-def stack_vertical(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
-    w = max(i.width for i in images)
-    h = sum(i.height for i in images) + gap * (len(images) - 1)
-    out = Image.new("RGB", (w, h), BG)
-    y = 0
-    for im in images:
-        out.paste(im.convert("RGB"), (0, y))
-        y += im.height + gap
-    return out
-
-
 def grid_of_plots(plots: Sequence[Image.Image], ncol: int = 2, gap: int = 8) -> Image.Image:
     rows = math.ceil(len(plots) / ncol)
     pw = max(p.width for p in plots)
@@ -190,3 +179,26 @@ def grid_of_plots(plots: Sequence[Image.Image], ncol: int = 2, gap: int = 8) -> 
         r, c = divmod(i, ncol)
         out.paste(p, (c * (pw + gap), r * (ph + gap)))
     return out
+
+
+def schedule_plot(diffusions: dict, path) -> None:
+    """Four panels (alpha_bar, its square roots, log-SNR) against t, one curve per named schedule."""
+    specs = [
+        ("alpha_bar_t", lambda d: d.alphas_cumprod, (0.0, 1.0)),
+        ("sqrt(alpha_bar_t): signal scale", lambda d: d.sqrt_alphas_cumprod, (0.0, 1.0)),
+        ("sqrt(1 - alpha_bar_t): noise scale", lambda d: d.sqrt_one_minus_alphas_cumprod, (0.0, 1.0)),
+        ("log SNR_t = log(alpha_bar / (1 - alpha_bar))", lambda d: d.log_snr, None),
+    ]
+    panels = []
+    for title, fn, ylim in specs:
+        series = [(n, list(range(d.num_timesteps)), fn(d).tolist()) for n, d in diffusions.items()]
+        panels.append(line_plot(series, title=title, xlabel="t", ylabel=title.split(":")[0].split(" =")[0], ylim=ylim))
+    save_image(grid_of_plots(panels, ncol=2), path)
+
+
+def trajectory_frames(frames: Sequence[tuple[torch.Tensor, torch.Tensor]], max_frames: int = 40) -> list[Image.Image]:
+    """GIF frames of a denoising run: x_t on top, predicted x_0 below; at most ``max_frames``, always the last."""
+    keep = max(1, math.ceil(len(frames) / max_frames))
+    frames = list(frames)[::-1][::keep][::-1]
+    return [upscale(make_grid(torch.cat([x_t, x0]), nrow=x_t.shape[0]), 256) for x_t, x0 in frames]
+

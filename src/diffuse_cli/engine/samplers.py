@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -75,7 +75,7 @@ def _check_steps(steps, num_timesteps: int) -> int:
     except TypeError:
         n = None
     if n is None or isinstance(steps, bool) or not 1 <= n <= num_timesteps:
-        raise ConfigError(f"--steps must be between 1 and T={num_timesteps} (got {steps})")
+        raise ConfigError(f"--steps must be between 1 and T = {num_timesteps} (got {steps})")
     return n
 
 
@@ -150,14 +150,20 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
 # --- shared pieces ----------------------------------------------------------------------
 def noise_like(
     shape,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Standard normal noise of ``shape``, drawn on the generator's device and moved to ``device``.
 
     Drawing where the generator lives makes a seed give the same x_T whatever device samples.
+    ``generator`` may also be a sequence with one generator per row (per image): row i is drawn
+    from generator i, so an image's noise does not depend on the batch it is in.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ConfigError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([noise_like(tuple(shape[1:]), g, device, dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
@@ -423,7 +429,8 @@ def sample(
     accepted = inspect.signature(fn).parameters
     for name in opts:
         if name not in accepted:
-            raise ConfigError(f"sampler {sampler!r} does not take option {name!r}")
+            users = [n for n, f in SAMPLERS.items() if name in inspect.signature(f).parameters]
+            raise ConfigError(f"--{name.replace('_', '-')} applies to --sampler {' or '.join(users) or 'none'}, not {sampler}")
     if steps is None:
         steps = default_steps(sampler, diffusion.num_timesteps)
     return fn(model, diffusion, x_T, steps=steps, **opts)

@@ -14,14 +14,9 @@ from collections.abc import Callable
 
 import torch
 
+from .config import DEFAULT_BETA_END, DEFAULT_BETA_START, DEFAULT_TIMESTEPS, KINDS  # noqa: F401 - re-exported
 from .errors import ConfigError
 
-KINDS = ("linear", "quadratic", "cosine", "sigmoid")
-
-#: DDPM (Ho et al. 2020, sec. 4) used beta_1 = 1e-4 and beta_T = 0.02 with T = 1000.
-DEFAULT_BETA_START = 1e-4
-DEFAULT_BETA_END = 0.02
-DEFAULT_TIMESTEPS = 1000
 #: Nichol & Dhariwal (2021) eq. 17: the small offset s keeps beta_0 from being tiny.
 COSINE_S = 0.008
 #: Nichol & Dhariwal (2021): betas above 0.999 cause singularities near t = T.

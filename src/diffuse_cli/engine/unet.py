@@ -26,117 +26,18 @@ diffusers' ``UNet2DModel`` with the same widths, so parameter counts agree
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .config import PRESETS, UNetConfig  # noqa: F401 - re-exported: unet.UNetConfig, unet.PRESETS
+from .errors import CheckpointError
 
 # Sinusoidal embedding period, as in Vaswani et al. 2017 and DDPM.
 _MAX_PERIOD = 10_000.0
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    """Architecture of :class:`UNet`; the defaults are DDPM's CIFAR-10 model (35.7M parameters)."""
-
-    image_size: int = 32  # CIFAR-10; must be divisible by 2 ** (len(channel_mults) - 1)
-    in_channels: int = 3  # 3 for RGB, 1 for greyscale
-    base_channels: int = 128  # DDPM's CIFAR-10 width
-    channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # DDPM: 32 -> 16 -> 8 -> 4 for 32x32 inputs
-    num_res_blocks: int = 2  # DDPM uses 2 per level
-    attention_resolutions: tuple[int, ...] = (16,)  # DDPM attends at 16x16 only (quadratic cost in H*W)
-    dropout: float = 0.1  # DDPM's value for CIFAR-10; overfitting is the main risk on small data
-    num_heads: int = 1  # DDPM used single-head attention
-    learn_sigma: bool = False  # True doubles the output: eps and a variance term (Nichol & Dhariwal 2021)
-
-    def __post_init__(self) -> None:
-        # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
-        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
-        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
-        for name in ("image_size", "base_channels", "num_res_blocks", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.in_channels not in (1, 3):
-            raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels!r}")
-        if not self.channel_mults:
-            raise ConfigError("channel_mults must list at least one multiplier, e.g. 1,2,2")
-        for m in self.channel_mults:
-            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-                raise ConfigError(f"channel_mults must be positive integers, got {list(self.channel_mults)}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        divisor = 2 ** (len(self.channel_mults) - 1)
-        if self.image_size % divisor:
-            lo = self.image_size // divisor * divisor
-            near = [s for s in (lo, lo + divisor) if s > 0]
-            raise ConfigError(
-                f"image_size {self.image_size} must be divisible by {divisor} "
-                f"(2^{len(self.channel_mults) - 1} for {len(self.channel_mults)} levels); "
-                f"try {' or '.join(map(str, near))}, or use fewer channel_mults"
-            )
-        levels = self.resolutions
-        bad = [r for r in self.attention_resolutions if r not in levels]
-        if bad:
-            raise ConfigError(
-                f"attention_resolutions {bad} match no level of this U-Net; "
-                f"its resolutions are {', '.join(map(str, levels))}"
-            )
-        widths = {
-            self.base_channels * m
-            for m, r in zip(self.channel_mults, levels, strict=True)
-            if r in self.attention_resolutions
-        }
-        widths.add(self.base_channels * self.channel_mults[-1])  # the middle block always attends
-        for w in sorted(widths):
-            if w % self.num_heads:
-                raise ConfigError(f"num_heads {self.num_heads} must divide the attention width {w}")
-
-    @property
-    def out_channels(self) -> int:
-        """Channels the network predicts: the image's, doubled with ``learn_sigma``."""
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    @property
-    def resolutions(self) -> tuple[int, ...]:
-        """Spatial size of each level, from the input down (e.g. 32, 16, 8, 4)."""
-        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
-
-    def to_dict(self) -> dict:
-        """A JSON-friendly dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UNetConfig:
-        """Inverse of :meth:`to_dict`; unknown keys (e.g. from a newer version) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        for k in ("channel_mults", "attention_resolutions"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
-
-
-# Small configurations for small data; ``image_size`` and ``in_channels`` come from the data set.
-PRESETS: dict[str, dict] = {
-    # 8x8 or 16x16 greyscale digits on a laptop CPU: ~1.1M parameters, attention only in the middle.
-    "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0),
-    # 32x32 RGB on a CPU: ~6.5M parameters (DDPM's layout at half width, one level fewer).
-    "small": dict(
-        base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1
-    ),
-    # DDPM's CIFAR-10 model, 35.7M parameters (Ho et al. 2020, appendix B).
-    "ddpm-cifar10": dict(
-        base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1
-    ),
-}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,7 +1,7 @@
-"""Speed settings per device that leave the math unchanged.
+"""Devices, precision and the speed settings per device that leave the math unchanged.
 
-Two functions, shared by the training loop and ``benchmarks/train_cpu.py``:
-
+* :func:`resolve_device` turns ``--device`` into a torch device; :func:`autocast_dtype`
+  turns ``--precision`` into the autocast dtype (or None for fp32);
 * :func:`optimize_for_device` moves a model to its device in the memory format
   its convolutions run fastest in there (``channels_last``: oneDNN on CPU and
   cuDNN on recent GPUs work in NHWC natively, so no layout reorder per conv);
@@ -24,6 +24,49 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU. Asking for a missing backend is a ConfigError.
+
+    A bare ``cuda`` gets an index (this process's local rank), because
+    ``torch.cuda.set_device`` and NCCL need one.
+    """
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device(name)
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    raise ConfigError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for plain fp32 (``auto``: bf16 on CUDA only)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        raise ConfigError(f"bf16 is not supported on {device}")
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def memory_format(device: torch.device | str, autocast_dtype: torch.dtype | None = None) -> torch.memory_format:
@@ -97,16 +140,17 @@ def _compile_probe(x: torch.Tensor) -> torch.Tensor:
     return torch.sin(x) * 2.0 + 1.0
 
 
-def compile_model(model: nn.Module, device: torch.device | str) -> tuple[nn.Module, str | None]:
-    """``(torch.compile(model), None)``, or ``(model, why)`` when this machine cannot compile for ``device``.
+def compile_model(fn, device: torch.device | str, backend: str | None = None):
+    """``(torch.compile(fn), None)``, or ``(fn, why)`` when this machine cannot compile for ``device``.
 
     Compilation is lazy, so a missing C++ compiler (CPU) or Triton (GPU) would otherwise
     surface as a crash in the first training step; compiling a one-line function first
-    finds that out in seconds.
+    finds that out in seconds. ``backend`` defaults to inductor.
     """
+    kw = {"backend": backend} if backend else {}
     try:
-        torch.compile(_compile_probe)(torch.ones(8, device=device))
+        torch.compile(_compile_probe, **kw)(torch.ones(8, device=device))
     except Exception as err:  # noqa: BLE001 - any failure means: train without compiling
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return model, f"{type(err).__name__}: {first}"[:300]
-    return torch.compile(model), None
+        return fn, f"{type(err).__name__}: {first}"[:300]
+    return torch.compile(fn, **kw), None

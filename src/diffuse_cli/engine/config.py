@@ -1,0 +1,233 @@
+"""The configurations: frozen dataclasses a checkpoint stores, so ``diffuse sample RUN`` needs no flags.
+
+This module imports no torch: the command line reads its help-text defaults from here and
+``diffuse --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+KINDS = ("linear", "quadratic", "cosine", "sigmoid")
+
+#: DDPM (Ho et al. 2020, sec. 4) used beta_1 = 1e-4 and beta_T = 0.02 with T = 1000.
+DEFAULT_BETA_START = 1e-4
+DEFAULT_BETA_END = 0.02
+DEFAULT_TIMESTEPS = 1000
+
+PREDICTIONS = ("eps", "x0", "v")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp")  # samplers.SAMPLERS holds the functions
+PRECISIONS = ("auto", "fp32", "bf16")
+WEIGHTINGS = ("uniform", "min-snr")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """What defines the forward process and what the network predicts."""
+
+    schedule: str = "linear"  # DDPM's choice; cosine is better for small images
+    timesteps: int = DEFAULT_TIMESTEPS  # T = 1000 as in DDPM
+    beta_start: float = DEFAULT_BETA_START
+    beta_end: float = DEFAULT_BETA_END
+    zero_terminal_snr: bool = False  # Lin et al. 2024; pair it with v-prediction
+    prediction: str = "eps"  # the seed's objective: predict the noise
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        if self.schedule not in KINDS:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(KINDS)}")
+        if not isinstance(self.zero_terminal_snr, bool):
+            raise ConfigError(f"zero_terminal_snr must be true or false (got {self.zero_terminal_snr!r})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiffusionConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of :class:`UNet`; the defaults are DDPM's CIFAR-10 model (35.7M parameters)."""
+
+    image_size: int = 32  # CIFAR-10; must be divisible by 2 ** (len(channel_mults) - 1)
+    in_channels: int = 3  # 3 for RGB, 1 for greyscale
+    base_channels: int = 128  # DDPM's CIFAR-10 width
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # DDPM: 32 -> 16 -> 8 -> 4 for 32x32 inputs
+    num_res_blocks: int = 2  # DDPM uses 2 per level
+    attention_resolutions: tuple[int, ...] = (16,)  # DDPM attends at 16x16 only (quadratic cost in H*W)
+    dropout: float = 0.1  # DDPM's value for CIFAR-10; overfitting is the main risk on small data
+    num_heads: int = 1  # DDPM used single-head attention
+
+    def __post_init__(self) -> None:
+        # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
+        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        for name in ("image_size", "base_channels", "num_res_blocks", "num_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels!r}")
+        if not self.channel_mults:
+            raise ConfigError("channel_mults must list at least one multiplier, e.g. 1,2,2")
+        for m in self.channel_mults:
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+                raise ConfigError(f"channel_mults must be positive integers, got {list(self.channel_mults)}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        divisor = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size % divisor:
+            lo = self.image_size // divisor * divisor
+            near = [s for s in (lo, lo + divisor) if s > 0]
+            raise ConfigError(
+                f"image_size {self.image_size} must be divisible by {divisor} "
+                f"(2^{len(self.channel_mults) - 1} for {len(self.channel_mults)} levels); "
+                f"try {' or '.join(map(str, near))}, or use fewer channel_mults"
+            )
+        levels = self.resolutions
+        bad = [r for r in self.attention_resolutions if r not in levels]
+        if bad:
+            raise ConfigError(
+                f"attention_resolutions {bad} match no level of this U-Net; "
+                f"its resolutions are {', '.join(map(str, levels))}"
+            )
+        widths = {
+            self.base_channels * m
+            for m, r in zip(self.channel_mults, levels, strict=True)
+            if r in self.attention_resolutions
+        }
+        widths.add(self.base_channels * self.channel_mults[-1])  # the middle block always attends
+        for w in sorted(widths):
+            if w % self.num_heads:
+                raise ConfigError(f"num_heads {self.num_heads} must divide the attention width {w}")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels the network predicts: the image's (eps, x0 or v)."""
+        return self.in_channels
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Spatial size of each level, from the input down (e.g. 32, 16, 8, 4)."""
+        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        """Inverse of :meth:`to_dict`; unknown keys (e.g. from a newer version) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("channel_mults", "attention_resolutions"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    @classmethod
+    def preset(cls, name: str, image_size: int, in_channels: int, **overrides) -> UNetConfig:
+        """The model a preset names for ``image_size`` x ``image_size`` images, with ``overrides`` applied.
+
+        ``auto`` picks by image size: ``tiny`` up to 16 px, ``small`` up to 32, and one more level
+        per doubling above that (the bottleneck stays at 8x8 or below). A preset's attention
+        levels are a suggestion: those this image size does not have are dropped, unless
+        ``attention_resolutions`` is given explicitly (then a wrong one is an error).
+        """
+        if name not in PRESETS and name != "auto":
+            raise ConfigError(f"unknown preset {name!r}; choose auto or one of {', '.join(PRESETS)}")
+        if name != "auto":
+            kw = dict(PRESETS[name])
+        elif image_size <= 16:
+            kw = dict(PRESETS["tiny"])
+        else:
+            kw = dict(PRESETS["small"])
+            if image_size >= 64:
+                kw["channel_mults"] = tuple(kw["channel_mults"]) + (2,) * (image_size // 64).bit_length()
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("attention_resolutions") is None and image_size % 2 ** (len(kw["channel_mults"]) - 1) == 0:
+            levels = {image_size // 2**i for i in range(len(kw["channel_mults"]))}
+            kw["attention_resolutions"] = tuple(r for r in kw["attention_resolutions"] if r in levels)
+        return cls(**kw, image_size=image_size, in_channels=in_channels)
+
+
+# Small configurations for small data; ``image_size`` and ``in_channels`` come from the data set.
+PRESETS: dict[str, dict] = {
+    # 8x8 or 16x16 greyscale digits on a laptop CPU: ~1.1M parameters, attention only in the middle.
+    "tiny": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0),
+    # 32x32 RGB on a CPU: ~6.5M parameters (DDPM's layout at half width, one level fewer).
+    "small": dict(
+        base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1
+    ),
+    # DDPM's CIFAR-10 model, 35.7M parameters (Ho et al. 2020, appendix B).
+    "ddpm-cifar10": dict(
+        base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,), dropout=0.1
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 5000  # enough for recognisable samples on small data sets
+    batch_size: int = 64  # global, over all processes
+    lr: float = 2e-4  # DDPM's CIFAR-10 learning rate
+    warmup: int = 200  # linear LR warmup steps (DDPM used 5000 on 800k steps)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # DDPM clipped the gradient norm at 1
+    ema_decay: float = 0.999  # short runs need a shorter EMA than DDPM's 0.9999
+    loss_weighting: str = "uniform"  # the seed's plain MSE; "min-snr" = Hang et al. 2023
+    hflip: bool = False  # random horizontal flips (off for digits: a mirrored 2 is not a 2)
+    save_every: int = 1000
+    sample_every: int = 1000
+    keep: int = 3  # periodic training states kept on disk
+    log_every: int = 25  # host syncs happen only here
+    num_preview: int = 16
+    preview_steps: int = 50
+    seed: int = 0
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number (got {self.lr})"),
+            (self.warmup >= 0, f"--warmup must be >= 0 (got {self.warmup})"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})"),
+            (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
+            (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {', '.join(WEIGHTINGS)}"),
+            (self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})"),
+            (self.sample_every >= 0, f"--sample-every must be >= 0 (got {self.sample_every})"),
+            (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),
+            (self.log_every >= 1, f"log interval must be at least 1 (got {self.log_every})"),
+            (self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16 (got {self.precision})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resumed(self, **given) -> TrainConfig:
+        """This stored run's config with the options given again on the command line applied.
+
+        Everything but the device-side settings (precision, compile) survives a resume unless
+        given again; e.g. a larger ``steps`` continues the run further.
+        """
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,63 @@
+"""The fixed forward process on a real image, for ``diffuse noise``: x_t at chosen t, with numbers.
+
+x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4), or with
+``iterative`` the one-step kernel x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps (eq. 2)
+applied t + 1 times: a different draw of the same distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data
+from .diffusion import Diffusion
+from .errors import ConfigError, DataError
+from .images import to_uint8
+
+
+@dataclass(frozen=True)
+class Panel:
+    t: int
+    image: torch.Tensor  # (C, S, S) uint8
+    signal: float  # sqrt(alpha_bar_t)
+    noise: float  # sqrt(1 - alpha_bar_t)
+    snr: float  # alpha_bar_t / (1 - alpha_bar_t)
+    psnr: float  # of the 8-bit x_t against x_0, dB (inf when equal)
+
+
+def default_timesteps(T: int) -> list[int]:
+    """A spread from the first to the last step: 0, T/20, T/10, T/4, T/2, 3T/4, T-1."""
+    return sorted({0, T // 20, T // 10, T // 4, T // 2, (3 * T) // 4, T - 1})
+
+
+def noise_image(image: Path, diffusion: Diffusion, ts: list[int] | None, size: int, seed: int = 0,
+                iterative: bool = False) -> tuple[torch.Tensor, list[Panel]]:
+    """x_0 of ``image`` (resized and centre-cropped to ``size``, uint8) and one :class:`Panel` per t."""
+    T = diffusion.num_timesteps
+    ts = ts or default_timesteps(T)
+    bad = [x for x in ts if not 0 <= x < T]
+    if bad:
+        raise ConfigError(f"--t values must be in [0, {T - 1}] (t is 0-based; got {bad[0]})")
+    if not image.exists():
+        raise DataError(f"no such file: {image}")
+    if image.is_dir():
+        raise DataError(f"{image} is a folder; give one image file")
+    x0_u8 = data.decode_image(image, size)
+    x0 = data.to_model_range(x0_u8, torch.float64)[None]
+    gen = torch.Generator().manual_seed(seed)
+    panels = []
+    for t in ts:
+        if iterative:
+            x_t = diffusion.q_sample_iterative(x0, t, generator=gen)
+        else:
+            x_t = diffusion.q_sample(x0, torch.tensor([t]), generator=gen)
+        u8 = to_uint8(x_t[0])
+        mse = (u8.float() - x0_u8.float()).pow(2).mean().item()
+        psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+        panels.append(Panel(t, u8, float(diffusion.sqrt_alphas_cumprod[t]),
+                            float(diffusion.sqrt_one_minus_alphas_cumprod[t]), float(diffusion.snr[t]), psnr))
+    return x0_u8, panels

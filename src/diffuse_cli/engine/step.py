@@ -1,0 +1,151 @@
+"""One training step of DDPM (Ho et al. 2020, Algorithm 1), the thing ``diffuse train`` repeats.
+
+    x0 ~ data, t ~ Uniform{0..T-1}, eps ~ N(0, I)
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                 (eq. 4)
+    gradient step on ||target - net(x_t, t)||^2                  (eq. 14; target = eps, x0 or v)
+
+:func:`make_train_step` builds the model, optimizer, EMA and data generator in a fixed order
+(so a seed fixes the initial weights), and :class:`TrainStep` runs one step. The training loop
+(``training.py``) and ``benchmarks/gpu.py`` both use these two, so the benchmark measures
+exactly what ships.
+
+Randomness: one generator on the training device (the "data generator") draws, for every
+step, the indices of the whole *global* batch, its t, its eps and its flips; every rank
+draws the same numbers and keeps its own slice. So N processes train exactly the
+1-process run, and a run can resume on a different number of processes. Dropout uses
+torch's global RNG.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import device as devices
+from .data import to_model_range
+from .diffusion import Diffusion, DiffusionConfig
+from .distributed import Dist
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (Polyak averaging), with warmup.
+
+    decay_k = min(decay, (1 + k) / (10 + k)) so early averages are not dominated by the
+    random initialisation (as in TensorFlow's ExponentialMovingAverage num_updates).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        self.model.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
+        for eb, mb in zip(self.model.buffers(), model.buffers(), strict=True):
+            eb.copy_(mb)
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warmup to ``lr``, then constant (DDPM's schedule): it needs no total step count."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    return lr
+
+
+@dataclass
+class TrainStep:
+    """Everything one step touches. ``step(k)`` trains on global batch k and returns its mean loss
+    (a detached device tensor: reading it is a host sync, so the loop does that only when it logs)."""
+
+    model: nn.Module  # the bare U-Net: its weights are what gets saved
+    diffusion: Diffusion
+    opt: torch.optim.Optimizer
+    ema: EMA
+    gen: torch.Generator  # the data generator (see the module docstring)
+    images: torch.Tensor  # uint8 (N, C, H, W), on the training device
+    config: object  # training.TrainConfig: batch_size, lr, warmup, grad_clip, loss_weighting, hflip
+    amp: torch.dtype | None = None  # autocast dtype, None for fp32
+    dist: Dist = None  # type: ignore[assignment]
+    net: nn.Module | None = None  # what is called: the model, DDP-wrapped on several processes
+    loss_fn: object = None  # net + loss, possibly compiled
+
+    def __post_init__(self) -> None:
+        self.dist = self.dist or Dist()
+        self.net = self.net or self.model
+        self.loss_fn = self.loss_fn or self._losses
+        self.device = self.images.device
+        self.memory_format = devices.memory_format(self.device, self.amp)
+
+    def distribute(self) -> None:
+        """Wrap the model in DDP when there are several processes (after any resume, before training)."""
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def compile(self, backend: str | None = None) -> str | None:
+        """Compile the forward pass and the loss together (inductor fuses the memory-bound work between
+        the matrix products); returns why not if this machine cannot compile, and stays eager then."""
+        fn, why = devices.compile_model(self._losses, self.device, backend)
+        if why is None:
+            self.loss_fn = fn
+        return why
+
+    def _losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return self.diffusion.training_losses(self.net, x0, t=t, eps=eps, weighting=self.config.loss_weighting)
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps). Draws in a fixed order."""
+        cfg, gen, dev = self.config, self.gen, self.device
+        b = cfg.batch_size
+        idx = torch.randint(0, self.images.shape[0], (b,), generator=gen, device=dev)
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=gen, device=dev)
+        eps = torch.randn((b, *self.images.shape[1:]), generator=gen, device=dev)
+        flip = torch.rand((b,), generator=gen, device=dev) < 0.5 if cfg.hflip else None
+        local = b // self.dist.world_size
+        sl = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
+        x0 = to_model_range(self.images[idx[sl]])
+        if flip is not None:
+            x0 = torch.where(flip[sl, None, None, None], x0.flip(-1), x0)
+        return x0.contiguous(memory_format=self.memory_format), t[sl], eps[sl]
+
+    def __call__(self, step: int) -> torch.Tensor:
+        cfg = self.config
+        x0, t, eps = self.draw()
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+        loss = self.loss_fn(x0, t, eps).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
+        self.opt.step()
+        self.ema.update(self.model, step)
+        return loss.detach()
+
+
+def make_train_step(model_config, diffusion_config: DiffusionConfig, config, images: torch.Tensor,
+                    device: torch.device, dist: Dist | None = None, amp: torch.dtype | None = None) -> TrainStep:
+    """Build model, optimizer, EMA and generator for ``config`` (a TrainConfig) on ``device``.
+
+    The initial weights depend only on ``config.seed`` (the same on every rank); dropout streams
+    differ per rank. ``images`` (uint8) are copied to the device once: 4x less memory than float.
+    """
+    from .unet import UNet
+
+    dist = dist or Dist()
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    diffusion = Diffusion(diffusion_config).to(device)
+    model = UNet(model_config).to(device)
+    torch.manual_seed(config.seed + dist.rank)  # dropout masks differ between ranks
+    model = devices.optimize_for_device(model, device, amp)
+    opt = devices.make_optimizer(model.parameters(), lr=config.lr, device=device, weight_decay=config.weight_decay)
+    ema = EMA(model, config.ema_decay)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    data = devices.to_device(images, device)
+    return TrainStep(model, diffusion, opt, ema, gen, data, config, amp=amp, dist=dist)
