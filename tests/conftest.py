@@ -5,6 +5,12 @@ import pytest
 os.environ.setdefault("COLUMNS", "120")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: the CLI's default outputs (samples/, runs/) never land in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def photo(tmp_path):
     """A small synthetic RGB 'photo' with structure (gradients and a disc)."""

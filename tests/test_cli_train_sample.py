@@ -104,26 +104,27 @@ def test_train_bad_input(tmp_path, folder):
     occupied = tmp_path / "occ"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
-    cases = [
-        (["train", tmp_path / "missing", "--out", tmp_path / "o1"], "no such"),
-        (["train", empty, "--out", tmp_path / "o2"], "no images found"),
-        (["train", junk, "--out", tmp_path / "o3"], "could be decoded"),
-        (["train", folder, "--out", tmp_path / "o4", "--image-size", "10", "--preset", "small"], "divisible"),
-        (["train", folder, "--out", blocker / "sub", *TINY], "blocker"),
-        (["train", folder, "--out", occupied, *TINY], "not empty"),
-        (["train", folder, "--out", tmp_path / "o5", "--steps", "0"], "--steps must be at least 1"),
-        (["train", folder, "--out", tmp_path / "o6", "--lr", "-1"], "--lr must be a positive"),
-        (["train", folder, "--out", tmp_path / "o7", "--device", "tpu"], "unknown device"),
-        (["train", "builtin:nothing", "--out", tmp_path / "o8"], "digits"),
-        (["train", folder, "--out", tmp_path / "o9", "--channels", "2"], "--channels must be 1 (grayscale) or 3 (RGB)"),
+    cases = [  # (arguments, message, exit code: 2 for a bad option value, 1 when the work cannot be done)
+        (["train", tmp_path / "missing", "--out", tmp_path / "o1"], "no such", 1),
+        (["train", empty, "--out", tmp_path / "o2"], "no images found", 1),
+        (["train", junk, "--out", tmp_path / "o3"], "could be decoded", 1),
+        (["train", folder, "--out", tmp_path / "o4", "--image-size", "10", "--preset", "small"], "divisible", 2),
+        (["train", folder, "--out", blocker / "sub", *TINY], "blocker", 1),
+        (["train", folder, "--out", occupied, *TINY], "not empty", 1),
+        (["train", folder, "--out", tmp_path / "o5", "--steps", "0"], "--steps must be at least 1", 2),
+        (["train", folder, "--out", tmp_path / "o6", "--lr", "-1"], "--lr must be a positive", 2),
+        (["train", folder, "--out", tmp_path / "o7", "--device", "tpu"], "unknown device", 2),
+        (["train", "builtin:nothing", "--out", tmp_path / "o8"], "digits", 1),
+        (["train", folder, "--out", tmp_path / "o9", "--channels", "2"], "--channels must be 1 (grayscale) or 3 (RGB)", 2),
+        (["train", folder, "--out", tmp_path / "o5", "--resume", "--overwrite"], "pass only one of them", 2),
     ]
-    for args, msg in cases:
-        out = one_line_error(run(*args))
+    for args, msg, code in cases:
+        out = one_line_error(run(*args), code)
         assert msg in out, (args, out)
     import torch
 
     if not torch.cuda.is_available():
-        assert "CUDA is not available" in one_line_error(run("train", folder, "--out", tmp_path / "o10", "--device", "cuda"))
+        assert "CUDA is not available" in one_line_error(run("train", folder, "--out", tmp_path / "o10", "--device", "cuda"), 2)
     # nothing was created for refused runs
     assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
 
@@ -140,18 +141,30 @@ def test_sample_bad_input(tmp_path, run_dir):
     save_file({"w": torch.zeros(2)}, str(foreign))
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    cases = [
-        (["sample", tmp_path / "nope.safetensors"], "no such checkpoint"),
-        (["sample", trunc], "corrupt or truncated"),
-        (["sample", pt], "unpickling"),
-        (["sample", foreign], "not a diffuse checkpoint"),
-        (["sample", run_dir, "--steps", "0"], "--steps must be between 1 and T = 50"),
-        (["sample", run_dir, "--steps", "51"], "--steps must be between 1 and T = 50"),
-        (["sample", run_dir, "--sampler", "ddim", "--eta", "1.5"], "--eta must be between 0 and 1"),
-        (["sample", run_dir, "--eta", "0.5"], "--eta applies to --sampler ddim, not dpmpp"),
-        (["sample", run_dir, "--num", "0"], "--num must be at least 1"),
-        (["sample", run_dir, "--out", blocker / "x"], "blocker"),
+    cases = [  # (arguments, message, exit code: 2 for a bad option value, 1 when the work cannot be done)
+        (["sample", tmp_path / "nope.safetensors"], "no such checkpoint", 1),
+        (["sample", trunc], "corrupt or truncated", 1),
+        (["sample", pt], "unpickling", 1),
+        (["sample", foreign], "not a diffuse checkpoint", 1),
+        (["sample", run_dir, "--steps", "0"], "--steps must be between 1 and T = 50", 2),
+        (["sample", run_dir, "--steps", "51"], "--steps must be between 1 and T = 50", 2),
+        (["sample", run_dir, "--sampler", "ddim", "--eta", "1.5"], "--eta must be between 0 and 1", 2),
+        (["sample", run_dir, "--eta", "0.5"], "--eta applies to --sampler ddim, not dpmpp", 2),
+        (["sample", run_dir, "--num", "0"], "--num must be at least 1", 2),
+        (["sample", run_dir, "--seed", "-1"], "--seed must be a whole number", 2),
+        (["sample", run_dir, "--out", blocker / "x"], "blocker", 1),
     ]
-    for args, msg in cases:
-        out = one_line_error(run(*args))
+    for args, msg, code in cases:
+        out = one_line_error(run(*args), code)
         assert msg in out, (args, out)
+
+
+def test_sample_refuses_to_mix_with_earlier_images(tmp_path, run_dir):
+    out = tmp_path / "imgs"
+    assert run("sample", run_dir, "--num", "3", "--out", out, "--steps", "2").exit_code == 0
+    err = one_line_error(run("sample", run_dir, "--num", "2", "--out", out, "--steps", "2"), 1)
+    assert "already holds 3 generated images" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "0002.png"]  # untouched
+    (out / "notes.txt").write_text("mine")
+    assert run("sample", run_dir, "--num", "2", "--out", out, "--steps", "2", "--overwrite").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "notes.txt"]  # no stale 0002.png

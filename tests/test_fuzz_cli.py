@@ -135,9 +135,11 @@ def check(args: list[str]) -> None:
     assert r.exception is None or isinstance(r.exception, SystemExit), f"{args}\n{r.exception!r}\n{r.output}"
     assert r.exit_code in (0, 1, 2), f"{args}\n{r.output}"
     assert "Traceback" not in r.output, args
-    if r.exit_code == 1:  # an engine error: exactly one line
+    if r.exit_code and r.stderr.strip():  # one style for every error: exactly one line, "error: ..."
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{args}\n{r.stderr}"
+        if " for '--" in lines[0] or "must be" in lines[0] and lines[0].startswith("error: --"):
+            assert r.exit_code == 2, f"a bad option value is a usage error, exit 2: {args}\n{r.stderr}"
 
 
 @pytest.fixture(autouse=True)

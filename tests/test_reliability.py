@@ -319,7 +319,7 @@ def test_sigint_and_sigterm_save_and_exit(tmp_path, sig, code, name):
     assert rc == code, out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    m = re.fullmatch(rf"error: stopped by {name} at step (\d+); the state is saved in .* --resume", lines[0])
+    m = re.fullmatch(rf"stopped: {name} at step (\d+); the state is saved in .* --resume", lines[0])
     assert m, lines[0]
     step = int(m.group(1))
     assert step >= 25  # the first log line was written: it trained
@@ -349,7 +349,7 @@ def test_signal_while_writing_pictures_leaves_no_temporaries(tmp_path, run_dir, 
     p.send_signal(sig)
     stdout, err = p.communicate(timeout=60)
     assert p.returncode == code, stdout + err
-    assert err.strip() == f"error: {message}"
+    assert err.strip() == f"stopped: {message}"
     assert not temporaries(out)
     names = sorted(os.listdir(out))
     assert 30 <= len(names) < 3000

@@ -185,9 +185,14 @@ def test_compiled_and_eager_steps_agree(digits):
     comp = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
     assert comp.compile(backend="aot_eager") is None
     for k in range(3):
-        torch.testing.assert_close(comp(k), eager(k), rtol=1e-5, atol=1e-6)
-    for a, b in zip(eager.model.parameters(), comp.model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # not vacuous: the weights moved
+        torch.testing.assert_close(comp(k), eager(k), rtol=1e-5, atol=1e-6)  # the same losses
     fresh = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
-    assert any(not torch.equal(a, b) for a, b in zip(fresh.model.parameters(), eager.model.parameters(), strict=True))
+    # Compare what the networks compute, not raw weights: where a gradient is zero in exact arithmetic
+    # (biases a GroupNorm removes) Adam turns rounding noise into full-size steps (see test_distributed.py).
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0, 99, 16).long()
+    with torch.no_grad():
+        out = {name: ts.model.eval()(x, t) for name, ts in (("fresh", fresh), ("eager", eager), ("compiled", comp))}
+    moved = (out["eager"] - out["fresh"]).abs().max().item()
+    apart = (out["compiled"] - out["eager"]).abs().max().item()
+    assert moved > 1e-3 and apart < 0.01 * moved, (moved, apart)

@@ -33,8 +33,35 @@ from .engine.config import (  # no torch
     TrainConfig,
 )
 
-console = Console(highlight=False)
+# Off a terminal (a pipe, a log file) rich would squeeze tables to 80 columns; 120 reads better.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+console = Console(highlight=False, width=_WIDTH)
 err_console = Console(stderr=True, highlight=False)
+EXIT_CODES = "Exit codes: 0 done, 1 could not do it (data, checkpoint, disk), 2 bad usage or option value, 130 Ctrl-C, 143 SIGTERM."
+
+
+def _calm_typer() -> None:
+    """Two changes to Typer's output, so every message looks the same:
+
+    * a usage error (unknown option, bad choice, value out of range) is one line on stderr,
+      ``error: ...``, exit 2 -- the same line as the engine's own errors;
+    * flags show no ``<bool>`` value in --help (``--resume``, not ``--resume <bool>``).
+    """
+    from typer import core, rich_utils
+
+    def one_line(err) -> None:
+        if type(err).__name__ == "NoArgsIsHelpError":  # help was printed already
+            return
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/] {err.format_message().replace('Value error, ', '')}{hint}", soft_wrap=True, markup=True, highlight=False)
+
+    rich_utils.rich_format_error = one_line
+    plain = core.TyperOption.display_type_rich
+    core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else plain(self, ctx)
+
+
+_calm_typer()
 
 app = typer.Typer(
     name="diffuse",
@@ -44,6 +71,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=EXIT_CODES,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
@@ -79,6 +107,12 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def stopped(message: str, code: int) -> None:
+    """An intended stop (Ctrl-C, SIGTERM) is not an error: say what happened, in yellow."""
+    err_console.print(f"[bold yellow]stopped:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that cleanup (finally blocks, temporary files) runs; exits 143 = 128 + 15."""
 
@@ -94,14 +128,16 @@ def _interrupt_exit(err: KeyboardInterrupt) -> tuple[str, int]:
 
 def _run(fn, *args, **kwargs):
     """Call into the engine, turning its errors into one line and an exit code."""
-    from .engine.errors import DiffuseError, out_of_memory_reason
+    from .engine.errors import DiffuseError, Interrupted, out_of_memory_reason
 
     try:
         return fn(*args, **kwargs)
+    except Interrupted as err:
+        stopped(str(err), err.exit_code)
     except DiffuseError as err:
         fail(str(err), err.exit_code)
     except KeyboardInterrupt as err:
-        fail(*_interrupt_exit(err))
+        stopped(*_interrupt_exit(err))
     except (MemoryError, RuntimeError) as err:
         reason = out_of_memory_reason(err)
         if reason is None:
@@ -115,8 +151,7 @@ TOpt = Annotated[int, typer.Option("--timesteps", "-T", help="Number of diffusio
 BStartOpt = Annotated[float, typer.Option("--beta-start", help="beta at the first step (linear/quadratic/sigmoid).")]
 BEndOpt = Annotated[float, typer.Option("--beta-end", help="beta at the last step (linear/quadratic/sigmoid).")]
 ZtsnrOpt = Annotated[bool, typer.Option("--zero-terminal-snr", help="Rescale so x_T is exactly pure noise (Lin et al. 2024).")]
-MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; previews add a small offset to the seed
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same result.", min=0, max=MAX_SEED)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (0 or more): same seed, same result.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 
 
@@ -148,7 +183,7 @@ def schedule(
 
     alpha_t = 1 - beta_t and alpha_bar_t = prod_{s<=t} alpha_s; then
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, and SNR_t = alpha_bar_t / (1 - alpha_bar_t).
-    t is 0-based: t = 0 is the first noisy step (the seed's x_1), t = T-1 is x_T.
+    t is 0-based: t = 0 is the first noisy step (x_1 in Ho et al. 2020), t = T-1 is x_T.
 
     **Examples**
 
@@ -185,7 +220,7 @@ def schedule(
 def _schedule_table(kind: str, d, rows: int, ztsnr: bool) -> None:
     T = d.num_timesteps
     rows = min(rows, max(T, 2))  # --rows 100000000 must not loop for minutes to show T rows
-    ts = sorted({round(i * (T - 1) / (rows - 1)) for i in range(rows)})
+    ts = sorted({min(round(i * T / (rows - 1)), T - 1) for i in range(rows)})  # 0, 100, ..., 900, 999 for T = 1000
     title = f"{kind} schedule, T = {T}" + (", zero terminal SNR" if ztsnr else "")
     table = Table(title=title, title_justify="left")
     for col in ("t", "beta_t", "abar_t", "sqrt(abar_t)", "sqrt(1-abar_t)", "SNR", "SNR dB"):
@@ -195,7 +230,7 @@ def _schedule_table(kind: str, d, rows: int, ztsnr: bool) -> None:
         row = (d.betas[t], d.alphas_cumprod[t], d.sqrt_alphas_cumprod[t], d.sqrt_one_minus_alphas_cumprod[t])
         table.add_row(str(t), *(f"{float(v):{f}}" for v, f in zip(row, (".6f", ".4g", ".4f", ".4f"), strict=True)), f"{snr:.4g}", _fmt_snr_db(snr))
     console.print(table)
-    console.print("abar = alpha_bar = prod of (1 - beta); t is 0-based (t = 0 is the seed's x_1, t = T-1 its x_T)")
+    console.print("abar = alpha_bar = prod of (1 - beta); t is 0-based (t = 0 is x_1 in Ho et al. 2020, t = T-1 is x_T)")
     snr_T = float(d.snr[-1])
     console.print(
         f"signal left in x_T: sqrt(alpha_bar) = {float(d.sqrt_alphas_cumprod[-1]):.3g};  alpha_bar_T = {float(d.alphas_cumprod[-1]):.3g};  SNR(T) = {snr_T:.3g} ({_fmt_snr_db(snr_T)} dB)"
@@ -206,6 +241,8 @@ def _schedule_table(kind: str, d, rows: int, ztsnr: bool) -> None:
             "sampling starts from N(0, I) but training never saw that; use more steps, a larger --beta-end "
             "or --zero-terminal-snr."
         )
+    elif snr_T == 0:
+        console.print("[green]x_T is pure noise[/] (SNR(T) = 0), as the reverse process assumes.")
     else:
         console.print("[green]x_T is close to pure noise[/] (SNR(T) <= 1e-3), as the reverse process assumes.")
 
@@ -222,7 +259,7 @@ def noise(
     zero_terminal_snr: ZtsnrOpt = False,
     size: Annotated[int, typer.Option("--size", help="Resize + center-crop to this many pixels.", min=1, max=4096)] = 128,
     seed: SeedOpt = 0,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Labelled PNG strip. Default: <image>-noise.png here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Labelled PNG strip. Default: `<image>-noise.png` in the current folder.")] = None,
     frames: Annotated[Path | None, typer.Option("--frames", help="Also write each panel as DIR/t0123.png.")] = None,
     gif: Annotated[Path | None, typer.Option("--gif", help="Also write an animation through t.")] = None,
     iterative: Annotated[bool, typer.Option("--iterative", help="Apply the one-step kernel t+1 times instead of the closed form.")] = False,
@@ -231,7 +268,7 @@ def noise(
 
     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, eps ~ N(0, I), with pixels scaled to [-1, 1].
     With --iterative the image is noised step by step, x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps:
-    a different draw, but the same distribution (the seed's "nice property").
+    a different draw, but the same distribution (Ho et al. 2020, eq. 4: q(x_t | x_0) in closed form).
 
     **Examples**
 
@@ -300,7 +337,7 @@ def _d(value) -> str:
 @app.command(no_args_is_help=True)
 def train(
     data: Annotated[str, typer.Argument(help="A folder of images (searched recursively) or builtin:digits.", show_default=False)],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder for checkpoints, samples and logs. Default: runs/<data name>.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder for checkpoints, samples and logs. Default: `runs/<data name>`.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help=f"Optimizer steps to train (total, also when resuming). {_d(_T.steps)}")] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", "-b", help=f"GLOBAL batch size, split over all torchrun processes. {_d(_T.batch_size)}")
@@ -336,7 +373,7 @@ def train(
     device: DeviceOpt = "auto",
     precision: Annotated[Precision, typer.Option("--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.")] = Precision("auto"),
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass and loss (faster on GPU after a warm-up).")] = False,
-    seed: Annotated[int | None, typer.Option("--seed", help=f"Random seed: same seed, same run. {_d(_T.seed)}", min=0, max=MAX_SEED)] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help=f"Random seed (0 or more): same seed, same run. {_d(_T.seed)}")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest state.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out that holds another run.")] = False,
 ) -> None:
@@ -407,6 +444,7 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
     from .engine.distributed import launched_rank
     from .engine.unet import UNetConfig
 
+    rundir.check_mode(resume, overwrite)
     out = out or rundir.default_out(data_spec)
     stored = rundir.newest_state(out, tensors=False) if resume else None  # metadata only: the engine reads the tensors
     if stored is not None:
@@ -448,18 +486,20 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")
 
 
+def _duration(seconds: float) -> str:
+    """3 s, 4 min, 2.5 h: the unit a person would use."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class _TrainProgress:
     """Draws the training events: a header, a progress bar (plain lines every ~10% off a terminal), notes."""
 
     def __init__(self, cfg, diff_cfg, say, is_main: bool):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.cfg, self.diff_cfg, self.say, self.is_main = cfg, diff_cfg, say, is_main
         self.bar = Progress(
@@ -475,7 +515,7 @@ class _TrainProgress:
             disable=not is_main,
             transient=False,
         )
-        self.task, self.smooth = None, None
+        self.task, self.estimated = None, False
 
     def on_event(self, e: dict) -> None:
         kind, cfg, say = e["event"], self.cfg, self.say
@@ -488,17 +528,21 @@ class _TrainProgress:
                 say(f"[bold]noise[/] {d.schedule} schedule, T = {d.timesteps}, predicting {d.prediction}")
             if e["resumed"]:
                 say(f"resuming at step {e['step']}")
+            say(f"[dim]loss = mean of ||target - prediction||^2 over the last {cfg.log_every} steps (as in log.jsonl)[/]")
             self.task = self.bar.add_task("train", total=e["steps"], completed=e["step"], loss="…", ips="…")
             self.bar.start()
         elif kind == "step":
             self.bar.update(self.task, completed=e["step"])
         elif kind == "log":
-            self.smooth = e["loss"] if self.smooth is None else 0.8 * self.smooth + 0.2 * e["loss"]
-            self.bar.update(self.task, loss=f"{self.smooth:.4f}", ips=f"{e['img_per_s']:.0f}")
+            self.bar.update(self.task, loss=f"{e['loss']:.4f}", ips=f"{e['img_per_s']:.0f}")
+            if not self.estimated and e["step"] < cfg.steps:  # the first measured speed: say what the run will cost
+                self.estimated = True
+                left = (cfg.steps - e["step"]) * cfg.batch_size / max(e["img_per_s"], 1e-9)
+                self.bar.console.print(f"  ~{e['img_per_s']:.0f} img/s: the remaining {cfg.steps - e['step']} steps take ~{_duration(left)}")
             if not console.is_terminal and self.is_main:  # logs and CI: a plain line every ~10%
                 tenth = max(1, cfg.steps // 10)
                 if e["step"] // tenth != (e["step"] - cfg.log_every) // tenth or e["step"] == cfg.steps:
-                    say(f"  step {e['step']}/{cfg.steps}  loss {self.smooth:.4f}  {e['img_per_s']:.0f} img/s  {e['elapsed']:.0f}s")
+                    say(f"  step {e['step']}/{cfg.steps}  loss {e['loss']:.4f}  {e['img_per_s']:.0f} img/s  {e['elapsed']:.0f}s")
         elif kind == "warning":
             self.bar.console.print(f"[yellow]warning:[/] {e['message']}")
         elif kind == "preview":
@@ -522,6 +566,7 @@ def sample(
     device: DeviceOpt = "auto",
     gif: Annotated[Path | None, typer.Option("--gif", help="Animate the denoising of the first few images: x_t beside predicted x_0.")] = None,
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip predicted x_0 to [-1, 1] at each step.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the images an earlier run left in --out.")] = False,
 ) -> None:
     """Generate images by running the learned reverse process from pure noise x_T ~ N(0, I).
 
@@ -537,15 +582,15 @@ def sample(
 
         diffuse sample runs/digits --sampler ddpm --num 8 --gif denoise.gif
     """
-    _run(_sample, checkpoint, num, out, grid, sampler.value, steps, eta, seed, batch_size, device, gif, clip)
+    _run(_sample, checkpoint, num, out, grid, sampler.value, steps, eta, seed, batch_size, device, gif, clip, overwrite)
 
 
-def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_size, device, gif, clip) -> None:
+def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_size, device, gif, clip, overwrite) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .engine import checkpoint as ckpt
     from .engine import images as img
-    from .engine import samplers
+    from .engine import rundir, samplers
     from .engine.device import autocast_dtype, resolve_device
     from .engine.errors import ConfigError
     from .engine.fileio import ensure_dir
@@ -557,8 +602,10 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
     model, diffusion, ck = ckpt.load_for_sampling(checkpoint, dev)
     T = diffusion.num_timesteps
     steps = steps if steps is not None else samplers.default_steps(sampler_name, T)
-    for folder in ([out] if out is not None else []) + [Path(p).parent for p in (grid, gif) if p is not None]:
-        ensure_dir(folder)  # outputs are checked before spending time sampling
+    if out is not None:  # outputs are checked before spending time sampling
+        rundir.prepare_sample_dir(Path(out), overwrite)
+    for folder in [Path(p).parent for p in (grid, gif) if p is not None]:
+        ensure_dir(folder)
     opts = {"clip_x0": clip, **({"eta": eta} if sampler_name == "ddim" or eta != 0.0 else {})}  # the engine says where eta applies
     console.print(
         f"[bold]sample[/] {ck.path} (step {ck.step}, {ck.diffusion.get('schedule')} schedule, T = {T}, predicts {ck.diffusion.get('prediction')}); {sampler_name}, {steps} steps, device {dev}"
@@ -614,7 +661,7 @@ def main() -> None:
         raise
     except KeyboardInterrupt as err:
         message, code = _interrupt_exit(err)
-        err_console.print(f"[bold red]error:[/] {message}")
+        err_console.print(f"[bold yellow]stopped:[/] {message}")
         sys.exit(code)
     except Exception as err:  # noqa: BLE001 - the last line of defence against tracebacks
         if os.environ.get("DIFFUSE_DEBUG"):

@@ -19,6 +19,16 @@ DEFAULT_BETA_START = 1e-4
 DEFAULT_BETA_END = 0.02
 DEFAULT_TIMESTEPS = 1000
 
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit; previews and per-image seeds derive from the seed
+
+
+def check_seed(seed: int) -> int:
+    """``seed`` if it is a whole number in [0, 2^63), else a ConfigError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be a whole number between 0 and 2^63 - 1 (got {seed!r})")
+    return seed
+
+
 PREDICTIONS = ("eps", "x0", "v")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp")  # samplers.SAMPLERS holds the functions
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -34,7 +44,7 @@ class DiffusionConfig:
     beta_start: float = DEFAULT_BETA_START
     beta_end: float = DEFAULT_BETA_END
     zero_terminal_snr: bool = False  # Lin et al. 2024; pair it with v-prediction
-    prediction: str = "eps"  # the seed's objective: predict the noise
+    prediction: str = "eps"  # DDPM's objective: predict the noise
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
@@ -184,7 +194,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # DDPM clipped the gradient norm at 1
     ema_decay: float = 0.999  # short runs need a shorter EMA than DDPM's 0.9999
-    loss_weighting: str = "uniform"  # the seed's plain MSE; "min-snr" = Hang et al. 2023
+    loss_weighting: str = "uniform"  # DDPM's plain MSE (L_simple, eq. 14); "min-snr" = Hang et al. 2023
     hflip: bool = False  # random horizontal flips (off for digits: a mirrored 2 is not a 2)
     save_every: int = 1000
     sample_every: int = 1000
@@ -215,6 +225,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        check_seed(self.seed)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

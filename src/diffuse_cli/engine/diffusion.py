@@ -204,7 +204,7 @@ class Diffusion:
         generator: torch.Generator | None = None,
         weighting: str = "uniform",
     ) -> torch.Tensor:
-        """The seed's simple loss ||target - model(x_t, t)||^2, averaged per sample: shape (B,).
+        """DDPM's simple loss ||target - model(x_t, t)||^2, averaged per sample: shape (B,).
 
         t ~ Uniform{0..T-1} and eps ~ N(0, I) unless given. For eps-prediction with
         uniform weighting this is exactly DDPM's L_simple (eq. 14).

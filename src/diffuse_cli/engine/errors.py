@@ -1,7 +1,8 @@
 """The engine's only way of reporting a user's mistake.
 
 The CLI catches :class:`DiffuseError`, prints ``str(err)`` on one line and exits
-with ``err.exit_code``. Internal invariants use ``assert`` instead.
+with ``err.exit_code``: 2 for a bad option value (:class:`ConfigError`, like a usage error), 1 when
+the work could not be done, 128 + the signal number when interrupted. Internal invariants use ``assert`` instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ class DiffuseError(Exception):
 
 
 class ConfigError(DiffuseError):
-    """Invalid parameters (schedule, model, training or sampling options)."""
+    """Invalid parameters (schedule, model, training or sampling options): a usage error, exit 2 as for
+    an unknown option."""
+
+    exit_code = 2
 
 
 class DataError(DiffuseError):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import data
+from .config import check_seed
 from .diffusion import Diffusion
 from .errors import ConfigError, DataError
 from .images import to_uint8
@@ -37,6 +38,7 @@ def default_timesteps(T: int) -> list[int]:
 def noise_image(image: Path, diffusion: Diffusion, ts: list[int] | None, size: int, seed: int = 0,
                 iterative: bool = False) -> tuple[torch.Tensor, list[Panel]]:
     """x_0 of ``image`` (resized and centre-cropped to ``size``, uint8) and one :class:`Panel` per t."""
+    check_seed(seed)
     T = diffusion.num_timesteps
     ts = ts or default_timesteps(T)
     bad = [x for x in ts if not 0 <= x < T]

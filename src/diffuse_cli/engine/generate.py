@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import samplers
+from .config import check_seed
 from .diffusion import Diffusion
 from .errors import ConfigError
 
@@ -63,6 +64,7 @@ def generate(
     """``num`` samples of ``shape`` (C, H, W) from ``model``, float32 on the CPU in [-1, 1] (clipped
     by the caller if needed). ``progress(done)`` is called after each batch; ``trajectory`` records
     the first batch's denoising. ``options`` go to the sampler (``clip_x0``, ``eta``, ...)."""
+    check_seed(seed)
     if num < 1:
         raise ConfigError(f"--num must be at least 1 (got {num})")
     if batch_size < 1:

@@ -100,6 +100,22 @@ def labelled_strip(panels: Sequence[Image.Image], labels: Sequence[str], panel_s
     return out
 
 
+def nice_ticks(lo: float, hi: float, target: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi], about ``target`` of them."""
+    span = hi - lo
+    if not math.isfinite(span) or span <= 0:
+        return [lo]
+    raw = span / target
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    return [round(first + i * step, 12) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _tick_label(v: float, step: float) -> str:
+    return f"{v:.0f}" if step >= 1 else f"{v:.{max(0, -math.floor(math.log10(step)))}f}"
+
+
 def line_plot(
     series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
     *,
@@ -109,14 +125,17 @@ def line_plot(
     size: tuple[int, int] = (520, 340),
     ylim: tuple[float, float] | None = None,
 ) -> Image.Image:
-    """A minimal line plot: axes with ticks and labels, one coloured line per (name, xs, ys) and a legend.
+    """A minimal line plot: axes with round ticks, one coloured line per (name, xs, ys), and a legend
+    in a row under the axes (so it never covers a curve).
 
     Non-finite values break the line (e.g. log-SNR = -inf at zero terminal SNR).
     """
     w, h = size
     f = font(12)
     ft = font(14)
-    left, right, top, bottom = 62, 16, 30, 44
+    legend_h = 20 if len(series) > 1 else 0
+    h += legend_h
+    left, right, top, bottom = 62, 16, 30, 44 + legend_h
     img = Image.new("RGB", (w, h), BG)
     d = ImageDraw.Draw(img)
     finite = [y for _, _, ys in series for y in ys if math.isfinite(y)]
@@ -131,18 +150,19 @@ def line_plot(
     def px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
 
-    for i in range(6):  # gridlines and ticks
-        yv = y0 + (y1 - y0) * i / 5
+    yt, xt = nice_ticks(y0, y1), nice_ticks(x0, x1)
+    for yv in yt:
         _, yp = px(x0, yv)
         d.line([(left, yp), (w - right, yp)], fill=GRID_COLOUR)
-        label = f"{yv:.3g}"
+        label = _tick_label(yv, yt[1] - yt[0] if len(yt) > 1 else 1)
         d.text((left - 6 - d.textlength(label, font=f), yp - 7), label, fill=FG, font=f)
-        xv = x0 + (x1 - x0) * i / 5
+    for xv in xt:
         xp, _ = px(xv, y0)
         d.line([(xp, top), (xp, h - bottom)], fill=GRID_COLOUR)
-        label = f"{xv:.0f}" if abs(x1 - x0) >= 10 else f"{xv:.2g}"
+        label = _tick_label(xv, xt[1] - xt[0] if len(xt) > 1 else 1)
         d.text((xp - d.textlength(label, font=f) / 2, h - bottom + 5), label, fill=FG, font=f)
     d.rectangle([left, top, w - right, h - bottom], outline=FG)
+    lx = left
     for k, (name, xs, ys) in enumerate(series):
         colour = PALETTE[k % len(PALETTE)]
         seg: list[tuple[float, float]] = []
@@ -155,12 +175,13 @@ def line_plot(
                 seg = []
         if len(seg) > 1:
             d.line(seg, fill=colour, width=2)
-        ly = top + 8 + 16 * k  # legend, top right
-        lx = w - right - 8 - max(d.textlength(n, font=f) for n, _, _ in series) - 26
-        d.line([(lx, ly + 7), (lx + 20, ly + 7)], fill=colour, width=3)
-        d.text((lx + 24, ly), name, fill=FG, font=f)
+        if legend_h:  # legend: one row under the x label
+            ly = h - legend_h + 2
+            d.line([(lx, ly + 7), (lx + 20, ly + 7)], fill=colour, width=3)
+            d.text((lx + 24, ly), name, fill=FG, font=f)
+            lx += 24 + d.textlength(name, font=f) + 18
     d.text(((w - d.textlength(title, font=ft)) / 2, 8), title, fill=FG, font=ft)
-    d.text(((w - d.textlength(xlabel, font=f)) / 2, h - 18), xlabel, fill=FG, font=f)
+    d.text(((w - d.textlength(xlabel, font=f)) / 2, h - bottom + 24), xlabel, fill=FG, font=f)
     # vertical y label: draw on a small image and rotate
     lw = int(d.textlength(ylabel, font=f)) + 4
     lab = Image.new("RGB", (lw, 16), BG)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .errors import OutputError
+from .errors import ConfigError, OutputError
 from .fileio import atomic_write_text, describe_os_error, ensure_dir, remove_stale_temporaries
 
 RUN_FILES = ("config.json", "log.jsonl", ckpt.MODEL_FILE, ckpt.STATE_DIR, "samples")
@@ -44,8 +45,15 @@ class RunPaths:
         return self.out / "samples"
 
 
+def check_mode(resume: bool, overwrite: bool) -> None:
+    """--resume continues a run, --overwrite starts it over: both at once is a contradiction."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite starts it over; pass only one of them")
+
+
 def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder; clear our own files with ``overwrite``."""
+    check_mode(resume, overwrite)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
     occupied = out.is_dir() and any(out.iterdir())
@@ -201,3 +209,25 @@ def drop_old_states(out: Path, keep: int) -> None:
     for old in ckpt.list_states(out)[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()
+
+
+_NUMBERED_PNG = re.compile(r"\d{4,}\.png")
+
+
+def prepare_sample_dir(out: Path, overwrite: bool) -> None:
+    """A folder for ``diffuse sample``'s 0000.png, 0001.png ...: images of an earlier run there would mix
+    with the new ones (a run of 4 into a folder of 64 replaces 4 and leaves 60), so they are refused
+    unless ``overwrite``, which removes them all first."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder")
+    old = sorted(p for p in out.iterdir() if _NUMBERED_PNG.fullmatch(p.name)) if out.is_dir() else []
+    if old and not overwrite:
+        raise OutputError(f"--out {out} already holds {len(old)} generated images ({old[0].name} ...); "
+                          "pass --overwrite to replace them or choose another --out")
+    for p in old:
+        try:
+            p.unlink()
+        except OSError as err:
+            raise OutputError(describe_os_error(err, p)) from err
+    ensure_dir(out)
+

@@ -228,7 +228,7 @@ def ddpm(
     Each step draws x_s ~ N(mu~(x_t, x0_pred), var) with the posterior mean of
     q(x_s | x_t, x0) (DDPM eq. 7; for eps models it equals eq. 11) and var = beta ("beta", the
     default) or beta~ ("posterior"); the last step adds no noise. With steps = T (the default)
-    s = t - 1 and this is the seed's algorithm; with fewer steps the betas are recomputed on the
+    s = t - 1 and this is DDPM's Algorithm 2 exactly; with fewer steps the betas are recomputed on the
     subsequence, beta_{t,s} = 1 - abar_t / abar_s (Nichol & Dhariwal 2021, "Improved DDPM", sec. 4).
 
     Ho et al. found both variances equally good with T steps; so does the benchmark (SW2 at

@@ -3,8 +3,8 @@
 Timestep convention (used everywhere in diffuse): ``t`` is an integer in
 ``[0, T)``. ``betas[t]`` is the variance of the noise added by step ``t``, so
 ``t = 0`` already carries one step of noise and ``t = T - 1`` is the last,
-noisiest step (the seed's x_T). The seed counts 1..T; its x_t is our index
-``t - 1``.
+noisiest step (x_T in Ho et al. 2020). The paper counts 1..T; its x_t is our
+index ``t - 1``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def linear(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: flo
 
 
 def quadratic(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: float = DEFAULT_BETA_END) -> torch.Tensor:
-    """Betas linear in sqrt(beta) between the endpoints (the seed's "binomial")."""
+    """Betas linear in sqrt(beta) between the endpoints (sometimes called "binomial")."""
     _check_common(timesteps, beta_start, beta_end)
     if timesteps == 1:
         return torch.tensor([beta_end], dtype=torch.float64)

@@ -169,7 +169,7 @@ def train(
                     if step > last_saved:
                         dist.main_only(functools.partial(_save, ts, out, step, meta, config.keep, emit), dev)
                     name = "Ctrl-C" if stop.signal in (None, signal.SIGINT) else "SIGTERM"
-                    raise Interrupted(f"stopped by {name} at step {step}; the state is saved in {out} — "
+                    raise Interrupted(f"{name} at step {step}; the state is saved in {out} — "
                                       f"continue with the same command plus --resume", signum=stop.signal or signal.SIGINT)
                 emit({"event": "step", "step": step})
         emit({"event": "end", "step": step, "step_obj": ts, "dist": dist})
