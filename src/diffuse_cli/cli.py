@@ -499,7 +499,14 @@ class _TrainProgress:
     """Draws the training events: a header, a progress bar (plain lines every ~10% off a terminal), notes."""
 
     def __init__(self, cfg, diff_cfg, say, is_main: bool):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.cfg, self.diff_cfg, self.say, self.is_main = cfg, diff_cfg, say, is_main
         self.bar = Progress(
