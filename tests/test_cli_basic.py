@@ -173,3 +173,22 @@ def test_noise_image_modes(tmp_path, mode):
     im.save(p)
     r = run("noise", p, "--size", "16", "--t", "0", "--out", tmp_path / "o.png", "--frames", tmp_path / "f")
     assert r.exit_code == 0, r.output
+
+
+def test_help_keeps_placeholders_and_shows_flags_plainly():
+    noise_help = run("noise", "--help").output
+    assert "<image>-noise.png" in noise_help
+    train_help = run("train", "--help").output
+    assert "runs/<data name>" in train_help
+    assert "<bool>" not in noise_help and "<bool>" not in train_help  # --resume, not --resume <bool>
+    assert "9223372036854775807" not in train_help
+    assert "Exit codes" in run("--help").output
+
+
+def test_usage_errors_are_one_line_with_exit_2(photo):
+    for args in (["noise", photo, "--size", "0"], ["sample", "x", "--sampler", "foo"], ["schedule", "--nope"],
+                 ["schedule", "--timesteps", "0"]):  # fmt: skip
+        r = run(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+        assert "Value error" not in lines[0] and "╭" not in r.stderr
