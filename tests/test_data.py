@@ -472,8 +472,8 @@ def test_errors(tmp_path):
 
 def test_load_dataset_folder_default_size(tmp_path):
     _write(tmp_path, "a.jpg", _encoded(_noise((50, 40)), "JPEG"))
-    ds = D.load_dataset(tmp_path, None, None)
-    assert ds.images.shape == (1, 3, D.DEFAULT_IMAGE_SIZE, D.DEFAULT_IMAGE_SIZE) and ds.labels is None
+    ds = D.load_dataset(tmp_path, None, None)  # the images' own size: the shorter side, 40
+    assert ds.images.shape == (1, 3, 40, 40) and ds.labels is None and ds.summary.size_note == "the images' own size"
 
 
 # --------------------------------------------------------------------------- value ranges and flips

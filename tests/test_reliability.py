@@ -322,7 +322,7 @@ def test_sigint_and_sigterm_save_and_exit(tmp_path, sig, code, name):
     m = re.fullmatch(rf"stopped: {name} at step (\d+); the state is saved in .* --resume", lines[0])
     assert m, lines[0]
     step = int(m.group(1))
-    assert step >= 25  # the first log line was written: it trained
+    assert step >= 10  # the first log line (step 10) was written: it trained
     assert state_steps(run) == [step]
     assert ckpt.load(run / "model.safetensors").step == step
     assert not temporaries(run)

@@ -110,14 +110,14 @@ def test_logsnr_grid_does_not_waste_steps_on_pure_noise(schedule, zero_terminal_
 @pytest.mark.parametrize("sampler", list(S.SAMPLERS))
 @pytest.mark.parametrize("steps", [0, -1, T + 1, 2.5, "10", True])
 def test_invalid_steps(sampler, steps):
-    with pytest.raises(ConfigError, match=r"--steps must be between 1 and T=1000"):
+    with pytest.raises(ConfigError, match=r"--steps must be between 1 and T = 1000"):
         S.sample(GAUSS.model(make_diffusion()), make_diffusion(), x_T(4), sampler=sampler, steps=steps)
 
 
 def test_steps_message_is_exact():
     with pytest.raises(ConfigError) as err:
         S.timestep_grid(make_diffusion(), 0)
-    assert str(err.value) == "--steps must be between 1 and T=1000 (got 0)"
+    assert str(err.value) == "--steps must be between 1 and T = 1000 (got 0)"
 
 
 @pytest.mark.parametrize("eta", [-0.1, 1.01, math.nan])

@@ -22,12 +22,13 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .engine.config import (  # no torch
+from .engine.config import (  # noqa: E501 - no torch
     KINDS,
     PRECISIONS,
     PREDICTIONS,
     PRESETS,
     SAMPLER_NAMES,
+    UNLIMITED_STEPS,
     WEIGHTINGS,
     DiffusionConfig,
     TrainConfig,
@@ -338,13 +339,21 @@ def _d(value) -> str:
 def train(
     data: Annotated[str, typer.Argument(help="A folder of images (searched recursively) or builtin:digits.", show_default=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder for checkpoints, samples and logs. Default: `runs/<data name>`.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help=f"Optimizer steps to train (total, also when resuming). {_d(_T.steps)}")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help=f"Optimizer steps to train (total, also when resuming). {_d(_T.steps)}, none with --time")
+    ] = None,
+    time: Annotated[
+        str | None,
+        typer.Option("--time", help="Train for this long (90s, 5m, 2h; or until --steps, whichever comes first), then save as a normal finish does."),
+    ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", "-b", help=f"GLOBAL batch size, split over all torchrun processes. {_d(_T.batch_size)}")
+        int | None, typer.Option("--batch-size", "-b", help="GLOBAL batch size, split over all torchrun processes. [default: 32 on a CPU, 128 on a GPU]")
     ] = None,
     lr: Annotated[float | None, typer.Option("--lr", help=f"AdamW learning rate. {_d(_T.lr)}")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help=f"Linear learning-rate warmup steps. {_d(_T.warmup)}")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Resize + center-crop to this size. [default: 8 for digits, 32 for folders]")] = None,
+    image_size: Annotated[
+        int | None, typer.Option("--image-size", help="Resize + center-crop to this size. [default: the images' own size, at most 64; 8 for digits]")
+    ] = None,
     channels: Annotated[int | None, typer.Option("--channels", help="1 (grayscale) or 3 (RGB). [default: from the data]")] = None,
     preset: Annotated[Preset, typer.Option("--preset", help="Model size; auto picks by image size.")] = Preset("auto"),
     base_channels: Annotated[int | None, typer.Option("--base-channels", help="Width of the first U-Net level.")] = None,
@@ -364,13 +373,17 @@ def train(
         Weighting | None, typer.Option("--loss-weighting", help=f"uniform (DDPM's L_simple) or min-snr (Hang et al. 2023). {_d(_T.loss_weighting)}")
     ] = None,
     ema_decay: Annotated[float | None, typer.Option("--ema-decay", help=f"EMA decay of the weights used for samples. {_d(_T.ema_decay)}")] = None,
-    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Random horizontal flips. [default: on for folders, off for digits]")] = None,
+    flip: Annotated[
+        bool | None,
+        typer.Option("--flip/--no-flip", help="Random horizontal flips, for pictures that mean the same mirrored (not digits or text). [default: off]"),
+    ] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help=f"Save a resumable state every N steps. {_d(_T.save_every)}")] = None,
     sample_every: Annotated[
         int | None, typer.Option("--sample-every", help=f"Write a preview grid every N steps and at the end (0: never). {_d(_T.sample_every)}")
     ] = None,
     keep: Annotated[int | None, typer.Option("--keep", help=f"How many periodic states to keep. {_d(_T.keep)}")] = None,
     device: DeviceOpt = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch. [default: the cores no other process keeps busy]")] = None,
     precision: Annotated[Precision, typer.Option("--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.")] = Precision("auto"),
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the forward pass and loss (faster on GPU after a warm-up).")] = False,
     seed: Annotated[int | None, typer.Option("--seed", help=f"Random seed (0 or more): same seed, same run. {_d(_T.seed)}")] = None,
@@ -408,6 +421,8 @@ def train(
         loss_weighting=loss_weighting.value if loss_weighting else None,
         precision=precision.value,
         compile=compile,
+        time_limit=time,
+        threads=threads,
     )
     model_opts = dict(
         base_channels=base_channels, channel_mults=channel_mults, num_res_blocks=num_res_blocks, attention_resolutions=attention_res, dropout=dropout
@@ -441,8 +456,9 @@ def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[i
 def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts, diff_opts, device, resume, overwrite):
     from .engine import data as data_mod
     from .engine import rundir, training
+    from .engine.config import UNetConfig, default_batch_size, parse_duration
+    from .engine.device import resolve_device
     from .engine.distributed import launched_rank
-    from .engine.unet import UNetConfig
 
     rundir.check_mode(resume, overwrite)
     out = out or rundir.default_out(data_spec)
@@ -456,10 +472,16 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
     t_load = time.perf_counter()
     ds = data_mod.load_dataset(data_spec, image_size, channels)
     n, c, s = ds.images.shape[0], ds.images.shape[1], ds.images.shape[-1]
-    say(f"[bold]data[/]  {ds.summary.source}: {n} images used, {c}x{s}x{s}, decoded in {time.perf_counter() - t_load:.1f}s")
+    note = f" ({ds.summary.size_note})" if ds.summary.size_note else ""
+    say(f"[bold]data[/]  {ds.summary.source}: {n} images used, {c}x{s}x{s}{note}, decoded in {time.perf_counter() - t_load:.1f}s")
     for line in ds.summary.lines():
         say(f"  [yellow]{line}[/]")
 
+    dev_type = resolve_device(device).type
+    if train_opts["time_limit"] is not None:
+        train_opts = {**train_opts, "time_limit": parse_duration(train_opts["time_limit"])}
+        if train_opts["steps"] is None and stored is None:
+            train_opts["steps"] = UNLIMITED_STEPS
     if stored is not None:
         model_cfg, diff_cfg = UNetConfig.from_dict(stored.model), None  # the engine takes both from the state
         cfg = TrainConfig.from_dict(stored.train).resumed(**train_opts)
@@ -469,10 +491,10 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
             "channel_mults": _csv_ints(model_opts["channel_mults"], "--channel-mults"),
             "attention_resolutions": _csv_ints(model_opts["attention_resolutions"], "--attention-res", allow_empty=True),
         }
-        model_cfg = UNetConfig.preset(preset, s, c, **model_opts)
+        model_cfg = UNetConfig.preset(preset, s, c, dev_type, **model_opts)
         diff_cfg = DiffusionConfig(**{k: v for k, v in diff_opts.items() if v is not None})
-        hflip = ds.default_hflip if train_opts["hflip"] is None else train_opts["hflip"]
-        cfg = TrainConfig(**{k: v for k, v in {**train_opts, "hflip": hflip}.items() if v is not None})
+        batch = train_opts["batch_size"] or default_batch_size(dev_type)
+        cfg = TrainConfig(**{k: v for k, v in {**train_opts, "batch_size": batch}.items() if v is not None})
 
     progress = _TrainProgress(cfg, diff_cfg, say, is_main)
     try:
@@ -480,7 +502,8 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
     finally:
         progress.bar.stop()
     if result["is_main"]:
-        say(f"[bold green]done[/] {result['step']} steps in {result['elapsed']:.0f}s, final loss {result['loss']:.4f}")
+        why = " (the --time budget is spent; continue with --resume)" if result.get("out_of_time") else ""
+        say(f"[bold green]done[/] {result['step']} steps in {_duration(result['elapsed'])}{why}, final loss {result['loss']:.4f}")
         say(f"  model    {result['model']}")
         say(f"  previews {result['samples']}/")
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")
@@ -496,7 +519,9 @@ def _duration(seconds: float) -> str:
 
 
 class _TrainProgress:
-    """Draws the training events: a header, a progress bar (plain lines every ~10% off a terminal), notes."""
+    """Draws the training events: a header, a progress bar (plain lines every ~10% off a terminal), notes.
+
+    With --time the bar measures the time budget, not steps."""
 
     def __init__(self, cfg, diff_cfg, say, is_main: bool):
         from rich.progress import (
@@ -509,47 +534,48 @@ class _TrainProgress:
         )
 
         self.cfg, self.diff_cfg, self.say, self.is_main = cfg, diff_cfg, say, is_main
+        self.timed = cfg.time_limit is not None
+        count = TextColumn("step {task.fields[step]}") if self.timed else MofNCompleteColumn()
         self.bar = Progress(
-            TextColumn("[bold]train[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[ips]} img/s"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not is_main,
-            transient=False,
-        )
-        self.task, self.estimated = None, False
+            TextColumn("[bold]train[/]"), BarColumn(), count, TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not is_main, transient=False,
+        )  # fmt: skip
+        self.task, self.estimated, self.last_plain = None, False, -1
 
     def on_event(self, e: dict) -> None:
         kind, cfg, say = e["event"], self.cfg, self.say
         if kind == "start":
-            say(
-                f"[bold]model[/] U-Net {e['parameters'] / 1e6:.2f}M parameters; device {e['device']}, precision {e['precision']}, {e['world_size']} process(es), global batch {cfg.batch_size}"
-            )
+            threads = f", {e['threads']} CPU threads" if e["device"] == "cpu" else ""
+            say(f"[bold]model[/] U-Net {e['parameters'] / 1e6:.2f}M parameters; device {e['device']}{threads}, precision {e['precision']}, "
+                f"{e['world_size']} process(es), global batch {cfg.batch_size}")  # fmt: skip
             if self.diff_cfg is not None:
                 d = self.diff_cfg
                 say(f"[bold]noise[/] {d.schedule} schedule, T = {d.timesteps}, predicting {d.prediction}")
             if e["resumed"]:
                 say(f"resuming at step {e['step']}")
+            if self.timed:
+                say(
+                    f"[bold]time[/]  training for {_duration(cfg.time_limit)}"
+                    + ("" if cfg.steps >= UNLIMITED_STEPS else f" or {cfg.steps} steps, whichever comes first")
+                )
             say(f"[dim]loss = mean of ||target - prediction||^2 over the last {cfg.log_every} steps (as in log.jsonl)[/]")
-            self.task = self.bar.add_task("train", total=e["steps"], completed=e["step"], loss="…", ips="…")
+            total, done = (cfg.time_limit, 0) if self.timed else (e["steps"], e["step"])
+            self.task = self.bar.add_task("train", total=total, completed=done, loss="…", ips="…", step=e["step"])
             self.bar.start()
         elif kind == "step":
-            self.bar.update(self.task, completed=e["step"])
+            self.bar.update(self.task, completed=min(e["elapsed"], cfg.time_limit) if self.timed else e["step"], step=e["step"])
         elif kind == "log":
             self.bar.update(self.task, loss=f"{e['loss']:.4f}", ips=f"{e['img_per_s']:.0f}")
             if not self.estimated and e["step"] < cfg.steps:  # the first measured speed: say what the run will cost
                 self.estimated = True
-                left = (cfg.steps - e["step"]) * cfg.batch_size / max(e["img_per_s"], 1e-9)
-                self.bar.console.print(f"  ~{e['img_per_s']:.0f} img/s: the remaining {cfg.steps - e['step']} steps take ~{_duration(left)}")
+                per_1000 = 1000 * cfg.batch_size / max(e["img_per_s"], 1e-9)
+                left = "" if self.timed else f"; the remaining {cfg.steps - e['step']} take ~{_duration(per_1000 * (cfg.steps - e['step']) / 1000)}"
+                self.bar.console.print(f"  ~{e['img_per_s']:.0f} img/s: 1,000 steps take ~{_duration(per_1000)}{left}")
             if not console.is_terminal and self.is_main:  # logs and CI: a plain line every ~10%
-                tenth = max(1, cfg.steps // 10)
-                if e["step"] // tenth != (e["step"] - cfg.log_every) // tenth or e["step"] == cfg.steps:
-                    say(f"  step {e['step']}/{cfg.steps}  loss {e['loss']:.4f}  {e['img_per_s']:.0f} img/s  {e['elapsed']:.0f}s")
+                tenth = int(e["elapsed"] * 10 / cfg.time_limit) if self.timed else e["step"] * 10 // cfg.steps
+                if tenth != self.last_plain:
+                    self.last_plain = tenth
+                    say(f"  step {e['step']}{'' if self.timed else f'/{cfg.steps}'}  loss {e['loss']:.4f}  {e['img_per_s']:.0f} img/s  {e['elapsed']:.0f}s")
         elif kind == "warning":
             self.bar.console.print(f"[yellow]warning:[/] {e['message']}")
         elif kind == "preview":

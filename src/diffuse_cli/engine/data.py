@@ -33,8 +33,8 @@ How an image file becomes a (C, S, S) uint8 tensor (:func:`decode_image`):
 Files that cannot be used are skipped and counted by reason (:data:`SKIP_REASONS`);
 the :class:`DataSummary` says how many and gives a few example names.
 
-Folders default to ``image_size`` 32 (:data:`DEFAULT_IMAGE_SIZE`): small enough to
-train on a CPU, large enough to see what a picture shows. Built-in datasets
+Folders default to the images' own size (:func:`infer_image_size`: the most common shorter
+side, rounded to a size the U-Net supports, at most :data:`MAX_AUTO_IMAGE_SIZE`). Built-in datasets
 default to their native size. A path to a single image file is accepted as a
 one-image dataset (handy to check that a model can memorise one picture).
 """
@@ -61,7 +61,9 @@ from .errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_SIZE = 4096  # beyond it a data set no longer fits in memory, let alone trains
-DEFAULT_IMAGE_SIZE = 32  # for folders; built-in datasets default to their native size
+DEFAULT_IMAGE_SIZE = 32  # for folders whose images' sizes cannot be read; built-in datasets use their native size
+MAX_AUTO_IMAGE_SIZE = 64  # the largest size picked without --image-size: 64x64 already trains for hours on a CPU
+SIZE_PROBE = 1000  # images whose headers are read to guess the size
 # Pillow's own default (about 9459 x 9459). Pillow warns above it and refuses twice
 # as much; we skip anything above it as "too large". A lower value may be passed in.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -123,11 +125,13 @@ class DataSummary:
     examples: dict[str, tuple[str, ...]] = field(default_factory=dict)  # reason -> first few names
     ignored: int = 0  # files without an image extension (hidden files are not counted)
     unreadable_folders: int = 0
+    size_note: str = ""  # how the image size was chosen, when it was not given
 
     def headline(self) -> str:
         """E.g. ``used 120 of 125 images from ./data as 32x32 RGB``."""
         kind = "grayscale" if self.channels == 1 else "RGB"
-        return f"used {self.used} of {_plural(self.found, 'image')} from {self.source} as {self.image_size}x{self.image_size} {kind}"
+        note = f" ({self.size_note})" if self.size_note else ""
+        return f"used {self.used} of {_plural(self.found, 'image')} from {self.source} as {self.image_size}x{self.image_size} {kind}{note}"
 
     def lines(self) -> list[str]:
         """One human line per kind of skipped or ignored file, in a fixed order."""
@@ -181,12 +185,6 @@ class ImageDataset:
     @property
     def image_size(self) -> int:
         return self.images.shape[-1]
-
-    @property
-    def default_hflip(self) -> bool:
-        """Whether random horizontal flips suit this source when the user does not say: not for the
-        built-in digits (a mirrored 2 is not a 2), yes for folders of pictures."""
-        return not self.summary.source.startswith(BUILTIN_PREFIX)
 
 
 # --------------------------------------------------------------------------- value ranges and augmentation
@@ -434,9 +432,33 @@ def _default_workers() -> int:
     return min(16, (os.cpu_count() or 1) + 2)
 
 
+def infer_image_size(files: list[Path], max_size: int = MAX_AUTO_IMAGE_SIZE) -> tuple[int, str]:
+    """The size to train at when none is given, and a note saying why: the most common shorter side
+    among the images (headers only, up to :data:`SIZE_PROBE` files spread over the list), rounded to
+    the nearest multiple of 4 (8 from 64 up: what the U-Net's levels divide), at least 8, at most
+    ``max_size``."""
+    step = max(1, len(files) // SIZE_PROBE)
+    sides: dict[int, int] = {}
+    for p in files[::step][:SIZE_PROBE]:
+        try:
+            with Image.open(p) as im:
+                side = min(im.size)
+        except Exception:  # noqa: BLE001 - unreadable files are counted when they are decoded
+            continue
+        sides[side] = sides.get(side, 0) + 1
+    if not sides:
+        return DEFAULT_IMAGE_SIZE, "no image size could be read; pass --image-size to choose"
+    side = max(sides, key=lambda k: (sides[k], k))  # most common; ties: the larger
+    if side > max_size:
+        return max_size, f"the images are {side} px; capped at {max_size}, pass --image-size to change"
+    multiple = 8 if side >= 64 else 4
+    size = max(8, int(side / multiple + 0.5) * multiple)
+    return size, "the images' own size" if size == side else f"the images' {side} px rounded to {size}"
+
+
 def load_folder(
     root: str | os.PathLike,
-    image_size: int = DEFAULT_IMAGE_SIZE,
+    image_size: int | None = None,
     channels: int | None = None,
     progress: Progress | None = None,
     *,
@@ -450,7 +472,8 @@ def load_folder(
     done = 0. Decoding runs on ``workers`` threads (default: cores + 2); the order
     of the images is that of :func:`scan_folder` whatever the number of threads.
     """
-    _check_size_channels(image_size, channels)
+    if image_size is not None:
+        _check_size_channels(image_size, channels)
     root = Path(root)
     src = display_path(root)
     if not root.exists():
@@ -469,6 +492,10 @@ def load_folder(
             f"{_plural(ignored, 'other file')} ignored{extra})"
         )
 
+    size_note = ""
+    if image_size is None:
+        image_size, size_note = infer_image_size(files)
+        _check_size_channels(image_size, channels)
     # Decoded straight into the final buffer (three planes when the channel count is
     # still open); each thread writes its own rows, so no lock is needed.
     planes = channels or 3
@@ -535,6 +562,7 @@ def load_folder(
         examples=examples,
         ignored=ignored,
         unreadable_folders=unreadable_folders,
+        size_note=size_note,
     )
     return ImageDataset(images.contiguous(), summary)
 
@@ -622,15 +650,14 @@ def load_dataset(
     progress: Progress | None = None,
     **folder_options,
 ) -> ImageDataset:
-    """``builtin:NAME`` (native size by default) or a folder / image file (32x32 by default).
+    """``builtin:NAME`` (native size by default) or a folder / image file (the images' own size by default).
 
     ``folder_options`` (``max_pixels``, ``workers``) go to :func:`load_folder`.
     """
     text = os.fspath(spec)
     if isinstance(text, str) and text.startswith(BUILTIN_PREFIX):
         return load_builtin(text[len(BUILTIN_PREFIX) :], image_size, channels)
-    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
-    return load_folder(Path(os.fsdecode(text)).expanduser(), size, channels, progress, **folder_options)
+    return load_folder(Path(os.fsdecode(text)).expanduser(), image_size, channels, progress, **folder_options)
 
 
 __all__ = [

@@ -20,6 +20,7 @@ Measured numbers live in ``benchmarks/RESULTS.md``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -154,3 +155,31 @@ def compile_model(fn, device: torch.device | str, backend: str | None = None):
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return fn, f"{type(err).__name__}: {first}"[:300]
     return torch.compile(fn, **kw), None
+
+
+def default_threads() -> int:
+    """CPU threads for torch when --threads is not given: the cores this process may use, less those
+    other processes keep busy (the 1-minute load average).
+
+    PyTorch's OpenMP threads spin-wait for each other; when one of them shares a core with another
+    busy process, every parallel region waits for it, and training slowed 10-40x on a 2-core machine
+    with the other core busy (see benchmarks/RESULTS.md). Leaving busy cores alone avoids that.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
+def set_threads(n: int | None, device: torch.device) -> int:
+    """Set torch's intra-op threads for a CPU run (``None``: :func:`default_threads`); returns the count."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    n = n or default_threads()
+    torch.set_num_threads(n)
+    return n

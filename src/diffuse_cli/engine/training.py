@@ -34,8 +34,20 @@ from .fileio import atomic_write_text
 from .step import TrainStep, lr_at, make_train_step
 
 Callback = Callable[[dict], None]
+_clock = time.perf_counter  # the loop's clock; tests replace it to check --time without waiting
+FIRST_PREVIEW = 100  # previews at 100, 200, 400, ... steps until sample_every: early feedback on a CPU
 
 __all__ = ["TrainConfig", "train"]
+
+
+def preview_due(step: int, every: int) -> bool:
+    """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never)."""
+    if not every:
+        return False
+    if step % every == 0:
+        return True
+    k = step // FIRST_PREVIEW
+    return step < every and step % FIRST_PREVIEW == 0 and k & (k - 1) == 0
 
 
 def _save(ts: TrainStep, out: Path, step: int, meta: dict, keep: int, emit: Callback) -> None:
@@ -88,6 +100,7 @@ def train(
     try:
         # --- the run folder and the configs ----------------------------------------------
         devices.enable_tf32(dev)
+        threads = devices.set_threads(config.threads, dev)
         dist.main_only(functools.partial(rundir.prepare_out_dir, out, resume=resume, overwrite=overwrite), dev)
         dist.main_only(functools.partial(rundir.clean_stale, out), dev)
         state = rundir.newest_state(out) if resume else None
@@ -126,20 +139,24 @@ def train(
         emit({"event": "start", "step": start, "steps": config.steps, "device": str(dev),
               "precision": str(amp).replace("torch.", "") if amp else "fp32", "world_size": dist.world_size,
               "parameters": sum(p.numel() for p in ts.model.parameters()), "resumed": resume,
-              "images": n, "local_batch": config.batch_size // dist.world_size, "is_main": dist.is_main})
+              "images": n, "local_batch": config.batch_size // dist.world_size, "is_main": dist.is_main,
+              "threads": threads, "time_limit": config.time_limit})
 
         # --- the loop ----------------------------------------------------------------------
         loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, float("nan")
         last_saved, step = start, start
-        t0 = t_log = time.perf_counter()
+        t0 = t_log = _clock()
         ts.model.train()
         with StopFlag() as stop:
             while step < config.steps:
                 loss_sum += ts(step)
                 loss_count += 1
                 step += 1
-                done = step == config.steps
-                want_log = step % config.log_every == 0 or done
+                out_of_time = config.time_limit is not None and _clock() - t0 >= config.time_limit
+                if dist.enabled and config.time_limit is not None:  # every rank stops at the same step
+                    out_of_time = dist.any(out_of_time, dev) if step % config.log_every == 0 else False
+                done = step == config.steps or out_of_time
+                want_log = step % config.log_every == 0 or done or step - start == min(10, config.log_every)
                 want_save = step % config.save_every == 0 or done
 
                 # log: the loop's only host sync
@@ -149,7 +166,7 @@ def train(
                         raise TrainingDiverged(
                             f"the loss became {last_loss} near step {step}; stopped without saving, the last good "
                             f"checkpoint (step {last_saved}) is kept; try a lower --lr or --grad-clip 1")
-                    now = time.perf_counter()
+                    now = _clock()
                     rec = {"step": step, "loss": last_loss, "lr": lr_at(step - 1, config.lr, config.warmup),
                            "img_per_s": loss_count * config.batch_size / max(now - t_log, 1e-9), "elapsed": now - t0}
                     dist.main_only(functools.partial(rundir.append_log, paths.log, rec), dev)
@@ -161,7 +178,7 @@ def train(
                 if want_save:
                     dist.main_only(functools.partial(_save, ts, out, step, meta, config.keep, emit), dev)
                     last_saved = step
-                if config.sample_every and (step % config.sample_every == 0 or done) and config.num_preview > 0:
+                if config.sample_every and config.num_preview > 0 and (done or preview_due(step, config.sample_every)):
                     dist.main_only(functools.partial(_preview, ts, out, step, config, emit), dev)
 
                 # stop requests, agreed on by all ranks so no one waits in a collective alone
@@ -171,9 +188,12 @@ def train(
                     name = "Ctrl-C" if stop.signal in (None, signal.SIGINT) else "SIGTERM"
                     raise Interrupted(f"{name} at step {step}; the state is saved in {out} — "
                                       f"continue with the same command plus --resume", signum=stop.signal or signal.SIGINT)
-                emit({"event": "step", "step": step})
+                emit({"event": "step", "step": step, "elapsed": _clock() - t0})
+                if done:
+                    break
         emit({"event": "end", "step": step, "step_obj": ts, "dist": dist})
         return {"out": str(out), "model": str(paths.model), "step": step, "loss": last_loss,
-                "samples": str(paths.samples), "elapsed": time.perf_counter() - t0, "is_main": dist.is_main}
+                "samples": str(paths.samples), "elapsed": _clock() - t0, "is_main": dist.is_main,
+                "out_of_time": step < config.steps}
     finally:
         dist.close()
