@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from helpers import TINY_TRAIN, invoke
 from PIL import Image
 
 from diffuse_cli.engine import device as devices
@@ -15,6 +14,7 @@ from diffuse_cli.engine.config import UNetConfig, auto_preset, default_batch_siz
 from diffuse_cli.engine.data import MAX_AUTO_IMAGE_SIZE, infer_image_size, load_folder
 from diffuse_cli.engine.errors import ConfigError
 from diffuse_cli.engine.unet import UNet, count_parameters
+from helpers import TINY_TRAIN, invoke
 
 
 def _folder(tmp_path, sizes):
