@@ -439,23 +439,11 @@ def _default_workers() -> int:
     return min(16, (os.cpu_count() or 1) + 2)
 
 
-def load_folder(
-    root: str | os.PathLike,
-    image_size: int = DEFAULT_IMAGE_SIZE,
-    channels: int | None = None,
-    progress: Progress | None = None,
-    *,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-    workers: int | None = None,
-) -> ImageDataset:
-    """Decode every usable image under ``root`` (a folder, or a single image file).
+def list_files(root: str | os.PathLike) -> tuple[list[Path], int, int]:
+    """(image files, other files ignored, unreadable sub-folders) of a folder or a single image file.
 
-    ``channels`` None: 1 if every used image is colourless, else 3. ``progress``,
-    if given, is called as ``progress(done, total)`` from this thread, first with
-    done = 0. Decoding runs on ``workers`` threads (default: cores + 2); the order
-    of the images is that of :func:`scan_folder` whatever the number of threads.
+    Raises DataError when ``root`` is missing, is not an image file, or holds no images.
     """
-    _check_size_channels(image_size, channels)
     root = Path(root)
     src = display_path(root)
     if not root.exists():
@@ -466,20 +454,36 @@ def load_folder(
         files, ignored, unreadable_folders = [root], 0, 0
     else:
         raise DataError(f"{src} is neither a folder nor an image file ({' '.join(IMAGE_EXTENSIONS)})")
-    n = len(files)
-    if n == 0:
+    if not files:
         extra = f"; {_plural(unreadable_folders, 'unreadable folder')} skipped" if unreadable_folders else ""
         raise DataError(
             f"no images found in {src} (looked for {' '.join(IMAGE_EXTENSIONS)}; "
             f"{_plural(ignored, 'other file')} ignored{extra})"
         )
+    return files, ignored, unreadable_folders
 
-    # Decoded straight into the final buffer (three planes when the channel count is
-    # still open); each thread writes its own rows, so no lock is needed.
-    planes = channels or 3
-    buffer = torch.empty((n, planes, image_size, image_size), dtype=torch.uint8)
+
+def decode_into(
+    files: list[Path],
+    buffer: torch.Tensor,
+    channels: int | None,
+    progress: Progress | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> tuple[list[ImageSkipped | None], list[bool]]:
+    """Decode ``files[i]`` into ``buffer[i]`` ((N, C, S, S) uint8; C = 3 when ``channels`` is None).
+
+    ``buffer`` may live in memory or in a memory-mapped file. Returns, per file, the
+    skip (None if used) and whether the image is colourless. Rows of skipped files are
+    left as they were. ``progress(done, total)`` is called from this thread, first with 0.
+    """
+    n = len(files)
+    planes, image_size = buffer.shape[1], buffer.shape[-1]
+    assert buffer.shape[0] == n and planes == (channels or 3) and buffer.dtype == torch.uint8
     gray = [False] * n
 
+    # Each thread writes its own rows, so no lock is needed.
     def work(i: int) -> ImageSkipped | None:
         try:
             arr, gray[i] = _read_image(files[i], image_size, channels, max_pixels)
@@ -488,7 +492,7 @@ def load_folder(
         buffer[i] = _to_chw(arr, planes)
         return None
 
-    reasons: list[ImageSkipped | None] = []  # per file: None if used
+    reasons: list[ImageSkipped | None] = []
     if progress:
         progress(0, n)
     n_workers = min(n, max(1, workers if workers is not None else _default_workers()))
@@ -502,6 +506,26 @@ def load_folder(
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, do not decode the rest
+    return reasons, gray
+
+
+def summarize(
+    root: str | os.PathLike,
+    files: list[Path],
+    reasons: list[ImageSkipped | None],
+    gray: list[bool],
+    image_size: int,
+    channels: int | None,
+    ignored: int = 0,
+    unreadable_folders: int = 0,
+) -> tuple[list[int], DataSummary]:
+    """(indices of the used files, summary) after :func:`decode_into`; DataError if none is usable.
+
+    ``channels`` None becomes 1 when every used image is colourless, else 3.
+    """
+    root = Path(root)
+    src = display_path(root)
+    n = len(files)
 
     def shown(p: Path) -> str:
         return display_path(p.relative_to(root)) if p != root else display_path(p.name)
@@ -524,12 +548,8 @@ def load_folder(
         if n == 1:
             raise DataError(str(reasons[0]))
         raise DataError(f"none of the {n} images in {src} could be decoded: {details}")
-
     if channels is None:
         channels = 1 if all(gray[i] for i in used_idx) else 3
-    images = buffer if len(used_idx) == n else buffer[used_idx]
-    if images.shape[1] != channels:
-        images = images[:, :channels]  # all colourless: the three planes are equal
     summary = DataSummary(
         source=src,
         found=n,
@@ -541,6 +561,36 @@ def load_folder(
         ignored=ignored,
         unreadable_folders=unreadable_folders,
     )
+    return used_idx, summary
+
+
+def load_folder(
+    root: str | os.PathLike,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    channels: int | None = None,
+    progress: Progress | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> ImageDataset:
+    """Decode every usable image under ``root`` (a folder, or a single image file) into memory.
+
+    ``channels`` None: 1 if every used image is colourless, else 3. ``progress``,
+    if given, is called as ``progress(done, total)`` from this thread, first with
+    done = 0. Decoding runs on ``workers`` threads (default: cores + 2); the order
+    of the images is that of :func:`scan_folder` whatever the number of threads.
+    (:mod:`.datacache` decodes the same way into a file that later runs memory-map.)
+    """
+    _check_size_channels(image_size, channels)
+    root = Path(root)
+    files, ignored, unreadable_folders = list_files(root)
+    # Decoded straight into the final buffer (three planes when the channel count is still open).
+    buffer = torch.empty((len(files), channels or 3, image_size, image_size), dtype=torch.uint8)
+    reasons, gray = decode_into(files, buffer, channels, progress, max_pixels=max_pixels, workers=workers)
+    used_idx, summary = summarize(root, files, reasons, gray, image_size, channels, ignored, unreadable_folders)
+    images = buffer if len(used_idx) == len(files) else buffer[used_idx]
+    if images.shape[1] != summary.channels:
+        images = images[:, : summary.channels]  # all colourless: the three planes are equal
     return ImageDataset(images.contiguous(), summary)
 
 
@@ -650,13 +700,16 @@ __all__ = [
     "ImageDataset",
     "ImageSkipped",
     "decode_image",
+    "decode_into",
     "display_path",
     "from_model_range",
+    "list_files",
     "load_builtin",
     "load_dataset",
     "load_digits",
     "load_folder",
     "random_hflip",
     "scan_folder",
+    "summarize",
     "to_model_range",
 ]
