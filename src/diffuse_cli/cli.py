@@ -413,6 +413,8 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed: same seed, same run. [default: 0]", min=0, max=MAX_SEED)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest state.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out that holds another run.")] = False,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where decoded folders are cached (one uint8 file per folder, size and channels). [default: $DIFFUSE_CACHE_DIR, else ~/.cache/diffuse]")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Decode the folder into memory in every process; read and write no cache file.")] = False,
 ) -> None:
     """Train a U-Net to predict the noise eps in x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 
@@ -438,7 +440,8 @@ def train(
                       attention_res=attention_res, dropout=dropout, preset=preset.value)
     diff_opts = dict(schedule=kind.value if kind else None, timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
                      zero_terminal_snr=zero_terminal_snr, prediction=prediction.value if prediction else None)
-    _run(_train, data, out, image_size, channels, opts, model_opts, diff_opts, device, precision.value, compile, resume, overwrite)
+    _run(_train, data, out, image_size, channels, opts, model_opts, diff_opts, device, precision.value, compile, resume, overwrite,
+         cache_dir=cache_dir, no_cache=no_cache)
 
 
 def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[int, ...] | None:
@@ -471,7 +474,8 @@ def preset_kwargs(name: str, image_size: int) -> dict:
     return kw
 
 
-def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, device, precision, compile_, resume, overwrite):
+def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, device, precision, compile_, resume, overwrite,
+           cache_dir=None, no_cache=False):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -483,7 +487,7 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
 
     from .engine import checkpoint as ckpt
     from .engine import data as data_mod
-    from .engine import training
+    from .engine import datacache, training
     from .engine.diffusion import DiffusionConfig
     from .engine.errors import ConfigError
     from .engine.unet import UNetConfig
@@ -506,9 +510,13 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
 
     # --- data ----------------------------------------------------------------------------
     t_load = time.perf_counter()
-    ds = data_mod.load_dataset(data_spec, image_size, channels)
+    with Progress(TextColumn("[bold]decode[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, disable=not is_main, transient=True) as bar:
+        decoding = bar.add_task("decode", total=None)
+        ds = datacache.load_dataset(data_spec, image_size, channels, lambda done, total: bar.update(decoding, completed=done, total=total),
+                                    cache=not no_cache, cache_dir=cache_dir)
     n, c, s = ds.images.shape[0], ds.images.shape[1], ds.images.shape[-1]
-    say(f"[bold]data[/]  {ds.summary.source}: {n} images used, {c}x{s}x{s}, decoded in {time.perf_counter() - t_load:.1f}s")
+    say(f"[bold]data[/]  {ds.summary.source}: {n} images used, {c}x{s}x{s}, {datacache.describe(ds)} in {time.perf_counter() - t_load:.1f}s")
     for line in ds.summary.lines():
         say(f"  [yellow]{line}[/]")
 
@@ -544,7 +552,7 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
     # --- run -------------------------------------------------------------------------------
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[ips]} img/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("{task.fields[ips]} img/s, data {task.fields[data]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=console, disable=not is_main, transient=False,
     )
     task = None
@@ -554,6 +562,7 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
         nonlocal task, smooth
         kind = e["event"]
         if kind == "start":
+            say(f"[bold]data[/]  {e['data']}")
             say(f"[bold]model[/] U-Net {e['parameters'] / 1e6:.2f}M parameters; device {e['device']}, "
                 f"precision {e['precision']}, {e['world_size']} process(es), global batch {cfg.batch_size}")
             dcfg = diff_cfg
@@ -561,18 +570,19 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
                 say(f"[bold]noise[/] {dcfg.schedule} schedule, T = {dcfg.timesteps}, predicting {dcfg.prediction}")
             if e["resumed"]:
                 say(f"resuming at step {e['step']}")
-            task = progress.add_task("train", total=e["steps"], completed=e["step"], loss="…", ips="…")
+            task = progress.add_task("train", total=e["steps"], completed=e["step"], loss="…", ips="…", data="…")
             progress.start()
         elif kind == "step":
             progress.update(task, completed=e["step"])
         elif kind == "log":
             smooth = e["loss"] if smooth is None else 0.8 * smooth + 0.2 * e["loss"]
-            progress.update(task, loss=f"{smooth:.4f}", ips=f"{e['img_per_s']:.0f}")
+            data_share = f"{e['data_ms'] / max(e['step_ms'], 1e-9):.0%} of {e['step_ms']:.0f} ms/step"
+            progress.update(task, loss=f"{smooth:.4f}", ips=f"{e['img_per_s']:.0f}", data=data_share)
             if not console.is_terminal and is_main:  # logs and CI: a plain line every ~10%
                 tenth = max(1, cfg.steps // 10)
                 if e["step"] // tenth != (e["step"] - cfg.log_every) // tenth or e["step"] == cfg.steps:
                     say(f"  step {e['step']}/{cfg.steps}  loss {smooth:.4f}  {e['img_per_s']:.0f} img/s  "
-                        f"{e['elapsed']:.0f}s")
+                        f"data {data_share}  {e['elapsed']:.0f}s")
         elif kind == "warning":
             progress.console.print(f"[yellow]warning:[/] {e['message']}")
         elif kind == "preview":

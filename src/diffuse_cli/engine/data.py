@@ -158,13 +158,23 @@ class DataSummary:
         }
 
 
+@dataclass(frozen=True)
+class CacheInfo:
+    """Where a dataset's decoded images live on disk (see :mod:`.datacache`)."""
+
+    path: Path  # the cache file, memory-mapped read-only
+    status: str  # "hit" (read as it was), "built" (decoded now), "rebuilt" (decoded again: see reason)
+    reason: str = ""  # why a cache file that was there could not be used ("the folder changed", ...)
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Decoded images in memory."""
+    """Decoded images: in memory, or memory-mapped from a cache file (``cache`` says which)."""
 
-    images: torch.Tensor  # (N, C, H, W) uint8, contiguous, CPU
+    images: torch.Tensor  # (N, C, H, W) uint8, contiguous, CPU (RAM or a read-only file mapping)
     summary: DataSummary
     labels: torch.Tensor | None = None  # (N,) int64 where the source has classes (builtin:digits)
+    cache: CacheInfo | None = None  # None: decoded into memory for this process only
 
     def __post_init__(self) -> None:
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4 and self.images.is_contiguous()
@@ -696,6 +706,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "SKIP_REASONS",
     "BuiltinDataset",
+    "CacheInfo",
     "DataSummary",
     "ImageDataset",
     "ImageSkipped",

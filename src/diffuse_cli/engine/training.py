@@ -37,6 +37,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import to_model_range
+from .datacache import place_images
 from .diffusion import WEIGHTINGS, Diffusion, DiffusionConfig
 from .errors import ConfigError, Interrupted, OutputError, TrainingDiverged
 from .fileio import atomic_write_text, ensure_dir, remove_stale_temporaries
@@ -485,7 +486,7 @@ def train(
                 emit({"event": "warning", "message": f"--compile does not work on {dev} here "
                       f"({why or 'it failed on another rank'}); training without it"})
         amp = autocast_dtype(config.precision, dev)
-        images = perf.to_device(data.images, dev)  # uint8 on the device: 4x less memory than float
+        images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
         n_images = images.shape[0]
         meta = dict(
             model=model_config.to_dict(),
@@ -499,7 +500,7 @@ def train(
             "event": "start", "step": start_step, "steps": config.steps, "device": str(dev),
             "precision": str(amp).replace("torch.", "") if amp else "fp32", "world_size": dist.world_size,
             "parameters": sum(p.numel() for p in model.parameters()), "resumed": state is not None,
-            "images": n_images, "local_batch": local_bs, "is_main": dist.is_main,
+            "images": n_images, "local_batch": local_bs, "is_main": dist.is_main, "data": images.where,
         })
 
         def save(step: int) -> None:
@@ -561,6 +562,7 @@ def train(
         last_saved = start_step
         t0 = time.perf_counter()
         t_log = t0
+        data_s = 0.0  # host time spent fetching batches since the last log line
         step = start_step
         model.train()
         with _StopFlag() as stop:
@@ -572,10 +574,12 @@ def train(
                 eps = torch.randn(shape, generator=gen, device=dev)
                 flip = torch.rand((config.batch_size,), generator=gen, device=dev) < 0.5 if config.hflip else None
                 sl = slice(dist.rank * local_bs, (dist.rank + 1) * local_bs)
+                t_data = time.perf_counter()
                 x0 = to_model_range(images[idx[sl]])
                 if flip is not None:
                     x0 = torch.where(flip[sl, None, None, None], x0.flip(-1), x0)
                 x0 = x0.contiguous(memory_format=perf.memory_format(dev))
+                data_s += time.perf_counter() - t_data
                 for g in opt.param_groups:
                     g["lr"] = lr_at(step, config)
                 with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
@@ -608,12 +612,14 @@ def train(
                     now = time.perf_counter()
                     rec = {"step": step, "loss": last_loss, "lr": lr_at(step - 1, config),
                            "img_per_s": loss_count * config.batch_size / max(now - t_log, 1e-9),
-                           "elapsed": now - t0}
+                           "elapsed": now - t0, "data_ms": 1e3 * data_s / loss_count,
+                           "step_ms": 1e3 * (now - t_log) / loss_count}
                     dist.main_only(functools.partial(log_line, rec), dev)
                     emit({"event": "log", **rec})
                     loss_sum.zero_()
                     loss_count = 0
                     t_log = now
+                    data_s = 0.0
                 if want_save:
                     save(step)
                     last_saved = step
