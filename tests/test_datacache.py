@@ -259,11 +259,11 @@ def test_memory_mapped_dataset_yields_the_same_batches_as_in_memory(folder, tmp_
 
 
 def test_training_on_the_cache_is_bit_identical_to_training_in_memory(folder, tmp_path):
+    from safetensors.torch import load_file
+
     from diffuse_cli.engine import training
     from diffuse_cli.engine.diffusion import DiffusionConfig
     from diffuse_cli.engine.unet import UNetConfig
-
-    from safetensors.torch import load_file
 
     ucfg = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
                       image_size=SIZE, in_channels=3, dropout=0.0)  # fmt: skip
@@ -317,7 +317,9 @@ def _watcher(path, go, stop, out):
 def _run_openers(folder, cache_dir, specs, watch: Path | None = None):
     ctx = mp.get_context("fork")
     go, out, stop = ctx.Barrier(len(specs) + (watch is not None)), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_opener, args=(folder, cache_dir, env, delay, slow, go, out)) for env, delay, slow in specs]
+    procs = [
+        ctx.Process(target=_opener, args=(folder, cache_dir, env, delay, slow, go, out)) for env, delay, slow in specs
+    ]
     watch_out = ctx.Queue()
     if watch is not None:
         procs.append(ctx.Process(target=_watcher, args=(watch, go, stop, watch_out)))

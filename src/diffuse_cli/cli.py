@@ -486,7 +486,6 @@ def _train(data_spec, out, image_size, channels, opts, model_opts, diff_opts, de
     )
 
     from .engine import checkpoint as ckpt
-    from .engine import data as data_mod
     from .engine import datacache, training
     from .engine.diffusion import DiffusionConfig
     from .engine.errors import ConfigError

@@ -48,7 +48,6 @@ import struct
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -390,7 +389,9 @@ def cached_folder(
                 ds, fp = _check_or_build(path, root, image_size, channels, progress, max_pixels, workers)
             except Exception as err:
                 if launch is not None:  # let the waiting ranks stop with the same message
-                    msg = str(err) if isinstance(err, DataError | OutputError) else "local rank 0 failed to read the data"
+                    msg = (
+                        str(err) if isinstance(err, DataError | OutputError) else "local rank 0 failed to read the data"
+                    )
                     with contextlib.suppress(OutputError):
                         atomic_write_text(_note_path(path), json.dumps({"launch": launch, "error": msg}))
                 raise
