@@ -367,6 +367,27 @@ def test_other_ranks_wait_for_local_rank_zero(folder, tmp_path):
     assert sorted(r[1] for r in results) == ["hit", "hit", "hit"] and all(r[2] == ref for r in results), results
 
 
+def test_a_note_left_by_an_earlier_launch_with_the_same_id_is_not_trusted(folder, tmp_path):
+    """A fixed --rdzv-id and port give two launches the same id; the old note (here: the folder changed since)
+    must not send the other ranks to map the old file while local rank 0 decodes the new one."""
+    cache = tmp_path / "cache"
+    C.load_dataset(str(folder), SIZE, cache_dir=cache)  # an earlier run left a valid cache file...
+    path = C.cache_path(cache, folder, SIZE, None)
+    old_fp = C.read_header(open(path, "rb"))["fingerprint"]
+    env = _rank_env(0)
+    launch = "/".join(
+        env[k] for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+    )
+    stale = {"launch": launch, "time": time.time() - 60, "fingerprint": old_fp}  # ...and a note, a minute ago
+    (cache / (path.name + ".ready")).write_text(json.dumps(stale))
+    _add(folder)  # the folder changed since
+    ref = _digest(D.load_folder(folder, SIZE).images)
+    specs = [(_rank_env(1), 0.0, False), (_rank_env(0), 0.3, True)]
+    results, _ = _run_openers(folder, cache, specs)
+    assert sorted(r[1] for r in results) == ["hit", "rebuilt"], results
+    assert all(r[2] == ref for r in results), results
+
+
 def test_when_rank_zero_fails_every_rank_reports_its_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -46,7 +46,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -225,28 +225,31 @@ def _has_image_extension(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path) -> tuple[list[Path], int, int]:
+def _walk(root: Path) -> tuple[list[str], int, int]:
     """(image files, other files, unreadable sub-folders) under the folder ``root``.
 
     Hidden names (starting with '.') are skipped. Symlinked folders are followed,
     each real folder at most once (by (st_dev, st_ino)), which makes loops safe.
+    Paths are plain strings (``root`` joined with the names): a million ``Path``
+    objects would cost seconds and a gigabyte before the first image is read.
     """
-    files: list[Path] = []
+    top = os.fspath(root)
+    found: list[tuple[tuple[bytes, ...], str]] = []  # (relative path as bytes, folder by folder; path)
     ignored = unreadable = 0
     seen: set[tuple[int, int]] = set()
-    stack = [root]
+    stack: list[tuple[str, tuple[bytes, ...]]] = [(top, ())]
     while stack:
-        folder = stack.pop()
+        folder, parts = stack.pop()
         try:
             st = os.stat(folder)
             key = (st.st_dev, st.st_ino)
             if key in seen:
                 continue
             seen.add(key)
-            with os.scandir(folder) as it:
+            with os.scandir(folder) as it:  # sorted: a folder reached twice (symlinks) is named the same way
                 entries = sorted(it, key=lambda e: os.fsencode(e.name))
         except OSError as err:
-            if folder == root:
+            if folder == top:
                 raise DataError(f"cannot read folder {display_path(root)}: {err.strerror or err}") from err
             unreadable += 1
             continue
@@ -262,14 +265,14 @@ def _walk(root: Path) -> tuple[list[Path], int, int]:
                 is_dir = is_file = False
                 dangling = True
             if is_dir:
-                subfolders.append(Path(entry.path))
+                subfolders.append((entry.path, (*parts, os.fsencode(entry.name))))
             elif _has_image_extension(entry.name) and (is_file or dangling):
-                files.append(Path(entry.path))  # a dangling link is reported later as unreadable
+                found.append(((*parts, os.fsencode(entry.name)), entry.path))  # a dangling link: unreadable later
             else:
                 ignored += 1  # other files, and FIFOs, sockets, devices, whose reading could block
         stack.extend(reversed(subfolders))
-    files.sort(key=lambda p: tuple(os.fsencode(part) for part in p.relative_to(root).parts))
-    return files, ignored, unreadable
+    found.sort(key=lambda f: f[0])
+    return [path for _, path in found], ignored, unreadable
 
 
 def scan_folder(root: str | os.PathLike) -> list[Path]:
@@ -283,7 +286,7 @@ def scan_folder(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"not a folder: {display_path(root)}")
-    return _walk(root)[0]
+    return [Path(p) for p in _walk(root)[0]]
 
 
 # --------------------------------------------------------------------------- decoding one image
@@ -333,7 +336,9 @@ def _to_l_or_rgb(img: Image.Image) -> Image.Image:
     return img.convert("L" if gray else "RGB")
 
 
-def _read_image(path: Path, image_size: int, channels: int | None, max_pixels: int) -> tuple[np.ndarray, bool]:
+def _read_image(
+    path: str | os.PathLike, image_size: int, channels: int | None, max_pixels: int
+) -> tuple[np.ndarray, bool]:
     """Decode ``path`` to a (S, S) or (S, S, 3) uint8 array and whether it has no colour.
 
     Raises ImageSkipped. The caller turns DecompressionBombWarning into an error.
@@ -449,8 +454,10 @@ def _default_workers() -> int:
     return min(16, (os.cpu_count() or 1) + 2)
 
 
-def list_files(root: str | os.PathLike) -> tuple[list[Path], int, int]:
+def list_files(root: str | os.PathLike) -> tuple[list[str], int, int]:
     """(image files, other files ignored, unreadable sub-folders) of a folder or a single image file.
+
+    The files are paths as strings, in the order of :func:`scan_folder`.
 
     Raises DataError when ``root`` is missing, is not an image file, or holds no images.
     """
@@ -461,7 +468,7 @@ def list_files(root: str | os.PathLike) -> tuple[list[Path], int, int]:
     if root.is_dir():
         files, ignored, unreadable_folders = _walk(root)
     elif _has_image_extension(root.name):
-        files, ignored, unreadable_folders = [root], 0, 0
+        files, ignored, unreadable_folders = [os.fspath(root)], 0, 0
     else:
         raise DataError(f"{src} is neither a folder nor an image file ({' '.join(IMAGE_EXTENSIONS)})")
     if not files:
@@ -474,7 +481,7 @@ def list_files(root: str | os.PathLike) -> tuple[list[Path], int, int]:
 
 
 def decode_into(
-    files: list[Path],
+    files: Sequence[str | os.PathLike],
     buffer: torch.Tensor,
     channels: int | None,
     progress: Progress | None = None,
@@ -521,7 +528,7 @@ def decode_into(
 
 def summarize(
     root: str | os.PathLike,
-    files: list[Path],
+    files: Sequence[str | os.PathLike],
     reasons: list[ImageSkipped | None],
     gray: list[bool],
     image_size: int,
@@ -537,7 +544,8 @@ def summarize(
     src = display_path(root)
     n = len(files)
 
-    def shown(p: Path) -> str:
+    def shown(p: str | os.PathLike) -> str:
+        p = Path(p)
         return display_path(p.relative_to(root)) if p != root else display_path(p.name)
 
     skipped: dict[str, int] = {}

@@ -69,7 +69,8 @@ DECODER_VERSION = 1
 _PREFIX = struct.Struct("<9sIII7x")  # magic, format version, JSON length, JSON CRC-32
 DATA_OFFSET = 65536  # page-aligned on every platform; the JSON header must fit before it
 SUFFIX = ".u8"
-_CHUNK = 16 << 20  # bytes per read while checksumming or moving rows
+_CHUNK = 16 << 20  # bytes per block while building (moving rows, checksumming the mapping)
+_READ = 1 << 20  # bytes per read while checking: a small buffer leaves no large allocation behind
 EXAMPLE_NAME_MAX = 200  # characters of an example file name kept in the header
 # The uint8 dataset goes onto the accelerator when it takes at most this share of the free
 # memory there: the model, optimizer state and activations need the rest.
@@ -103,24 +104,28 @@ def cache_path(cache_dir: str | os.PathLike, root: str | os.PathLike, image_size
 
 def fingerprint(
     root: Path,
-    files: list[Path],
+    files: list[str],
     image_size: int,
     channels: int | None,
     max_pixels: int,
     ignored: int = 0,
     unreadable_folders: int = 0,
 ) -> str:
-    """SHA-256 over what decides the decoded array: settings, and each file's path, size and mtime."""
+    """SHA-256 over what decides the decoded array: settings, and each file's path, size and mtime.
+
+    ``files`` as :func:`data.list_files` gives them (strings under ``root``).
+    """
     h = hashlib.sha256()
     h.update(json.dumps([DECODER_VERSION, image_size, channels, max_pixels, ignored, unreadable_folders]).encode())
+    base = os.path.join(os.fspath(root), "")  # with one trailing separator
     for p in files:
         try:
             st = os.stat(p)
-            stamp = f"{st.st_size} {st.st_mtime_ns}"
+            stamp = b"%d %d" % (st.st_size, st.st_mtime_ns)
         except OSError as err:  # decoding will skip it as unreadable; if it comes back, the key changes
-            stamp = f"error {err.errno}"
-        rel = p.relative_to(root) if p != root else Path(p.name)
-        h.update(os.fsencode(rel) + b"\0" + stamp.encode() + b"\n")
+            stamp = b"error %d" % (err.errno or 0)
+        rel = p[len(base) :] if p.startswith(base) else os.path.basename(p)
+        h.update(os.fsencode(rel) + b"\0" + stamp + b"\n")
     return h.hexdigest()
 
 
@@ -131,7 +136,7 @@ def _crc32_of_file(f, start: int, length: int) -> int:
     """CRC-32 of ``length`` bytes from ``start``, read in chunks (plain reads: no pages stay mapped)."""
     f.seek(start)
     crc = 0
-    buf = bytearray(min(_CHUNK, max(length, 1)))
+    buf = bytearray(min(_READ, max(length, 1)))
     view = memoryview(buf)
     left = length
     while left:
@@ -202,18 +207,23 @@ def open_cache(
             array = np.memmap(f, dtype=np.uint8, mode="c", offset=DATA_OFFSET, shape=head["shape"])
         except OSError as err:
             raise CacheInvalid(f"unreadable ({err.strerror or err})") from err
-    s = head["summary"]
-    summary = D.DataSummary(
-        source=source or s["source"],
-        found=int(s["found"]),
-        used=int(s["used"]),
-        channels=int(s["channels"]),
-        image_size=int(s["image_size"]),
-        skipped={k: int(v) for k, v in s.get("skipped", {}).items()},
-        examples={k: tuple(v) for k, v in s.get("examples", {}).items()},
-        ignored=int(s.get("ignored", 0)),
-        unreadable_folders=int(s.get("unreadable_folders", 0)),
-    )
+    try:
+        s = head["summary"]
+        summary = D.DataSummary(
+            source=source or str(s["source"]),
+            found=int(s["found"]),
+            used=int(s["used"]),
+            channels=int(s["channels"]),
+            image_size=int(s["image_size"]),
+            skipped={str(k): int(v) for k, v in s.get("skipped", {}).items()},
+            examples={str(k): tuple(map(str, v)) for k, v in s.get("examples", {}).items()},
+            ignored=int(s.get("ignored", 0)),
+            unreadable_folders=int(s.get("unreadable_folders", 0)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CacheInvalid("its header is damaged") from err
+    if (summary.used, summary.channels, summary.image_size) != (head["shape"][0], head["shape"][1], head["shape"][2]):
+        raise CacheInvalid("its header is damaged")
     images = torch.from_numpy(array)  # shares the mapping; rows are read from disk when first touched
     return D.ImageDataset(images, summary, cache=D.CacheInfo(path, "hit"))
 
@@ -244,7 +254,7 @@ def _compact(flat: np.ndarray, n: int, planes: int, row_pixels: int, used: list[
 def build_cache(
     path: Path,
     root: Path,
-    files: list[Path],
+    files: list[str],
     image_size: int,
     channels: int | None,
     fp: str,
@@ -328,6 +338,21 @@ def launch_id() -> str | None:
     return "/".join(os.environ.get(k, "") for k in keys)
 
 
+def process_start_time() -> float | None:
+    """When this process started (seconds since the epoch, rounded down to the second), or None if unknown.
+
+    From /proc: the start time in clock ticks since boot, plus the boot time.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        btime = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def _note_path(path: Path) -> Path:
     return path.with_name(path.name + ".ready")
 
@@ -393,15 +418,22 @@ def cached_folder(
                         str(err) if isinstance(err, DataError | OutputError) else "local rank 0 failed to read the data"
                     )
                     with contextlib.suppress(OutputError):
-                        atomic_write_text(_note_path(path), json.dumps({"launch": launch, "error": msg}))
+                        note = {"launch": launch, "time": time.time(), "error": msg}
+                        atomic_write_text(_note_path(path), json.dumps(note))
                 raise
             if launch is not None:
-                atomic_write_text(_note_path(path), json.dumps({"launch": launch, "fingerprint": fp}))
+                atomic_write_text(
+                    _note_path(path), json.dumps({"launch": launch, "time": time.time(), "fingerprint": fp})
+                )
         return ds
-    while True:  # not the leader: wait for its note for this launch (torchrun stops us if it dies)
+    # Not the leader: wait for its note for this launch (torchrun stops us if it dies). A note left by an
+    # earlier launch with the same id (a fixed --rdzv-id and port) is older than this process: not ours.
+    started = process_start_time()
+    while True:
         with _locked(path):
             note = _read_note(path)
-            if note.get("launch") == launch:
+            fresh = started is None or float(note.get("time", 0)) >= started
+            if note.get("launch") == launch and fresh:
                 if "error" in note:
                     raise DataError(str(note["error"]))
                 try:
@@ -544,6 +576,7 @@ __all__ = [
     "fingerprint",
     "fits_on_device",
     "launch_id",
+    "process_start_time",
     "load_dataset",
     "open_cache",
     "place_images",
