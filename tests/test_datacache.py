@@ -450,3 +450,21 @@ def test_cli_cache_options_and_data_time(folder, tmp_path):
     plain = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--cache-dir", str(cache), "--no-cache"])
     assert plain.exit_code == 0, plain.output
     assert "decoded into memory" in _text(plain) and sorted(p.name for p in cache.iterdir()) == before
+
+
+@pytest.mark.slow  # about 20 s here: four Python processes that import torch
+def test_benchmark_script_runs_and_replaces_its_markdown_section(tmp_path):
+    """benchmarks/data_startup.py on a tiny folder, one process: the script cannot rot."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "data_startup.py"
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n<!-- data:start -->\nstale\n<!-- data:end -->\n\ntrailer\n")
+    cmd = [sys.executable, str(script), "--images", "40", "--nproc", "1", "--folder", str(tmp_path / "pngs"),
+           "--markdown", str(md)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = md.read_text()
+    assert "stale" not in text and text.count("<!-- data:start -->") == 1 and text.rstrip().endswith("trailer")
+    assert "| cached run (map the cache) | 1 |" in text and "data call" in text

@@ -1,8 +1,10 @@
 """Image folders and built-in datasets -> uint8 tensors.
 
-A dataset is decoded once into memory as one contiguous uint8 tensor (N, C, H, W)
-on the CPU; training moves batches to its device, maps them to [-1, 1] with
-:func:`to_model_range` and augments them there (:func:`random_hflip`).
+A dataset is decoded once into one contiguous uint8 tensor (N, C, H, W) on the
+CPU: in memory (:func:`load_folder`), or, through :mod:`.datacache`, into a cache
+file that later runs and every torchrun process memory-map. Training gathers
+batches from it on its device, maps them to [-1, 1] with :func:`to_model_range`
+and augments them there (:func:`random_hflip`).
 
 How an image file becomes a (C, S, S) uint8 tensor (:func:`decode_image`):
 
