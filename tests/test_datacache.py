@@ -168,6 +168,18 @@ def test_quick_open_checks_size_and_header_but_not_every_byte(folder, tmp_path):
         C.open_cache(path)
 
 
+def test_a_temporary_left_by_a_killed_build_is_removed(folder, tmp_path):
+    cache = tmp_path / "cache"
+    path = C.cache_path(cache, folder, SIZE, None)
+    cache.mkdir()
+    left = cache / f".diffuse-tmp-999999-{path.name}"  # what atomic_path names a build's temporary
+    left.write_bytes(b"\0" * 4096)
+    other = cache / ".diffuse-tmp-999999-another-folder.u8"  # another cache file's build: not ours to touch
+    other.write_bytes(b"x")
+    assert _load(folder, cache).cache.status == "built"
+    assert not left.exists() and other.exists()
+
+
 def test_size_channels_and_folder_each_get_their_own_file(folder, tmp_path):
     cache = tmp_path / "cache"
     a = _load(folder, cache)
@@ -412,6 +424,14 @@ GB = 10**9
 def test_fits_on_device(nbytes, free, fits):
     assert C.fits_on_device(nbytes, free) is fits
     assert C.DEVICE_FRACTION == 0.5
+
+
+def test_cuda_placement_streams_when_the_data_do_not_fit(folder, tmp_path):
+    """The decision needs no GPU when the answer is 'stream': the free memory is passed in."""
+    ds = _load(folder, tmp_path / "cache")
+    placed = C.place_images(ds, torch.device("cuda", 0), free_bytes=2 * ds.images.numel() - 1)
+    assert not placed.on_device and placed.images is ds.images
+    assert "free on cuda:0: batches read from the memory-mapped cache" in placed.where
 
 
 def test_cpu_placement_keeps_the_tensor_and_says_where(folder, tmp_path):

@@ -40,6 +40,7 @@ accelerator (when it fits) or to read each batch from the mapping.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ import torch
 
 from . import data as D
 from .errors import DataError, OutputError
-from .fileio import atomic_path, atomic_write_text, describe_os_error, ensure_dir
+from .fileio import TMP_PREFIX, atomic_path, atomic_write_text, describe_os_error, ensure_dir
 
 try:  # POSIX; elsewhere the atomic rename alone keeps readers safe, and builders may race
     import fcntl
@@ -280,7 +281,7 @@ def build_cache(
                 try:  # a full disk fails here with ENOSPC, not later as SIGBUS inside the mapping
                     os.posix_fallocate(f.fileno(), 0, total)
                 except OSError as err:
-                    if err.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: the file system cannot; fall back
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # the file system cannot: fall back
                         raise
                     f.truncate(total)
             else:  # pragma: no cover
@@ -324,7 +325,11 @@ def _locked(path: Path) -> Iterator[None]:
         raise OutputError(describe_os_error(err, lock)) from err
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:  # a file system without locks (some network mounts): renames still keep
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # readers safe
+                    raise OutputError(describe_os_error(err, lock)) from err
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -374,6 +379,10 @@ def _check_or_build(path, root, image_size, channels, progress, max_pixels, work
         return open_cache(path, fp, verify_data=True, source=src), fp
     except CacheInvalid as why:
         reason = "" if str(why) == "missing" else str(why)
+    # Builders hold the lock, so a temporary of this file that exists now was left by a killed one.
+    for old in path.parent.glob(f"{TMP_PREFIX}*-{path.name}"):
+        with contextlib.suppress(OSError):
+            old.unlink()
     build_cache(path, root, files, image_size, channels, fp, progress, ignored=ignored,
                 unreadable_folders=unreadable, max_pixels=max_pixels, workers=workers)  # fmt: skip
     try:
