@@ -180,6 +180,35 @@ def test_a_temporary_left_by_a_killed_build_is_removed(folder, tmp_path):
     assert not left.exists() and other.exists()
 
 
+def _memory_limit() -> int:
+    """RAM + swap in bytes: a private mapping larger than this is refused under Linux's default overcommit."""
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(info["MemTotal"].split()[0]) + int(info["SwapTotal"].split()[0])) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux only")
+def test_a_cache_larger_than_memory_maps_and_reads(folder, tmp_path):
+    """A sparse cache file of twice RAM + swap: mapping it works, and a batch reads only its rows."""
+    built = _load(folder, tmp_path / "cache")
+    head = C.read_header(open(built.cache.path, "rb"))
+    row = 3 * 64 * 64
+    n = 2 * _memory_limit() // row + 1
+    big = tmp_path / "big.u8"
+    with open(big, "wb") as f:
+        f.truncate(C.DATA_OFFSET + n * row)
+        if os.fstat(f.fileno()).st_blocks * 512 > 1 << 30:
+            pytest.skip("this file system has no sparse files")
+        head = {**head, "shape": [n, 3, 64, 64], "summary": {**head["summary"], "used": n, "image_size": 64}}
+        C.write_header(f, head)
+        f.seek(C.DATA_OFFSET + (n - 1) * row)
+        f.write(bytes(range(256)) * (row // 256))  # the last row
+    ds = C.open_cache(big, head["fingerprint"])  # the quick checks only: the CRC would read it all
+    assert ds.images.shape == (n, 3, 64, 64) and ds.images.numel() > _memory_limit()
+    placed = C.place_images(ds, torch.device("cpu"))
+    batch = placed[torch.tensor([n - 1, 0, n // 2])]
+    assert batch[0].flatten()[:256].tolist() == list(range(256)) and int(batch[1:].sum()) == 0
+
+
 def test_size_channels_and_folder_each_get_their_own_file(folder, tmp_path):
     cache = tmp_path / "cache"
     a = _load(folder, cache)

@@ -47,6 +47,7 @@ import os
 import re
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,8 +205,9 @@ def open_cache(
             if verify_data and _crc32_of_file(f, DATA_OFFSET, int(np.prod(head["shape"]))) != head.get("data_crc32"):
                 raise CacheInvalid("its data is damaged (checksum mismatch)")
             # Mapping the descriptor we checked: a builder renaming a new file over the path cannot
-            # swap the data under us. Mode "c" maps privately: the file is never written through it.
-            array = np.memmap(f, dtype=np.uint8, mode="c", offset=DATA_OFFSET, shape=head["shape"])
+            # swap the data under us. Read-only and shared: a private (copy-on-write) mapping would be
+            # charged to the commit limit in full, and one larger than RAM + swap would be refused.
+            array = np.memmap(f, dtype=np.uint8, mode="r", offset=DATA_OFFSET, shape=head["shape"])
         except OSError as err:
             raise CacheInvalid(f"unreadable ({err.strerror or err})") from err
     try:
@@ -225,11 +227,23 @@ def open_cache(
         raise CacheInvalid("its header is damaged") from err
     if (summary.used, summary.channels, summary.image_size) != (head["shape"][0], head["shape"][1], head["shape"][2]):
         raise CacheInvalid("its header is damaged")
-    images = torch.from_numpy(array)  # shares the mapping; rows are read from disk when first touched
+    with warnings.catch_warnings():  # "not writable": nothing writes into a dataset (batches are gathered copies)
+        warnings.simplefilter("ignore", UserWarning)
+        images = torch.from_numpy(array)  # shares the mapping; rows are read from disk when first touched
     return D.ImageDataset(images, summary, cache=D.CacheInfo(path, "hit"))
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def write_header(f, head: dict) -> None:
+    """Write the prefix and JSON header at the start of the open file ``f`` (the data follow at DATA_OFFSET)."""
+    text = json.dumps(head).encode()
+    if len(text) > DATA_OFFSET - _PREFIX.size:  # only with absurdly long names: drop the examples
+        head = {**head, "summary": {**head["summary"], "examples": {}}}
+        text = json.dumps(head).encode()
+    f.seek(0)
+    f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text), zlib.crc32(text)) + text)
 
 
 def _compact(flat: np.ndarray, n: int, planes: int, row_pixels: int, used: list[int], channels: int) -> None:
@@ -303,13 +317,9 @@ def build_cache(
         s["examples"] = {r: [e[:EXAMPLE_NAME_MAX] for e in ex] for r, ex in summary.examples.items()}
         head = {"shape": [len(used), c, image_size, image_size], "dtype": "uint8", "fingerprint": fp,
                 "data_crc32": crc, "summary": s}  # fmt: skip
-        text = json.dumps(head).encode()
-        if len(text) > DATA_OFFSET - _PREFIX.size:  # only with absurdly long names: drop the examples
-            head["summary"]["examples"] = {}
-            text = json.dumps(head).encode()
         with open(tmp, "r+b") as f:
             f.truncate(DATA_OFFSET + length)
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text), zlib.crc32(text)) + text)
+            write_header(f, head)
 
 
 # --------------------------------------------------------------------------- coordination
@@ -590,4 +600,5 @@ __all__ = [
     "open_cache",
     "place_images",
     "read_header",
+    "write_header",
 ]
