@@ -451,7 +451,8 @@ def cached_folder(
     while True:
         with _locked(path):
             note = _read_note(path)
-            fresh = started is None or float(note.get("time", 0)) >= started
+            written = note.get("time")
+            fresh = started is None or (isinstance(written, int | float) and written >= started)
             if note.get("launch") == launch and fresh:
                 if "error" in note:
                     raise DataError(str(note["error"]))
