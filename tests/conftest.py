@@ -3,6 +3,7 @@ import os
 import pytest
 
 os.environ.setdefault("COLUMNS", "120")
+os.environ["DIFFUSE_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="diffuse-test-cache-")  # never ~/.cache
 
 
 @pytest.fixture(autouse=True)

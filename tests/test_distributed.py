@@ -147,3 +147,86 @@ def test_failure_on_rank_zero_stops_every_rank(tmp_path):
     assert "is not empty" in res.stderr  # rank 0's own message
     assert "stopped because rank 0 failed" in res.stderr  # rank 1 heard about it instead of waiting
     assert (out / "notes.txt").read_text() == "not a run"
+
+
+# --- two nodes ------------------------------------------------------------------------------------------------
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_multinode_command() -> list[str]:
+    """The README's multi-node torchrun command, as words (its line continuations joined)."""
+    import shlex
+
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("torchrun --nnodes"))
+    text = ""
+    for line in lines[start:]:
+        text += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    return shlex.split(text)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set(words: list[str], option: str, value: str) -> None:
+    words[words.index(option) + 1] = value
+
+
+@pytest.fixture(scope="module")
+def gray_folder(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("gray8")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8 + i % 4, 8), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return d
+
+
+@pytest.mark.slow  # about 20 s on 2 busy cores: four torch start-ups (two agents, two workers) plus the reference run
+def test_two_nodes_train_the_one_process_run(gray_folder, tmp_path):
+    """Two torchrun agents on this machine as two 'nodes' (c10d rendezvous on 127.0.0.1, gloo, 1 process each),
+    launched with the README's multi-node command, train what one process trains on the same global batches.
+
+    Both nodes share one cache directory here, as nodes on a shared file system would: one builds, one checks.
+    """
+    words = readme_multinode_command()
+    assert words[0] == "torchrun" and words[words.index("-m") + 1 :][:2] == ["diffuse_cli", "train"]
+    _set(words, "--nproc-per-node", "1")
+    _set(words, "--rdzv-endpoint", f"127.0.0.1:{_free_port()}")
+    _set(words, "--rdzv-id", f"test-{os.getpid()}")
+    _set(words, "--out", str(tmp_path / "two"))
+    _set(words, "--batch-size", "8")
+    words[words.index("train") + 1] = str(gray_folder)
+    assert ARGS[:2] == ["--batch-size", "8"]
+    tail = ["--steps", "4", "--image-size", "8", "--channels", "1", *ARGS[2:]]  # folders: random flips on
+    cmd = [sys.executable, "-m", "torch.distributed.run", *words[1:], *tail]
+    env = _env(DIFFUSE_CACHE_DIR=str(tmp_path / "cache"))
+    agents = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
+    outs = [a.communicate(timeout=TIMEOUT) for a in agents]
+    for a, (out, err) in zip(agents, outs, strict=True):
+        assert a.returncode == 0, out + err
+    text = "".join(out for out, _ in outs)
+    assert text.count("done 4 steps") == 1 and "2 process(es)" in text  # one rank 0 over both nodes
+    assert "batches read from the memory-mapped cache" in text
+
+    one = subprocess.run([sys.executable, "-m", "diffuse_cli", "train", str(gray_folder), "--out", str(tmp_path / "one"),
+                          "--batch-size", "8", *tail], capture_output=True, text=True, timeout=TIMEOUT, env=env)  # fmt: skip
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "memory-mapped from the cache" in " ".join(one.stdout.split())  # the nodes left one valid cache file
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["world_size"] == 2
+    two, single = state(tmp_path / "two", 4), state(tmp_path / "one", 4)
+    assert_same_training(two, single)
+    assert torch.equal(two.tensors["rng.data"], single.tensors["rng.data"])
+    with pytest.raises(AssertionError):  # a different run is told apart
+        assert_same_training(two, state(tmp_path / "one", 2))

@@ -389,6 +389,8 @@ def train(
     seed: Annotated[int | None, typer.Option("--seed", help=f"Random seed (0 or more): same seed, same run. {_d(_T.seed)}")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its newest state.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an --out that holds another run.")] = False,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where decoded folders are cached (one uint8 file per folder, size and channels). [default: $DIFFUSE_CACHE_DIR, else ~/.cache/diffuse]")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Decode the folder into memory in every process; read and write no cache file.")] = False,
 ) -> None:
     """Train a U-Net to predict the noise eps in x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
 
@@ -435,7 +437,7 @@ def train(
         zero_terminal_snr=zero_terminal_snr,
         prediction=prediction.value if prediction else None,
     )
-    _run(_train, data, out, image_size, channels, preset.value, train_opts, model_opts, diff_opts, device, resume, overwrite)
+    _run(_train, data, out, image_size, channels, preset.value, train_opts, model_opts, diff_opts, device, resume, overwrite, cache_dir, no_cache)
 
 
 def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[int, ...] | None:
@@ -453,9 +455,17 @@ def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[i
     return tuple(vals)
 
 
-def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts, diff_opts, device, resume, overwrite):
-    from .engine import data as data_mod
-    from .engine import rundir, training
+def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts, diff_opts, device, resume, overwrite, cache_dir, no_cache):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .engine import datacache, rundir, training
     from .engine.config import UNetConfig, default_batch_size, parse_duration
     from .engine.device import resolve_device
     from .engine.distributed import launched_rank
@@ -470,10 +480,17 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
     say = console.print if is_main else (lambda *a, **k: None)
 
     t_load = time.perf_counter()
-    ds = data_mod.load_dataset(data_spec, image_size, channels)
+    with Progress(TextColumn("[bold]decode[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console, disable=not is_main, transient=True) as bar:  # fmt: skip
+        decoding = bar.add_task("decode", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(decoding, completed=done, total=total)
+
+        ds = datacache.load_dataset(data_spec, image_size, channels, advance, cache=not no_cache, cache_dir=cache_dir)
     n, c, s = ds.images.shape[0], ds.images.shape[1], ds.images.shape[-1]
     note = f" ({ds.summary.size_note})" if ds.summary.size_note else ""
-    say(f"[bold]data[/]  {ds.summary.source}: {n} images used, {c}x{s}x{s}{note}, decoded in {time.perf_counter() - t_load:.1f}s")
+    say(f"[bold]data[/]  {ds.summary.source}: {n} images used, {c}x{s}x{s}{note}, {datacache.describe(ds)} in {time.perf_counter() - t_load:.1f}s")
     for line in ds.summary.lines():
         say(f"  [yellow]{line}[/]")
 
@@ -537,7 +554,7 @@ class _TrainProgress:
         self.timed = cfg.time_limit is not None
         count = TextColumn("step {task.fields[step]}") if self.timed else MofNCompleteColumn()
         self.bar = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), count, TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s"),
+            TextColumn("[bold]train[/]"), BarColumn(), count, TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]} img/s, data {task.fields[data]}"),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=not is_main, transient=False,
         )  # fmt: skip
         self.task, self.estimated, self.last_plain = None, False, -1
@@ -560,12 +577,14 @@ class _TrainProgress:
                 )
             say(f"[dim]loss = mean of ||target - prediction||^2 over the last {cfg.log_every} steps (as in log.jsonl)[/]")
             total, done = (cfg.time_limit, 0) if self.timed else (e["steps"], e["step"])
-            self.task = self.bar.add_task("train", total=total, completed=done, loss="…", ips="…", step=e["step"])
+            say(f"[bold]data[/]  {e['data']}")
+            self.task = self.bar.add_task("train", total=total, completed=done, loss="…", ips="…", step=e["step"], data="…")
             self.bar.start()
         elif kind == "step":
             self.bar.update(self.task, completed=min(e["elapsed"], cfg.time_limit) if self.timed else e["step"], step=e["step"])
         elif kind == "log":
-            self.bar.update(self.task, loss=f"{e['loss']:.4f}", ips=f"{e['img_per_s']:.0f}")
+            data_share = f"{e['data_ms'] / max(e['step_ms'], 1e-9):.0%} of {e['step_ms']:.0f} ms/step"
+            self.bar.update(self.task, loss=f"{e['loss']:.4f}", ips=f"{e['img_per_s']:.0f}", data=data_share)
             if not self.estimated and e["step"] < cfg.steps:  # the first measured speed: say what the run will cost
                 self.estimated = True
                 per_1000 = 1000 * cfg.batch_size / max(e["img_per_s"], 1e-9)
@@ -575,7 +594,7 @@ class _TrainProgress:
                 tenth = int(e["elapsed"] * 10 / cfg.time_limit) if self.timed else e["step"] * 10 // cfg.steps
                 if tenth != self.last_plain:
                     self.last_plain = tenth
-                    say(f"  step {e['step']}{'' if self.timed else f'/{cfg.steps}'}  loss {e['loss']:.4f}  {e['img_per_s']:.0f} img/s  {e['elapsed']:.0f}s")
+                    say(f"  step {e['step']}{'' if self.timed else f'/{cfg.steps}'}  loss {e['loss']:.4f}  {e['img_per_s']:.0f} img/s  data {data_share}  {e['elapsed']:.0f}s")
         elif kind == "warning":
             self.bar.console.print(f"[yellow]warning:[/] {e['message']}")
         elif kind == "preview":

@@ -1,8 +1,10 @@
 """Image folders and built-in datasets -> uint8 tensors.
 
-A dataset is decoded once into memory as one contiguous uint8 tensor (N, C, H, W)
-on the CPU; training moves batches to its device, maps them to [-1, 1] with
-:func:`to_model_range` and augments them there (see ``step.py``).
+A dataset is decoded once into one contiguous uint8 tensor (N, C, H, W) on the
+CPU: in memory (:func:`load_folder`), or, through :mod:`.datacache`, into a cache
+file that later runs and every torchrun process memory-map. Training gathers
+batches from it on its device, maps them to [-1, 1] with :func:`to_model_range`
+and augments them there (see ``step.py``).
 
 How an image file becomes a (C, S, S) uint8 tensor (:func:`decode_image`):
 
@@ -41,12 +43,13 @@ one-image dataset (handy to check that a model can memorise one picture).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -60,9 +63,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MAX_IMAGE_SIZE = 4096  # beyond it a data set no longer fits in memory, let alone trains
 DEFAULT_IMAGE_SIZE = 32  # for folders whose images' sizes cannot be read; built-in datasets use their native size
 MAX_AUTO_IMAGE_SIZE = 64  # the largest size picked without --image-size: 64x64 already trains for hours on a CPU
+MAX_IMAGE_SIZE = 4096  # beyond it a data set no longer fits in memory, let alone trains
 SIZE_PROBE = 1000  # images whose headers are read to guess the size
 # Pillow's own default (about 9459 x 9459). Pillow warns above it and refuses twice
 # as much; we skip anything above it as "too large". A lower value may be passed in.
@@ -163,13 +166,23 @@ class DataSummary:
         }
 
 
+@dataclass(frozen=True)
+class CacheInfo:
+    """Where a dataset's decoded images live on disk (see :mod:`.datacache`)."""
+
+    path: Path  # the cache file, memory-mapped read-only
+    status: str  # "hit" (read as it was), "built" (decoded now), "rebuilt" (decoded again: see reason)
+    reason: str = ""  # why a cache file that was there could not be used ("the folder changed", ...)
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """Decoded images in memory."""
+    """Decoded images: in memory, or memory-mapped from a cache file (``cache`` says which)."""
 
-    images: torch.Tensor  # (N, C, H, W) uint8, contiguous, CPU
+    images: torch.Tensor  # (N, C, H, W) uint8, contiguous, CPU (RAM or a read-only file mapping)
     summary: DataSummary
     labels: torch.Tensor | None = None  # (N,) int64 where the source has classes (builtin:digits)
+    cache: CacheInfo | None = None  # None: decoded into memory for this process only
 
     def __post_init__(self) -> None:
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4 and self.images.is_contiguous()
@@ -208,28 +221,31 @@ def _has_image_extension(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk(root: Path) -> tuple[list[Path], int, int]:
+def _walk(root: Path) -> tuple[list[str], int, int]:
     """(image files, other files, unreadable sub-folders) under the folder ``root``.
 
     Hidden names (starting with '.') are skipped. Symlinked folders are followed,
     each real folder at most once (by (st_dev, st_ino)), which makes loops safe.
+    Paths are plain strings (``root`` joined with the names): a million ``Path``
+    objects would cost seconds and a gigabyte before the first image is read.
     """
-    files: list[Path] = []
+    top = os.fspath(root)
+    found: list[tuple[tuple[bytes, ...], str]] = []  # (relative path as bytes, folder by folder; path)
     ignored = unreadable = 0
     seen: set[tuple[int, int]] = set()
-    stack = [root]
+    stack: list[tuple[str, tuple[bytes, ...]]] = [(top, ())]
     while stack:
-        folder = stack.pop()
+        folder, parts = stack.pop()
         try:
             st = os.stat(folder)
             key = (st.st_dev, st.st_ino)
             if key in seen:
                 continue
             seen.add(key)
-            with os.scandir(folder) as it:
+            with os.scandir(folder) as it:  # sorted: a folder reached twice (symlinks) is named the same way
                 entries = sorted(it, key=lambda e: os.fsencode(e.name))
         except OSError as err:
-            if folder == root:
+            if folder == top:
                 raise DataError(f"cannot read folder {display_path(root)}: {err.strerror or err}") from err
             unreadable += 1
             continue
@@ -245,14 +261,14 @@ def _walk(root: Path) -> tuple[list[Path], int, int]:
                 is_dir = is_file = False
                 dangling = True
             if is_dir:
-                subfolders.append(Path(entry.path))
+                subfolders.append((entry.path, (*parts, os.fsencode(entry.name))))
             elif _has_image_extension(entry.name) and (is_file or dangling):
-                files.append(Path(entry.path))  # a dangling link is reported later as unreadable
+                found.append(((*parts, os.fsencode(entry.name)), entry.path))  # a dangling link: unreadable later
             else:
                 ignored += 1  # other files, and FIFOs, sockets, devices, whose reading could block
         stack.extend(reversed(subfolders))
-    files.sort(key=lambda p: tuple(os.fsencode(part) for part in p.relative_to(root).parts))
-    return files, ignored, unreadable
+    found.sort(key=lambda f: f[0])
+    return [path for _, path in found], ignored, unreadable
 
 
 def scan_folder(root: str | os.PathLike) -> list[Path]:
@@ -266,7 +282,7 @@ def scan_folder(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"not a folder: {display_path(root)}")
-    return _walk(root)[0]
+    return [Path(p) for p in _walk(root)[0]]
 
 
 # --------------------------------------------------------------------------- decoding one image
@@ -316,7 +332,9 @@ def _to_l_or_rgb(img: Image.Image) -> Image.Image:
     return img.convert("L" if gray else "RGB")
 
 
-def _read_image(path: Path, image_size: int, channels: int | None, max_pixels: int) -> tuple[np.ndarray, bool]:
+def _read_image(
+    path: str | os.PathLike, image_size: int, channels: int | None, max_pixels: int
+) -> tuple[np.ndarray, bool]:
     """Decode ``path`` to a (S, S) or (S, S, 3) uint8 array and whether it has no colour.
 
     Raises ImageSkipped. The caller turns DecompressionBombWarning into an error.
@@ -432,48 +450,13 @@ def _default_workers() -> int:
     return min(16, (os.cpu_count() or 1) + 2)
 
 
-def infer_image_size(files: list[Path], max_size: int = MAX_AUTO_IMAGE_SIZE) -> tuple[int, str]:
-    """The size to train at when none is given, and a note saying why: the most common shorter side
-    among the images (headers only, up to :data:`SIZE_PROBE` files spread over the list), rounded to
-    the nearest multiple of 4 (8 from 64 up: what the U-Net's levels divide), at least 8, at most
-    ``max_size``."""
-    step = max(1, len(files) // SIZE_PROBE)
-    sides: dict[int, int] = {}
-    for p in files[::step][:SIZE_PROBE]:
-        try:
-            with Image.open(p) as im:
-                side = min(im.size)
-        except Exception:  # noqa: BLE001 - unreadable files are counted when they are decoded
-            continue
-        sides[side] = sides.get(side, 0) + 1
-    if not sides:
-        return DEFAULT_IMAGE_SIZE, "no image size could be read; pass --image-size to choose"
-    side = max(sides, key=lambda k: (sides[k], k))  # most common; ties: the larger
-    if side > max_size:
-        return max_size, f"the images are {side} px; capped at {max_size}, pass --image-size to change"
-    multiple = 8 if side >= 64 else 4
-    size = max(8, int(side / multiple + 0.5) * multiple)
-    return size, "the images' own size" if size == side else f"the images' {side} px rounded to {size}"
+def list_files(root: str | os.PathLike) -> tuple[list[str], int, int]:
+    """(image files, other files ignored, unreadable sub-folders) of a folder or a single image file.
 
+    The files are paths as strings, in the order of :func:`scan_folder`.
 
-def load_folder(
-    root: str | os.PathLike,
-    image_size: int | None = None,
-    channels: int | None = None,
-    progress: Progress | None = None,
-    *,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-    workers: int | None = None,
-) -> ImageDataset:
-    """Decode every usable image under ``root`` (a folder, or a single image file).
-
-    ``channels`` None: 1 if every used image is colourless, else 3. ``progress``,
-    if given, is called as ``progress(done, total)`` from this thread, first with
-    done = 0. Decoding runs on ``workers`` threads (default: cores + 2); the order
-    of the images is that of :func:`scan_folder` whatever the number of threads.
+    Raises DataError when ``root`` is missing, is not an image file, or holds no images.
     """
-    if image_size is not None:
-        _check_size_channels(image_size, channels)
     root = Path(root)
     src = display_path(root)
     if not root.exists():
@@ -481,27 +464,39 @@ def load_folder(
     if root.is_dir():
         files, ignored, unreadable_folders = _walk(root)
     elif _has_image_extension(root.name):
-        files, ignored, unreadable_folders = [root], 0, 0
+        files, ignored, unreadable_folders = [os.fspath(root)], 0, 0
     else:
         raise DataError(f"{src} is neither a folder nor an image file ({' '.join(IMAGE_EXTENSIONS)})")
-    n = len(files)
-    if n == 0:
+    if not files:
         extra = f"; {_plural(unreadable_folders, 'unreadable folder')} skipped" if unreadable_folders else ""
         raise DataError(
             f"no images found in {src} (looked for {' '.join(IMAGE_EXTENSIONS)}; "
             f"{_plural(ignored, 'other file')} ignored{extra})"
         )
+    return files, ignored, unreadable_folders
 
-    size_note = ""
-    if image_size is None:
-        image_size, size_note = infer_image_size(files)
-        _check_size_channels(image_size, channels)
-    # Decoded straight into the final buffer (three planes when the channel count is
-    # still open); each thread writes its own rows, so no lock is needed.
-    planes = channels or 3
-    buffer = torch.empty((n, planes, image_size, image_size), dtype=torch.uint8)
+
+def decode_into(
+    files: Sequence[str | os.PathLike],
+    buffer: torch.Tensor,
+    channels: int | None,
+    progress: Progress | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> tuple[list[ImageSkipped | None], list[bool]]:
+    """Decode ``files[i]`` into ``buffer[i]`` ((N, C, S, S) uint8; C = 3 when ``channels`` is None).
+
+    ``buffer`` may live in memory or in a memory-mapped file. Returns, per file, the
+    skip (None if used) and whether the image is colourless. Rows of skipped files are
+    left as they were. ``progress(done, total)`` is called from this thread, first with 0.
+    """
+    n = len(files)
+    planes, image_size = buffer.shape[1], buffer.shape[-1]
+    assert buffer.shape[0] == n and planes == (channels or 3) and buffer.dtype == torch.uint8
     gray = [False] * n
 
+    # Each thread writes its own rows, so no lock is needed.
     def work(i: int) -> ImageSkipped | None:
         try:
             arr, gray[i] = _read_image(files[i], image_size, channels, max_pixels)
@@ -510,7 +505,7 @@ def load_folder(
         buffer[i] = _to_chw(arr, planes)
         return None
 
-    reasons: list[ImageSkipped | None] = []  # per file: None if used
+    reasons: list[ImageSkipped | None] = []
     if progress:
         progress(0, n)
     n_workers = min(n, max(1, workers if workers is not None else _default_workers()))
@@ -524,8 +519,29 @@ def load_folder(
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C, do not decode the rest
+    return reasons, gray
 
-    def shown(p: Path) -> str:
+
+def summarize(
+    root: str | os.PathLike,
+    files: Sequence[str | os.PathLike],
+    reasons: list[ImageSkipped | None],
+    gray: list[bool],
+    image_size: int,
+    channels: int | None,
+    ignored: int = 0,
+    unreadable_folders: int = 0,
+) -> tuple[list[int], DataSummary]:
+    """(indices of the used files, summary) after :func:`decode_into`; DataError if none is usable.
+
+    ``channels`` None becomes 1 when every used image is colourless, else 3.
+    """
+    root = Path(root)
+    src = display_path(root)
+    n = len(files)
+
+    def shown(p: str | os.PathLike) -> str:
+        p = Path(p)
         return display_path(p.relative_to(root)) if p != root else display_path(p.name)
 
     skipped: dict[str, int] = {}
@@ -546,12 +562,8 @@ def load_folder(
         if n == 1:
             raise DataError(str(reasons[0]))
         raise DataError(f"none of the {n} images in {src} could be decoded: {details}")
-
     if channels is None:
         channels = 1 if all(gray[i] for i in used_idx) else 3
-    images = buffer if len(used_idx) == n else buffer[used_idx]
-    if images.shape[1] != channels:
-        images = images[:, :channels]  # all colourless: the three planes are equal
     summary = DataSummary(
         source=src,
         found=n,
@@ -562,9 +574,78 @@ def load_folder(
         examples=examples,
         ignored=ignored,
         unreadable_folders=unreadable_folders,
-        size_note=size_note,
     )
-    return ImageDataset(images.contiguous(), summary)
+    return used_idx, summary
+
+
+def infer_image_size(files: Sequence[str | os.PathLike], max_size: int = MAX_AUTO_IMAGE_SIZE) -> tuple[int, str]:
+    """The size to train at when none is given, and a note saying why: the most common shorter side
+    among the images (headers only, up to :data:`SIZE_PROBE` files spread over the list), rounded to
+    the nearest multiple of 4 (8 from 64 up: what the U-Net's levels divide), at least 8, at most
+    ``max_size``."""
+    step = max(1, len(files) // SIZE_PROBE)
+    sides: dict[int, int] = {}
+    for p in list(files)[::step][:SIZE_PROBE]:
+        try:
+            with Image.open(p) as im:
+                side = min(im.size)
+        except Exception:  # noqa: BLE001 - unreadable files are counted when they are decoded
+            continue
+        sides[side] = sides.get(side, 0) + 1
+    if not sides:
+        return DEFAULT_IMAGE_SIZE, "no image size could be read; pass --image-size to choose"
+    side = max(sides, key=lambda k: (sides[k], k))  # most common; ties: the larger
+    if side > max_size:
+        return max_size, f"the images are {side} px; capped at {max_size}, pass --image-size to change"
+    multiple = 8 if side >= 64 else 4
+    size = max(8, int(side / multiple + 0.5) * multiple)
+    return size, "the images' own size" if size == side else f"the images' {side} px rounded to {size}"
+
+
+def resolve_image_size(root: str | os.PathLike, image_size: int | None) -> tuple[int, str]:
+    """``(image_size, "")`` when given, else :func:`infer_image_size` over the folder's images."""
+    if image_size is not None:
+        return image_size, ""
+    return infer_image_size(list_files(root)[0])
+
+
+def with_size_note(ds: ImageDataset, note: str) -> ImageDataset:
+    """``ds`` whose summary says how its image size was chosen."""
+    if not note:
+        return ds
+    return dataclasses.replace(ds, summary=dataclasses.replace(ds.summary, size_note=note))
+
+
+def load_folder(
+    root: str | os.PathLike,
+    image_size: int | None = None,
+    channels: int | None = None,
+    progress: Progress | None = None,
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> ImageDataset:
+    """Decode every usable image under ``root`` (a folder, or a single image file) into memory.
+
+    ``channels`` None: 1 if every used image is colourless, else 3. ``progress``,
+    if given, is called as ``progress(done, total)`` from this thread, first with
+    done = 0. Decoding runs on ``workers`` threads (default: cores + 2); the order
+    of the images is that of :func:`scan_folder` whatever the number of threads.
+    (:mod:`.datacache` decodes the same way into a file that later runs memory-map.)
+    ``image_size`` None: the images' own size (:func:`infer_image_size`).
+    """
+    root = Path(root)
+    image_size, note = resolve_image_size(root, image_size)
+    _check_size_channels(image_size, channels)
+    files, ignored, unreadable_folders = list_files(root)
+    # Decoded straight into the final buffer (three planes when the channel count is still open).
+    buffer = torch.empty((len(files), channels or 3, image_size, image_size), dtype=torch.uint8)
+    reasons, gray = decode_into(files, buffer, channels, progress, max_pixels=max_pixels, workers=workers)
+    used_idx, summary = summarize(root, files, reasons, gray, image_size, channels, ignored, unreadable_folders)
+    images = buffer if len(used_idx) == len(files) else buffer[used_idx]
+    if images.shape[1] != summary.channels:
+        images = images[:, : summary.channels]  # all colourless: the three planes are equal
+    return with_size_note(ImageDataset(images.contiguous(), summary), note)
 
 
 # --------------------------------------------------------------------------- built-in datasets
@@ -668,16 +749,20 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "SKIP_REASONS",
     "BuiltinDataset",
+    "CacheInfo",
     "DataSummary",
     "ImageDataset",
     "ImageSkipped",
     "decode_image",
+    "decode_into",
     "display_path",
     "from_model_range",
+    "list_files",
     "load_builtin",
     "load_dataset",
     "load_digits",
     "load_folder",
     "scan_folder",
+    "summarize",
     "to_model_range",
 ]

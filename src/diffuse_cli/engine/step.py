@@ -19,6 +19,7 @@ torch's global RNG.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ class TrainStep:
     opt: torch.optim.Optimizer
     ema: EMA
     gen: torch.Generator  # the data generator (see the module docstring)
-    images: torch.Tensor  # uint8 (N, C, H, W), on the training device
+    images: torch.Tensor  # uint8 (N, C, H, W) as the device reads it: a tensor there, or datacache.DeviceImages
     config: object  # training.TrainConfig: batch_size, lr, warmup, grad_clip, loss_weighting, hflip
     amp: torch.dtype | None = None  # autocast dtype, None for fp32
     dist: Dist = None  # type: ignore[assignment]
@@ -80,6 +81,7 @@ class TrainStep:
         self.loss_fn = self.loss_fn or self._losses
         self.device = self.images.device
         self.memory_format = devices.memory_format(self.device, self.amp)
+        self.data_s = 0.0  # host seconds spent getting batches (the loop reads and resets it when it logs)
 
     def distribute(self) -> None:
         """Wrap the model in DDP when there are several processes (after any resume, before training)."""
@@ -109,10 +111,13 @@ class TrainStep:
         flip = torch.rand((b,), generator=gen, device=dev) < 0.5 if cfg.hflip else None
         local = b // self.dist.world_size
         sl = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
+        t_data = time.perf_counter()
         x0 = to_model_range(self.images[idx[sl]])
         if flip is not None:
             x0 = torch.where(flip[sl, None, None, None], x0.flip(-1), x0)
-        return x0.contiguous(memory_format=self.memory_format), t[sl], eps[sl]
+        x0 = x0.contiguous(memory_format=self.memory_format)
+        self.data_s += time.perf_counter() - t_data
+        return x0, t[sl], eps[sl]
 
     def __call__(self, step: int) -> torch.Tensor:
         cfg = self.config
@@ -129,12 +134,13 @@ class TrainStep:
         return loss.detach()
 
 
-def make_train_step(model_config, diffusion_config: DiffusionConfig, config, images: torch.Tensor,
+def make_train_step(model_config, diffusion_config: DiffusionConfig, config, images,
                     device: torch.device, dist: Dist | None = None, amp: torch.dtype | None = None) -> TrainStep:
     """Build model, optimizer, EMA and generator for ``config`` (a TrainConfig) on ``device``.
 
     The initial weights depend only on ``config.seed`` (the same on every rank); dropout streams
-    differ per rank. ``images`` (uint8) are copied to the device once: 4x less memory than float.
+    differ per rank. ``images``: a uint8 tensor (copied to the device once: 4x less memory than
+    float), or a :class:`~.datacache.DeviceImages` that already says where batches come from.
     """
     from .unet import UNet
 
@@ -147,5 +153,5 @@ def make_train_step(model_config, diffusion_config: DiffusionConfig, config, ima
     opt = devices.make_optimizer(model.parameters(), lr=config.lr, device=device, weight_decay=config.weight_decay)
     ema = EMA(model, config.ema_decay)
     gen = torch.Generator(device=device).manual_seed(config.seed)
-    data = devices.to_device(images, device)
+    data = devices.to_device(images, device) if isinstance(images, torch.Tensor) else images
     return TrainStep(model, diffusion, opt, ema, gen, data, config, amp=amp, dist=dist)

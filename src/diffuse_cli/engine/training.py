@@ -28,6 +28,7 @@ from . import checkpoint as ckpt
 from . import device as devices
 from . import rundir
 from .config import DiffusionConfig, TrainConfig
+from .datacache import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
 from .fileio import atomic_write_text
@@ -116,7 +117,8 @@ def train(
 
         # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
         amp = devices.autocast_dtype(config.precision, dev)
-        ts = make_train_step(model_config, diffusion_config, config, data.images, dev, dist, amp)
+        images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
+        ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp)
         start = 0
         if state is not None:
             rundir.restore_state(state, ts.model, ts.ema.model, ts.opt, ts.gen, dev, dist.rank)
@@ -140,7 +142,7 @@ def train(
               "precision": str(amp).replace("torch.", "") if amp else "fp32", "world_size": dist.world_size,
               "parameters": sum(p.numel() for p in ts.model.parameters()), "resumed": resume,
               "images": n, "local_batch": config.batch_size // dist.world_size, "is_main": dist.is_main,
-              "threads": threads, "time_limit": config.time_limit})
+              "threads": threads, "time_limit": config.time_limit, "data": images.where})
 
         # --- the loop ----------------------------------------------------------------------
         loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, float("nan")
@@ -168,7 +170,9 @@ def train(
                             f"checkpoint (step {last_saved}) is kept; try a lower --lr or --grad-clip 1")
                     now = _clock()
                     rec = {"step": step, "loss": last_loss, "lr": lr_at(step - 1, config.lr, config.warmup),
-                           "img_per_s": loss_count * config.batch_size / max(now - t_log, 1e-9), "elapsed": now - t0}
+                           "img_per_s": loss_count * config.batch_size / max(now - t_log, 1e-9), "elapsed": now - t0,
+                           "data_ms": 1e3 * ts.data_s / loss_count, "step_ms": 1e3 * (now - t_log) / loss_count}
+                    ts.data_s = 0.0
                     dist.main_only(functools.partial(rundir.append_log, paths.log, rec), dev)
                     emit({"event": "log", **rec})
                     loss_sum.zero_()

@@ -1,0 +1,607 @@
+"""Decode an image folder once into a uint8 file that every rank and every later run memory-maps.
+
+One cache file per (folder, image size, channels) lives in the cache directory
+(:func:`default_cache_dir`: ``$DIFFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffuse``,
+else ``~/.cache/diffuse``). Its layout::
+
+    bytes 0..28      magic b"DIFFUSEU8", format version (u32), JSON length (u32),
+                     CRC-32 of the JSON (u32), 7 bytes reserved (little-endian)
+    bytes 28..       the JSON header: shape (N, C, S, S), fingerprint, CRC-32 of the data,
+                     the DataSummary (counts of skipped files by reason, a few example names)
+    bytes 65536..    N * C * S * S raw uint8 rows, (N, C, H, W) C-order: what numpy.memmap maps
+
+The fingerprint hashes the decoder's version, the image size, the channels asked for,
+the pixel limit and, for every image file under the folder, its relative path, size and
+mtime. A file added, removed or touched changes it, and the cache is decoded again.
+
+Nothing in a cache file is trusted without a check. Every opener checks the magic,
+version, header checksum, fingerprint and the exact file size (a truncated file fails
+here); the process that decides whether to rebuild (see below) also reads the data once
+to check its CRC-32 (a damaged byte fails here). A file that fails is decoded again.
+
+Writing is atomic (:func:`fileio.atomic_path`: a temporary file in the same folder,
+renamed over the old one), so a reader sees the old file or the new one, never a
+half-written one. A lock file (``flock``) serialises builders and checkers, across
+processes and, on file systems whose locks work across machines, across nodes.
+
+Under torchrun, each node's local rank 0 checks or builds the cache while holding the
+lock, then leaves a note ``<cache>.ready`` naming this launch (run id, master address,
+restart count); the node's other ranks wait until the note names their launch, then
+map the file without scanning the folder. If local rank 0 fails, the note carries its
+error and every rank stops with that one line.
+
+A memory-mapped dataset is an ordinary CPU tensor: ``images[idx]`` reads only the rows
+in ``idx``, the bytes come from the page cache that every process on the machine
+shares, and the values are those of the in-memory decode, so training is bit-identical.
+:func:`place_images` then decides, per device, whether to copy the uint8 data onto the
+accelerator (when it fits) or to read each batch from the mapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data as D
+from .errors import DataError, OutputError
+from .fileio import TMP_PREFIX, atomic_path, atomic_write_text, describe_os_error, ensure_dir
+
+try:  # POSIX; elsewhere the atomic rename alone keeps readers safe, and builders may race
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+MAGIC = b"DIFFUSEU8"
+FORMAT_VERSION = 1
+# Bump when decode_image's output changes for some file: every cache is then decoded again.
+DECODER_VERSION = 1
+_PREFIX = struct.Struct("<9sIII7x")  # magic, format version, JSON length, JSON CRC-32
+DATA_OFFSET = 65536  # page-aligned on every platform; the JSON header must fit before it
+SUFFIX = ".u8"
+_CHUNK = 16 << 20  # bytes per block while building (moving rows, checksumming the mapping)
+_READ = 1 << 20  # bytes per read while checking: a small buffer leaves no large allocation behind
+EXAMPLE_NAME_MAX = 200  # characters of an example file name kept in the header
+# The uint8 dataset goes onto the accelerator when it takes at most this share of the free
+# memory there: the model, optimizer state and activations need the rest.
+DEVICE_FRACTION = 0.5
+WAIT_POLL_S = 0.05
+
+
+class CacheInvalid(Exception):
+    """A cache file that cannot be used; the message says why (internal: it is rebuilt)."""
+
+
+# --------------------------------------------------------------------------- where
+
+
+def default_cache_dir() -> Path:
+    """``$DIFFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffuse``, else ``~/.cache/diffuse``."""
+    if os.environ.get("DIFFUSE_CACHE_DIR"):
+        return Path(os.environ["DIFFUSE_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and os.path.isabs(os.path.expanduser(xdg)) else Path.home() / ".cache"
+    return base / "diffuse"
+
+
+def cache_path(cache_dir: str | os.PathLike, root: str | os.PathLike, image_size: int, channels: int | None) -> Path:
+    """The cache file of (folder, image size, channels): readable name + hash of the real path."""
+    real = os.path.realpath(os.fsencode(Path(root).expanduser()))
+    digest = hashlib.sha256(real).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.fsdecode(os.path.basename(real)))[:40].strip("._") or "data"
+    return Path(cache_dir).expanduser() / f"{name}-{digest}-{image_size}px-{channels or 'auto'}c{SUFFIX}"
+
+
+def fingerprint(
+    root: Path,
+    files: list[str],
+    image_size: int,
+    channels: int | None,
+    max_pixels: int,
+    ignored: int = 0,
+    unreadable_folders: int = 0,
+) -> str:
+    """SHA-256 over what decides the decoded array: settings, and each file's path, size and mtime.
+
+    ``files`` as :func:`data.list_files` gives them (strings under ``root``).
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([DECODER_VERSION, image_size, channels, max_pixels, ignored, unreadable_folders]).encode())
+    base = os.path.join(os.fspath(root), "")  # with one trailing separator
+    for p in files:
+        try:
+            st = os.stat(p)
+            stamp = b"%d %d" % (st.st_size, st.st_mtime_ns)
+        except OSError as err:  # decoding will skip it as unreadable; if it comes back, the key changes
+            stamp = b"error %d" % (err.errno or 0)
+        rel = p[len(base) :] if p.startswith(base) else os.path.basename(p)
+        h.update(os.fsencode(rel) + b"\0" + stamp + b"\n")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _crc32_of_file(f, start: int, length: int) -> int:
+    """CRC-32 of ``length`` bytes from ``start``, read in chunks (plain reads: no pages stay mapped)."""
+    f.seek(start)
+    crc = 0
+    buf = bytearray(min(_READ, max(length, 1)))
+    view = memoryview(buf)
+    left = length
+    while left:
+        got = f.readinto(view[: min(len(buf), left)])
+        if not got:
+            raise CacheInvalid("the file is shorter than its header says")
+        crc = zlib.crc32(view[:got], crc)
+        left -= got
+    return crc
+
+
+def read_header(f) -> dict:
+    """The JSON header of an open cache file, after checking magic, version, checksum and size."""
+    f.seek(0)
+    raw = f.read(_PREFIX.size)
+    if len(raw) < _PREFIX.size:
+        raise CacheInvalid("the file is truncated (no header)")
+    magic, version, n, crc = _PREFIX.unpack(raw)
+    if magic != MAGIC:
+        raise CacheInvalid("it is not a diffuse cache file")
+    if version != FORMAT_VERSION:
+        raise CacheInvalid(f"it has format version {version}, this version reads {FORMAT_VERSION}")
+    if not 0 < n <= DATA_OFFSET - _PREFIX.size:
+        raise CacheInvalid("its header is damaged")
+    text = f.read(n)
+    if len(text) != n or zlib.crc32(text) != crc:
+        raise CacheInvalid("its header is damaged")
+    try:
+        head = json.loads(text)
+        shape = tuple(int(v) for v in head["shape"])
+        ok = len(shape) == 4 and shape[0] > 0 and shape[1] in (1, 3) and shape[2] == shape[3] > 0
+    except (ValueError, KeyError, TypeError) as err:
+        raise CacheInvalid("its header is damaged") from err
+    if not ok:
+        raise CacheInvalid("its header is damaged")
+    head["shape"] = shape
+    size = os.fstat(f.fileno()).st_size
+    want = DATA_OFFSET + int(np.prod(shape))
+    if size != want:
+        raise CacheInvalid(f"the file has {size} bytes, its header says {want} (truncated or damaged)")
+    return head
+
+
+def open_cache(
+    path: str | os.PathLike, expect_fingerprint: str | None = None, *, verify_data: bool = False, source: str = ""
+) -> D.ImageDataset:
+    """Map a cache file read-only (copy-on-write) as an :class:`ImageDataset`; CacheInvalid if unusable.
+
+    ``verify_data`` also reads the whole data section once to check its CRC-32.
+    ``source`` replaces the stored source text in the summary (the folder as given now).
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as err:
+        raise CacheInvalid("missing") from err
+    except OSError as err:
+        raise CacheInvalid(f"unreadable ({err.strerror or err})") from err
+    with f:
+        try:
+            head = read_header(f)
+            if expect_fingerprint is not None and head.get("fingerprint") != expect_fingerprint:
+                raise CacheInvalid("the folder changed: a file was added, removed or modified")
+            if verify_data and _crc32_of_file(f, DATA_OFFSET, int(np.prod(head["shape"]))) != head.get("data_crc32"):
+                raise CacheInvalid("its data is damaged (checksum mismatch)")
+            # Mapping the descriptor we checked: a builder renaming a new file over the path cannot
+            # swap the data under us. Read-only and shared: a private (copy-on-write) mapping would be
+            # charged to the commit limit in full, and one larger than RAM + swap would be refused.
+            array = np.memmap(f, dtype=np.uint8, mode="r", offset=DATA_OFFSET, shape=head["shape"])
+        except OSError as err:
+            raise CacheInvalid(f"unreadable ({err.strerror or err})") from err
+    try:
+        s = head["summary"]
+        summary = D.DataSummary(
+            source=source or str(s["source"]),
+            found=int(s["found"]),
+            used=int(s["used"]),
+            channels=int(s["channels"]),
+            image_size=int(s["image_size"]),
+            skipped={str(k): int(v) for k, v in s.get("skipped", {}).items()},
+            examples={str(k): tuple(map(str, v)) for k, v in s.get("examples", {}).items()},
+            ignored=int(s.get("ignored", 0)),
+            unreadable_folders=int(s.get("unreadable_folders", 0)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CacheInvalid("its header is damaged") from err
+    if (summary.used, summary.channels, summary.image_size) != (head["shape"][0], head["shape"][1], head["shape"][2]):
+        raise CacheInvalid("its header is damaged")
+    with warnings.catch_warnings():  # "not writable": nothing writes into a dataset (batches are gathered copies)
+        warnings.simplefilter("ignore", UserWarning)
+        images = torch.from_numpy(array)  # shares the mapping; rows are read from disk when first touched
+    return D.ImageDataset(images, summary, cache=D.CacheInfo(path, "hit"))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_header(f, head: dict) -> None:
+    """Write the prefix and JSON header at the start of the open file ``f`` (the data follow at DATA_OFFSET)."""
+    text = json.dumps(head).encode()
+    if len(text) > DATA_OFFSET - _PREFIX.size:  # only with absurdly long names: drop the examples
+        head = {**head, "summary": {**head["summary"], "examples": {}}}
+        text = json.dumps(head).encode()
+    f.seek(0)
+    f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text), zlib.crc32(text)) + text)
+
+
+def _compact(flat: np.ndarray, n: int, planes: int, row_pixels: int, used: list[int], channels: int) -> None:
+    """Move the used rows (first ``channels`` planes) to the front of ``flat``, in place.
+
+    Destinations never pass the end of the block just read (j <= i and channels <= planes),
+    so a block is copied out before anything overwrites it.
+    """
+    src_row = planes * row_pixels
+    dst_row = channels * row_pixels
+    rows_per_block = max(1, _CHUNK // src_row)
+    used_arr = np.asarray(used, dtype=np.int64)
+    j = 0
+    for start in range(0, n, rows_per_block):
+        stop = min(n, start + rows_per_block)
+        sel = used_arr[(used_arr >= start) & (used_arr < stop)] - start
+        block = flat[start * src_row : stop * src_row].reshape(stop - start, planes, row_pixels)
+        moved = np.ascontiguousarray(block[sel, :channels])  # a copy
+        flat[j * dst_row : (j + len(sel)) * dst_row] = moved.reshape(-1)
+        j += len(sel)
+
+
+def build_cache(
+    path: Path,
+    root: Path,
+    files: list[str],
+    image_size: int,
+    channels: int | None,
+    fp: str,
+    progress: D.Progress | None = None,
+    *,
+    ignored: int = 0,
+    unreadable_folders: int = 0,
+    max_pixels: int = D.MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> None:
+    """Decode ``files`` straight into a new cache file at ``path`` (atomically replacing any old one).
+
+    The rows are decoded into a mapping of the file itself, so a dataset larger than memory
+    can be built. DataError when no image is usable (no file is left behind).
+    """
+    n = len(files)
+    planes = channels or 3
+    row_pixels = image_size * image_size
+    with atomic_path(path) as tmp:
+        with open(tmp, "w+b") as f:
+            total = DATA_OFFSET + n * planes * row_pixels
+            if hasattr(os, "posix_fallocate"):
+                try:  # a full disk fails here with ENOSPC, not later as SIGBUS inside the mapping
+                    os.posix_fallocate(f.fileno(), 0, total)
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # the file system cannot: fall back
+                        raise
+                    f.truncate(total)
+            else:  # pragma: no cover
+                f.truncate(total)
+        flat = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=DATA_OFFSET, shape=(n * planes * row_pixels,))
+        buffer = torch.from_numpy(flat).view(n, planes, image_size, image_size)
+        reasons, gray = D.decode_into(files, buffer, channels, progress, max_pixels=max_pixels, workers=workers)
+        used, summary = D.summarize(root, files, reasons, gray, image_size, channels, ignored, unreadable_folders)
+        c = summary.channels
+        if len(used) != n or c != planes:
+            _compact(flat, n, planes, row_pixels, used, c)
+        length = len(used) * c * row_pixels
+        crc = 0
+        for start in range(0, length, _CHUNK):
+            crc = zlib.crc32(flat[start : min(length, start + _CHUNK)], crc)
+        flat.flush()
+        del buffer, flat
+        s = summary.to_dict()
+        s["examples"] = {r: [e[:EXAMPLE_NAME_MAX] for e in ex] for r, ex in summary.examples.items()}
+        head = {"shape": [len(used), c, image_size, image_size], "dtype": "uint8", "fingerprint": fp,
+                "data_crc32": crc, "summary": s}  # fmt: skip
+        with open(tmp, "r+b") as f:
+            f.truncate(DATA_OFFSET + length)
+            write_header(f, head)
+
+
+# --------------------------------------------------------------------------- coordination
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<path>.lock`` (blocking)."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise OutputError(describe_os_error(err, lock)) from err
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:  # a file system without locks (some network mounts): renames still keep
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # readers safe
+                    raise OutputError(describe_os_error(err, lock)) from err
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def launch_id() -> str | None:
+    """This torchrun launch (same on every rank of every node), or None outside torchrun."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    keys = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
+    return "/".join(os.environ.get(k, "") for k in keys)
+
+
+def process_start_time() -> float | None:
+    """When this process started (seconds since the epoch, rounded down to the second), or None if unknown.
+
+    From /proc: the start time in clock ticks since boot, plus the boot time.
+    """
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        btime = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _note_path(path: Path) -> Path:
+    return path.with_name(path.name + ".ready")
+
+
+def _read_note(path: Path) -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        note = json.loads(_note_path(path).read_text(encoding="utf-8"))
+        if isinstance(note, dict):
+            return note
+    return {}
+
+
+def _check_or_build(path, root, image_size, channels, progress, max_pixels, workers) -> tuple[D.ImageDataset, str]:
+    """Under the lock: map a valid cache (its data checked) or decode a new one. Returns (dataset, fingerprint)."""
+    files, ignored, unreadable = D.list_files(root)
+    fp = fingerprint(root, files, image_size, channels, max_pixels, ignored, unreadable)
+    src = D.display_path(root)
+    try:
+        return open_cache(path, fp, verify_data=True, source=src), fp
+    except CacheInvalid as why:
+        reason = "" if str(why) == "missing" else str(why)
+    # Builders hold the lock, so a temporary of this file that exists now was left by a killed one.
+    for old in path.parent.glob(f"{TMP_PREFIX}*-{path.name}"):
+        with contextlib.suppress(OSError):
+            old.unlink()
+    build_cache(path, root, files, image_size, channels, fp, progress, ignored=ignored,
+                unreadable_folders=unreadable, max_pixels=max_pixels, workers=workers)  # fmt: skip
+    try:
+        ds = open_cache(path, fp, source=src)
+    except CacheInvalid as err:  # just written under the lock: only a failing disk gets here
+        raise DataError(f"the data cache {path} could not be read back ({err}); try --no-cache") from err
+    status = "rebuilt" if reason else "built"
+    return D.ImageDataset(ds.images, ds.summary, cache=D.CacheInfo(path, status, reason)), fp
+
+
+def cached_folder(
+    root: str | os.PathLike,
+    image_size: int = D.DEFAULT_IMAGE_SIZE,
+    channels: int | None = None,
+    progress: D.Progress | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    max_pixels: int = D.MAX_IMAGE_PIXELS,
+    workers: int | None = None,
+) -> D.ImageDataset:
+    """The folder (or image file) ``root`` decoded as by :func:`data.load_folder`, via a cache file.
+
+    The local leader (every process outside torchrun, local rank 0 under it) checks the
+    cache and decodes it again when it is missing, stale or damaged; the other ranks
+    wait for it and map the same file (see the module docstring).
+    """
+    D._check_size_channels(image_size, channels)
+    root = Path(root)
+    if not root.exists():  # the usual mistake: say it before touching the cache directory
+        D.list_files(root)
+    folder = ensure_dir(default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser())
+    path = cache_path(folder, root, image_size, channels)
+    launch = launch_id()
+    leader = launch is None or int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if leader:
+        with _locked(path):
+            try:
+                ds, fp = _check_or_build(path, root, image_size, channels, progress, max_pixels, workers)
+            except Exception as err:
+                if launch is not None:  # let the waiting ranks stop with the same message
+                    msg = (
+                        str(err) if isinstance(err, DataError | OutputError) else "local rank 0 failed to read the data"
+                    )
+                    with contextlib.suppress(OutputError):
+                        note = {"launch": launch, "time": time.time(), "error": msg}
+                        atomic_write_text(_note_path(path), json.dumps(note))
+                raise
+            if launch is not None:
+                atomic_write_text(
+                    _note_path(path), json.dumps({"launch": launch, "time": time.time(), "fingerprint": fp})
+                )
+        return ds
+    # Not the leader: wait for its note for this launch (torchrun stops us if it dies). A note left by an
+    # earlier launch with the same id (a fixed --rdzv-id and port) is older than this process: not ours.
+    started = process_start_time()
+    while True:
+        with _locked(path):
+            note = _read_note(path)
+            written = note.get("time")
+            fresh = started is None or (isinstance(written, int | float) and written >= started)
+            if note.get("launch") == launch and fresh:
+                if "error" in note:
+                    raise DataError(str(note["error"]))
+                try:
+                    return open_cache(path, note.get("fingerprint"), source=D.display_path(root))
+                except CacheInvalid as why:
+                    raise DataError(f"the data cache {path} changed while this run started ({why}); "
+                                    "start it again") from why  # fmt: skip
+        time.sleep(WAIT_POLL_S)
+
+
+def load_dataset(
+    spec: str | os.PathLike,
+    image_size: int | None = None,
+    channels: int | None = None,
+    progress: D.Progress | None = None,
+    *,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    **folder_options,
+) -> D.ImageDataset:
+    """:func:`data.load_dataset`, with folders going through the cache unless ``cache`` is False.
+
+    Built-in datasets are small and ship with the package: they are never cached.
+    """
+    text = os.fspath(spec)
+    if not cache or (isinstance(text, str) and text.startswith(D.BUILTIN_PREFIX)):
+        return D.load_dataset(spec, image_size, channels, progress, **folder_options)
+    root = Path(os.fsdecode(text)).expanduser()
+    if not root.exists():  # the usual mistake: say it before reading any header
+        D.list_files(root)
+    size, note = D.resolve_image_size(root, image_size)
+    return D.with_size_note(cached_folder(root, size, channels, progress, cache_dir=cache_dir, **folder_options), note)
+
+
+def describe(ds: D.ImageDataset) -> str:
+    """How the images were obtained, for the data line: "read from the cache ..." or "decoded into memory"."""
+    c = ds.cache
+    if c is None:
+        return "decoded into memory"
+    if c.status == "hit":
+        return f"memory-mapped from the cache {c.path}"
+    again = f" (decoded again: {c.reason})" if c.reason else ""
+    return f"decoded into the cache {c.path}{again}"
+
+
+# --------------------------------------------------------------------------- on the training device
+
+
+def fits_on_device(nbytes: int, free_bytes: int, fraction: float = DEVICE_FRACTION) -> bool:
+    """Whether a uint8 dataset of ``nbytes`` should be copied to a device with ``free_bytes`` free."""
+    return nbytes <= fraction * free_bytes
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+class DeviceImages:
+    """A dataset's uint8 images as training reads them: ``images[idx]`` -> (B, C, H, W) uint8 on the device.
+
+    Either a copy on the device (``on_device``), or the CPU tensor (in memory or memory-mapped)
+    from which each batch's rows are gathered and, on CUDA, sent through a pinned buffer.
+    ``where`` says which, for the data line.
+    """
+
+    def __init__(self, images: torch.Tensor, device: torch.device, on_device: bool, where: str) -> None:
+        self.images = images
+        self.device = device
+        self.on_device = on_device
+        self.where = where
+        self._staging: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.images.shape
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.on_device or self.device.type == "cpu":
+            return self.images[idx.to(self.images.device)]
+        # Streaming: the indices come from the device generator, so reading them is a host sync.
+        # That sync also means the previous batch's copy out of the staging buffer has finished,
+        # so one pinned buffer can be reused.
+        idx_cpu = idx.cpu()
+        b = idx_cpu.shape[0]
+        if self.device.type != "cuda":
+            return self.images[idx_cpu].to(self.device)
+        if self._staging is None or self._staging.shape[0] < b:
+            self._staging = torch.empty((b, *self.images.shape[1:]), dtype=torch.uint8).pin_memory()
+        out = self._staging[:b]
+        torch.index_select(self.images, 0, idx_cpu, out=out)
+        return out.to(self.device, non_blocking=True)
+
+
+def _copy_to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy in chunks: a mapped file is read once, and no second full-size host buffer is made."""
+    out = torch.empty(images.shape, dtype=images.dtype, device=device)
+    row = max(1, images[0].numel())
+    step = max(1, (256 << 20) // row)
+    for start in range(0, images.shape[0], step):
+        out[start : start + step].copy_(images[start : start + step])
+    return out
+
+
+def place_images(ds: D.ImageDataset, device: torch.device, free_bytes: int | None = None) -> DeviceImages:
+    """Put ``ds.images`` where training reads them from (see :class:`DeviceImages`).
+
+    CPU: the tensor as it is (a memory-mapped one is read per batch). CUDA: a copy on the
+    device when the uint8 data take at most :data:`DEVICE_FRACTION` of its free memory,
+    else read per batch from the host. Other accelerators (MPS): a copy on the device.
+    ``free_bytes`` overrides the measured free memory (tests).
+    """
+    device = torch.device(device)
+    images = ds.images
+    nbytes = images.numel()
+    host = "the memory-mapped cache" if ds.cache is not None else "memory"
+    if device.type == "cpu":
+        return DeviceImages(images, device, False, f"{_gb(nbytes)} of uint8 images, batches read from {host}")
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+        if not fits_on_device(nbytes, free):
+            return DeviceImages(images, device, False, f"{_gb(nbytes)} of uint8 images, more than {DEVICE_FRACTION:.0%} "
+                                f"of the {_gb(free)} free on {device}: batches read from {host}")  # fmt: skip
+        return DeviceImages(_copy_to_device(images, device), device, True,
+                            f"{_gb(nbytes)} of uint8 images, copied to {device} ({_gb(free)} were free)")  # fmt: skip
+    return DeviceImages(images.to(device), device, True, f"{_gb(nbytes)} of uint8 images, copied to {device}")
+
+
+__all__ = [
+    "DATA_OFFSET",
+    "DEVICE_FRACTION",
+    "FORMAT_VERSION",
+    "CacheInvalid",
+    "DeviceImages",
+    "build_cache",
+    "cache_path",
+    "cached_folder",
+    "default_cache_dir",
+    "describe",
+    "fingerprint",
+    "fits_on_device",
+    "launch_id",
+    "process_start_time",
+    "load_dataset",
+    "open_cache",
+    "place_images",
+    "read_header",
+    "write_header",
+]
