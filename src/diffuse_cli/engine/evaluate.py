@@ -22,7 +22,8 @@
   are noisy but unbiased; the reported interval (mean +- 1.96 standard errors over images)
   covers that noise and the spread of the data. ``terms`` < T - 1 evaluates that many of the KL
   steps (one random t per stratum of equal width) and scales them up: still an unbiased
-  estimate of the same bound, only noisier.
+  estimate of the same bound, only noisier (each image draws its own t in each stratum, so the
+  interval covers that too).
 
 * **Frechet distance** between Gaussians fitted to features of real and generated images
   (Dowson & Landau 1982; as FID, Heusel et al. 2017):
@@ -88,17 +89,13 @@ def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Te
     return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 / torch.exp(log_var))
 
 
-def _strata(first: int, last: int, terms: int, generator: torch.Generator | None) -> list[tuple[int, float]]:
-    """``terms`` timesteps from [first, last], one uniform draw per stratum, with the stratum's width as weight."""
+def _strata(first: int, last: int, terms: int) -> list[tuple[int, int]]:
+    """[first, last] cut into ``terms`` strata [lo, hi) of (nearly) equal width; all single steps if terms covers it."""
     n = last - first + 1
     if terms >= n:
-        return [(t, 1.0) for t in range(first, last + 1)]
+        return [(t, t + 1) for t in range(first, last + 1)]
     edges = [first + round(i * n / terms) for i in range(terms + 1)]
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        u = int(torch.randint(lo, hi, (1,), generator=generator))
-        out.append((u, float(hi - lo)))
-    return out
+    return list(zip(edges[:-1], edges[1:], strict=True))
 
 
 @torch.no_grad()
@@ -130,8 +127,8 @@ def nll_bound(
     # beta~_0 is 0, beta~ of the second step (improved-diffusion's clipped log-variance).
     log_var_0 = float(diffusion.betas[0].log() if variance == "beta" else diffusion.posterior_log_variance_clipped[0])
 
-    def predict(t: int, eps: torch.Tensor):
-        t_vec = torch.full((b,), t, dtype=torch.int64, device=x0.device)
+    def predict(t: int | torch.Tensor, eps: torch.Tensor):
+        t_vec = t if isinstance(t, torch.Tensor) else torch.full((b,), t, dtype=torch.int64, device=x0.device)
         x_t = diffusion.q_sample(x0_64, t_vec, eps)
         pred = model(x_t.to(x0.dtype), t_vec).to(torch.float64)
         x0_pred, _ = diffusion.split_prediction(pred, x_t, t_vec)
@@ -144,14 +141,18 @@ def nll_bound(
     prior = _normal_kl(mean_T, var_T, torch.zeros_like(mean_T), torch.ones_like(var_T)).sum(dims)
 
     kl = torch.zeros(b, dtype=torch.float64, device=x0.device)
-    steps = _strata(1, T - 1, T - 1 if terms is None else max(1, int(terms)), generator) if T > 1 else []
-    for t, weight in steps:
+    var_table = tables["betas" if variance == "beta" else "posterior_variance"]
+    strata = _strata(1, T - 1, T - 1 if terms is None else max(1, int(terms))) if T > 1 else []
+    for lo, hi in strata:
+        # one uniform t per image in each stratum (independent across images, so the interval over
+        # images covers this sampling too), weighted by the stratum's width
+        t_vec = torch.randint(lo, hi, (b,), generator=generator).to(x0.device) if hi - lo > 1 else lo
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
-        x_t, t_vec, x0_pred = predict(t, eps)
+        x_t, t_vec, x0_pred = predict(t_vec, eps)
         mean_q, var_q, _ = diffusion.q_posterior_mean_variance(x0_64, x_t, t_vec)
         mean_p, _, _ = diffusion.q_posterior_mean_variance(x0_pred, x_t, t_vec)
-        var_p = tables["betas" if variance == "beta" else "posterior_variance"][t]
-        kl += weight * _normal_kl(mean_q, var_q, mean_p, var_p.expand_as(mean_q)).sum(dims)
+        var_p = diffusion._coef(var_table, t_vec, mean_q).expand_as(mean_q)
+        kl += (hi - lo) * _normal_kl(mean_q, var_q, mean_p, var_p).sum(dims)
 
     # L_0: the decoder p(x0 | x_0-noisy), mean x0_pred (eq. 7 at t = 0), variance beta~ of the second step
     eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)

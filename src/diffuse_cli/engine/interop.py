@@ -119,7 +119,9 @@ def diffusers_timestep_embedding(t: torch.Tensor, dim: int, layout: DiffusersLay
     (B,) -> (B, dim) float32; the native layout gives :func:`~.unet.timestep_embedding`'s values.
     """
     half = dim // 2
-    exponent = torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10_000.0) / (half - layout.freq_shift))
+    exponent = torch.arange(half, device=t.device, dtype=torch.float32) * (
+        -math.log(10_000.0) / (half - layout.freq_shift)
+    )
     args = t.to(torch.float32)[:, None] * torch.exp(exponent)[None, :]
     parts = [torch.cos(args), torch.sin(args)] if layout.flip_sin_to_cos else [torch.sin(args), torch.cos(args)]
     emb = torch.cat(parts, dim=1)
@@ -497,7 +499,9 @@ def unet_config_from_diffusers(cfg: dict, where: str = "unet/config.json") -> tu
         raise refuse(f"widths {widths} that are not multiples of the first")
     if len(down) != len(widths) or len(up) != len(widths):
         raise CheckpointError(f"{where}: block_out_channels, down_block_types and up_block_types differ in length")
-    bad = [b for b in down if b not in ("DownBlock2D", "AttnDownBlock2D")] + [b for b in up if b not in ("UpBlock2D", "AttnUpBlock2D")]
+    bad = [b for b in down if b not in ("DownBlock2D", "AttnDownBlock2D")] + [
+        b for b in up if b not in ("UpBlock2D", "AttnUpBlock2D")
+    ]
     if bad:
         raise refuse(f"block type {bad[0]} (supported: DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D)")
     attn_down = [b == "AttnDownBlock2D" for b in down]
@@ -525,7 +529,9 @@ def unet_config_from_diffusers(cfg: dict, where: str = "unet/config.json") -> tu
         config = UNetConfig(**{**config.to_dict(), "num_heads": heads.pop()})
     groups = _group_counts(config)
     if c["norm_num_groups"] is None or groups != {int(c["norm_num_groups"])}:
-        raise refuse(f"norm_num_groups={c['norm_num_groups']} (this layout needs {sorted(groups)} here: gcd(32, width))")
+        raise refuse(
+            f"norm_num_groups={c['norm_num_groups']} (this layout needs {sorted(groups)} here: gcd(32, width))"
+        )
     if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
         raise refuse(f"attn_norm_num_groups={c['attn_norm_num_groups']}")
     if c["downsample_padding"] not in (0, 1):
