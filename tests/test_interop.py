@@ -332,3 +332,16 @@ def test_runtime_never_imports_diffusers(tmp_path, trained_run):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_eval_reads_a_diffusers_folder(tmp_path):
+    """`diffuse eval` on a save_pretrained folder: the real images are resized and converted to its 16x16 RGB."""
+    folder = save_pipeline(tmp_path / "pipe", unet2d(), num_train_timesteps=10)
+    log = tmp_path / "evals.jsonl"
+    r = run(
+        "eval", folder, "builtin:digits", "-n", 6, "--steps", 2, "--format", "json", "--log", log, "--device", "cpu"
+    )
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["nll"]["timesteps"] == 10 and rec["images"] == 6 and rec["model"] == str(folder)
+    assert json.loads(log.read_text()) == rec and not (folder / "eval.jsonl").exists()
