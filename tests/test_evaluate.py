@@ -292,3 +292,12 @@ def test_eval_cli_bad_input_is_one_line(tiny_run, tmp_path, monkeypatch):
     msg = one_line_error(run("eval", tiny_run, "builtin:digits", "-n", 8, "--steps", 2, "--no-nll",
                              "--features", "inception", "--log", tmp_path / "l.jsonl"))  # fmt: skip
     assert "cannot fetch the Inception-v3 weights" in msg
+
+
+@pytest.mark.parametrize("cmd", ["eval", "export"])
+def test_new_commands_have_help_with_examples(cmd):
+    r = run(cmd, "-h")
+    assert r.exit_code == 0
+    assert "Examples" in r.stdout and f"diffuse {cmd}" in r.stdout
+    if cmd == "eval":
+        assert "NOT FID" in " ".join(r.stdout.split())
