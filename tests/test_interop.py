@@ -345,3 +345,16 @@ def test_eval_reads_a_diffusers_folder(tmp_path):
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     assert rec["nll"]["timesteps"] == 10 and rec["images"] == 6 and rec["model"] == str(folder)
     assert json.loads(log.read_text()) == rec and not (folder / "eval.jsonl").exists()
+
+
+def test_trained_betas_round_trip_once_rescaled():
+    """A scheduler with explicit betas (and zero terminal SNR) comes in as those betas and goes out unchanged."""
+    cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": 40, "rescale_betas_zero_snr": True,
+           "trained_betas": torch.linspace(1e-3, 0.05, 40, dtype=torch.float64).tolist()}  # fmt: skip
+    ours, as_dict = interop.diffusion_from_scheduler(cfg)
+    assert as_dict["schedule"] == "trained_betas" and float(ours.alphas_cumprod[-1]) == 0.0
+    theirs = diffusers.DDPMScheduler.from_config(cfg)
+    torch.testing.assert_close(theirs.alphas_cumprod.double(), ours.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    out = json.loads(json.dumps(interop.scheduler_config(as_dict, ours.betas)))
+    again, _ = interop.diffusion_from_scheduler(out)
+    assert torch.equal(again.betas, ours.betas)

@@ -252,7 +252,8 @@ def scheduler_config(diffusion_config: dict, betas: torch.Tensor | None = None) 
         "prediction_type": PREDICTION_TO_DIFFUSERS[d.get("prediction", "eps")],
         "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
         "timestep_spacing": "trailing", "steps_offset": 0,
-        "rescale_betas_zero_snr": bool(d.get("zero_terminal_snr", False)),
+        # trained_betas go out already rescaled
+        "rescale_betas_zero_snr": bool(d.get("zero_terminal_snr", False)) and kind in SCHEDULE_TO_DIFFUSERS,
     }  # fmt: skip
 
 
