@@ -51,8 +51,7 @@ def test_schedule_json_matches_formulas(kind):
             beta = (math.sqrt(bs) + (math.sqrt(be) - math.sqrt(bs)) * t / (T - 1)) ** 2
         elif kind == "sigmoid":
             sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
-            s = (sig(-6 + 12 * t / (T - 1)) - sig(-6)) / (sig(6) - sig(-6))
-            beta = bs + (be - bs) * s
+            beta = bs + (be - bs) * sig(-6 + 12 * t / (T - 1))  # diffusers' definition
         else:
             f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
             beta = min(1 - f((t + 1) / T) / f(t / T), 0.999)

@@ -604,7 +604,7 @@ class _TrainProgress:
 # --- sample ---------------------------------------------------------------------------------
 @app.command(no_args_is_help=True)
 def sample(
-    checkpoint: Annotated[Path, typer.Argument(help="A model .safetensors file or a run folder.", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="A model .safetensors file, a run folder or a diffusers DDPM folder.", show_default=False)],
     num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 16,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for one PNG per image (0000.png ...).")] = Path("samples"),
     grid: Annotated[Path | None, typer.Option("--grid", help="Also write all images as one grid PNG.")] = None,
@@ -698,6 +698,202 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
     if trajectory is not None and trajectory.frames:
         img.save_gif(img.trajectory_frames(trajectory.frames), gif, duration_ms=120)
         console.print(f"trajectory written to [bold]{gif}[/] (top: x_t, bottom: predicted x_0)")
+
+
+# --- export and eval (issue #12) ------------------------------------------------------------
+@app.command(no_args_is_help=True)
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder, a model or state .safetensors file, or a diffusers folder.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="New (or empty) folder for the diffusers pipeline.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that is not empty (replacing our files).")] = False,
+) -> None:
+    """Write a model as a diffusers DDPMPipeline folder (no diffusers needed to write it).
+
+    OUT gets model_index.json, unet/config.json + diffusion_pytorch_model.safetensors (UNet2DModel) and
+    scheduler/scheduler_config.json (DDPMScheduler with the same betas, prediction type, and variance
+    beta_t as `diffuse sample --sampler ddpm`). Load it with
+    `diffusers.DDPMPipeline.from_pretrained(OUT)`. Models diffusers' UNet2DModel cannot express are refused
+    with the reason.
+
+    **Examples**
+
+        diffuse export runs/digits digits-diffusers
+
+        python -c "from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('digits-diffusers')(num_inference_steps=1000)"
+    """
+    _run(_export, run, out, overwrite)
+
+
+def _export(run: Path, out: Path, overwrite: bool) -> None:
+    from .engine import interop
+
+    result = interop.export(run, out, overwrite=overwrite)
+    u, s = result["unet"], result["scheduler"]
+    console.print(f"[bold]export[/] {result['source']} (step {result['step']}) -> [bold]{result['out']}/[/]")
+    for name in result["files"]:
+        console.print(f"  {name}")
+    console.print(f"  UNet2DModel {u['sample_size']}x{u['sample_size']}x{u['in_channels']}, widths {u['block_out_channels']}; "
+                  f"DDPMScheduler {s['beta_schedule']}, T = {s['num_train_timesteps']}, {s['prediction_type']}")
+    console.print(f"  next: python -c \"from diffusers import DDPMPipeline; "
+                  f"DDPMPipeline.from_pretrained('{result['out']}')(num_inference_steps={s['num_train_timesteps']})\"")
+
+
+class FeatureKind(str, Enum):
+    randconv = "randconv"
+    inception = "inception"
+
+
+class Variance(str, Enum):
+    beta = "beta"
+    posterior = "posterior"
+
+
+class EvalFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@app.command("eval", no_args_is_help=True)
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="A model .safetensors file, a run folder or a diffusers folder.", show_default=False)],
+    data: Annotated[str, typer.Argument(help="A folder of real images or builtin:digits (resized to the model's size).", show_default=False)],
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Real images used (a random subset of DATA) and images generated.")] = 500,
+    nll: Annotated[bool, typer.Option("--nll/--no-nll", help="Negative log-likelihood bound in bits/dim on the real images.")] = True,
+    fd: Annotated[bool, typer.Option("--fd/--no-fd", help="Frechet distance and precision/recall, generated vs real.")] = True,
+    features: Annotated[FeatureKind, typer.Option("--features", help="randconv: a fixed random-weight conv net, no download (its distance is NOT FID); inception: FID (Inception-v3 of pytorch-fid, an optional extra; weights fetched on first use).")] = FeatureKind.randconv,
+    variance: Annotated[Variance, typer.Option("--variance", help="Reverse-step variance in the bound: beta (sigma_t^2 = beta_t) or posterior (beta~_t).")] = Variance.beta,
+    terms: Annotated[int | None, typer.Option("--terms", help="Evaluate only this many of the T-1 KL terms (stratified, rescaled): an unbiased but noisier estimate of the same bound. [default: all]", min=1)] = None,
+    sampler: Annotated[SamplerName, typer.Option("--sampler", help="Sampler for the generated images.")] = SamplerName.dpmpp,
+    steps: Annotated[int | None, typer.Option("--steps", help="Model evaluations per generated image. [default: 20 dpmpp, 50 ddim, T ddpm]")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per model call.", min=1)] = 64,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    format: Annotated[EvalFormat, typer.Option("--format", "-f", help="table for people, json for programs.")] = EvalFormat.table,
+    log: Annotated[Path | None, typer.Option("--log", help="Append the numbers to this JSON-lines file. [default: eval.jsonl in the run folder]")] = None,
+) -> None:
+    """Say how good a model is: bits/dim on real images, and a Frechet distance + precision/recall of its samples.
+
+    - **bits/dim**: the variational bound on -log p(x) of Ho et al. 2020 (eq. 5; discretised decoder, eq. 13)
+      over 8-bit pixels, averaged over images, with a 95% interval. It needs T model calls per image.
+    - **Frechet distance** between features of generated and real images, and **precision/recall**
+      (Kynkaanniemi et al. 2019, k = 3) in the same features. `--features randconv` (default) needs no
+      download but its distance is not FID; `--features inception` is the standard FID
+      (`pip install 'diffuse-cli[fid]'`). Like FID, the number depends on --num-images.
+
+    The numbers are printed and appended to the run's eval.jsonl.
+
+    **Examples**
+
+        diffuse eval runs/digits builtin:digits
+
+        diffuse eval runs/faces ~/pictures/faces --num-images 2000 --features inception --format json
+
+        diffuse eval google-ddpm-cifar10-32/ cifar10-test/ --no-fd --terms 100
+    """
+    _run(_eval, checkpoint, data, num_images, nll, fd, features.value, variance.value, terms, sampler.value, steps,
+         batch_size, seed, device, format.value, log)
+
+
+def _eval_log_path(checkpoint: Path, log: Path | None) -> Path:
+    from .engine.errors import OutputError
+    from .engine.fileio import ensure_dir
+
+    path = log if log is not None else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.jsonl"
+    ensure_dir(path.parent if str(path.parent) else Path("."))
+    if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"cannot append to {path}; choose another file with --log")
+    return path
+
+
+def _eval(checkpoint, data_spec, num, do_nll, do_fd, features, variance, terms, sampler_name, steps, batch_size, seed,
+          device, fmt, log) -> None:
+    import datetime
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .engine import checkpoint as ckpt
+    from .engine import data as data_mod
+    from .engine import evaluate, samplers
+    from .engine.data import from_model_range
+    from .engine.device import resolve_device
+    from .engine.errors import ConfigError, OutputError
+    from .engine.generate import generate
+
+    if num < 2 or (do_fd and num <= evaluate.PR_K):
+        raise ConfigError(f"--num-images must be at least {evaluate.PR_K + 1 if do_fd else 2} (got {num})")
+    if not (do_nll or do_fd):
+        raise ConfigError("nothing to evaluate: --no-nll and --no-fd together leave no metric")
+    log_path = _eval_log_path(checkpoint, log)
+    dev = resolve_device(device)
+    model, diffusion, ck = ckpt.load_for_sampling(checkpoint, dev)
+    T = diffusion.num_timesteps
+    if do_fd:
+        steps = steps if steps is not None else samplers.default_steps(sampler_name, T)
+        samplers.timestep_grid(diffusion, steps)  # checks --steps before any work
+    c, s = ck.model["in_channels"], ck.model["image_size"]
+    ds = data_mod.load_dataset(data_spec, s, c)
+    gen = torch.Generator().manual_seed(seed)
+    real = ds.images
+    if real.shape[0] > num:
+        real = real[torch.randperm(real.shape[0], generator=gen)[:num].sort().values]
+    n = real.shape[0]
+    if n < 2 or (do_fd and n <= evaluate.PR_K):
+        raise ConfigError(f"{data_spec} has {n} usable image(s); the metrics need at least {evaluate.PR_K + 1}")
+    say = err_console.print if fmt == "json" else console.print
+    say(f"[bold]eval[/] {ck.path} (step {ck.step}, T = {T}, predicts {ck.diffusion.get('prediction')}) on "
+        f"{n} images of {ds.summary.source} ({c}x{s}x{s}), device {dev}")
+    record: dict = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "model": str(ck.path), "step": ck.step, "data": ds.summary.source, "images": n, "seed": seed}
+    progress = Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console if fmt == "json" else console)
+    with progress:
+        if do_nll:
+            task = progress.add_task("bits/dim", total=None)
+            res = evaluate.bits_per_dim(
+                model, diffusion, real, batch_size=batch_size, variance=variance, terms=terms, generator=gen, device=dev,
+                callback=lambda e: progress.update(task, completed=e["done"], total=e["total"]))
+            record["nll"] = res.to_dict()
+        if do_fd:
+            task = progress.add_task("generate", total=n)
+            fake = from_model_range(generate(model, diffusion, n, (c, s, s), sampler=sampler_name, steps=steps, seed=seed,
+                                             batch_size=batch_size, device=dev, clip_x0=True,
+                                             progress=lambda done: progress.update(task, completed=done)))  # fmt: skip
+            progress.add_task(f"features ({features})", total=None)
+            q = evaluate.sample_quality(real, fake, features=features, batch_size=batch_size, device=dev)
+            record["fd"] = {"value": q["frechet_distance"], "features": features, "is_fid": q["is_fid"],
+                            "feature_dim": q["feature_dim"], "generated": n, "sampler": sampler_name, "steps": steps}
+            record["precision"], record["recall"], record["pr_k"] = q["precision"], q["recall"], q["k"]
+    try:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        from .engine.fileio import describe_os_error
+
+        raise OutputError(describe_os_error(err, log_path)) from err
+    if fmt == "json":
+        sys.stdout.write(json.dumps(record) + "\n")
+        return
+    table = Table(title=f"eval of {ck.path} on {ds.summary.source}", title_justify="left")
+    for col, just in (("metric", "left"), ("value", "right"), ("notes", "left")):
+        table.add_column(col, justify=just)
+    if "nll" in record:
+        r = record["nll"]
+        lo, hi = r["ci95"]
+        exact = "all" if r["terms"] == T - 1 else f"{r['terms']} of {T - 1} (estimate)"
+        table.add_row("NLL bound", f"{r['bits_per_dim']:.4f} bits/dim",
+                      f"95% CI [{lo:.4f}, {hi:.4f}] over {n} images; {exact} KL terms; variance {r['variance']} "
+                      "(Ho et al. 2020 eq. 5, 13)")
+    if "fd" in record:
+        r = record["fd"]
+        name = "FID" if r["is_fid"] else f"FD ({r['features']})"
+        what = ("Inception-v3 pool3 features (pytorch-fid)" if r["is_fid"]
+                else f"fixed random-weight conv features, {r['feature_dim']}-d: NOT FID, compare only with itself")
+        table.add_row(name, f"{r['value']:.4g}", f"{what}; {n} generated ({sampler_name}, {steps} steps) vs {n} real")
+        table.add_row("precision", f"{record['precision']:.3f}", f"generated inside the real manifold (k = {record['pr_k']})")
+        table.add_row("recall", f"{record['recall']:.3f}", "real inside the generated manifold (Kynkaanniemi et al. 2019)")
+    console.print(table)
+    console.print(f"appended to [bold]{log_path}[/]")
 
 
 def main() -> None:

@@ -273,14 +273,18 @@ def build_model(ck: Checkpoint, device: str | torch.device = "cpu", prefix: str 
 
 
 def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load a model checkpoint (file or run folder): returns (model, diffusion, checkpoint).
+    """Load a model checkpoint (file, run folder or diffusers folder): returns (model, diffusion, checkpoint).
 
     ``model`` is the U-Net (EMA weights) in eval mode on ``device``; ``diffusion`` is the
-    :class:`~.diffusion.Diffusion` it was trained with, on the same device.
+    :class:`~.diffusion.Diffusion` it was trained with, on the same device. A diffusers pipeline
+    folder (UNet2DModel + DDPM/DDIM scheduler) is converted on load by :func:`.interop.load`.
     """
+    from . import interop
     from .diffusion import Diffusion, DiffusionConfig
     from .errors import ConfigError
 
+    if interop.is_diffusers_folder(path):
+        return interop.load(path, device)
     ck = load(path)
     if ck.kind == "state":
         prefix = "ema."

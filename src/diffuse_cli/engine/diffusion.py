@@ -131,6 +131,12 @@ class Diffusion:
         return out.reshape(t.shape[0], *([1] * (like.ndim - 1)))
 
     # --- forward process -------------------------------------------------------------
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_t | x_0) (DDPM eq. 4)."""
+        mean = self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
+        var = self._coef(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
+        return mean, var
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) in closed form: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""

@@ -21,6 +21,10 @@ class ConfigError(DiffuseError):
     exit_code = 2
 
 
+class Unsupported(DiffuseError):
+    """What the input asks for cannot be expressed by the target format (e.g. an export to diffusers)."""
+
+
 class DataError(DiffuseError):
     """Input images could not be found or decoded."""
 

@@ -78,16 +78,16 @@ def cosine(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: flo
 
 
 def sigmoid(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: float = DEFAULT_BETA_END) -> torch.Tensor:
-    """Sigmoid schedule: sigmoid(linspace(-6, 6, T)), min-max scaled so it runs exactly from beta_start to beta_end.
+    """Sigmoid schedule: beta_t = beta_start + (beta_end - beta_start) sigmoid(linspace(-6, 6, T)).
 
-    The shape follows GeoDiff (Xu et al. 2022). We rescale the sigmoid's own range
-    (sigmoid(-6)..sigmoid(6)) onto [beta_start, beta_end], so both endpoints are exact.
+    The shape follows GeoDiff (Xu et al. 2022). This is diffusers' ``beta_schedule="sigmoid"``
+    exactly, so a checkpoint trained with either names the same betas. The sigmoid is not rescaled:
+    the ends sit at sigmoid(-6) ~ 0.25% and sigmoid(6) ~ 99.75% of the way from beta_start to
+    beta_end, not on them. (diffuse 0.1.0 min-max scaled the sigmoid onto the endpoints; its
+    sigmoid checkpoints now sample with betas up to 0.5% different.)
     """
     _check_common(timesteps, beta_start, beta_end)
-    if timesteps == 1:
-        return torch.tensor([beta_end], dtype=torch.float64)
     s = torch.sigmoid(torch.linspace(-6.0, 6.0, timesteps, dtype=torch.float64))
-    s = (s - s[0]) / (s[-1] - s[0])
     return beta_start + s * (beta_end - beta_start)
 
 

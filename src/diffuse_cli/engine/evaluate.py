@@ -1,0 +1,382 @@
+"""How good is a model: bits/dim, Frechet distance, precision and recall.
+
+* **Negative log-likelihood** as the variational bound of Ho et al. 2020 (eq. 5), in nats per
+  image, with our 0-based timesteps (x_t is the image after step t; t = T - 1 is x_T):
+
+      L = KL(q(x_{T-1} | x0) || N(0, I))                               prior, L_T
+        + sum_{t=1}^{T-1} KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t))  L_{t-1}, Gaussians (eq. 6-8)
+        - log p(x0 | x_0-noisy)                                         L_0, the decoder
+
+  The reverse step p(x_{t-1} | x_t) = N(mu(x_t, x0_pred), sigma_t^2 I) has the posterior mean of
+  eq. 7 with the network's x0 and a fixed variance: sigma_t^2 = beta_t ("beta") or beta~_t
+  ("posterior"). The decoder of 8-bit images is eq. 13: the Gaussian's mass over each pixel's bin
+  of width 2/255 (the outermost bins reach to +-inf), with mean x0_pred and variance beta_0
+  ("beta", Ho et al.'s sigma_1^2 = beta_1) or, as beta~_0 = 0, beta~ of the second step
+  ("posterior"; Nichol & Dhariwal 2021 clip it so). For continuous data (the analytic tests) the
+  decoder is the Gaussian density instead. Only "beta" makes the bound tight as T grows: at
+  small t the true reverse step has variance ~ beta_t, and beta~_t / beta_t ~ (t - 1) / t there
+  leaves a gap that does not vanish (test_evaluate measures both).
+  Bits/dim = L / (D ln 2) for D = C H W values per image.
+
+  The KL terms are estimated with one draw of x_t per image and step, so the per-image values
+  are noisy but unbiased; the reported interval (mean +- 1.96 standard errors over images)
+  covers that noise and the spread of the data. ``terms`` < T - 1 evaluates that many of the KL
+  steps (one random t per stratum of equal width) and scales them up: still an unbiased
+  estimate of the same bound, only noisier (each image draws its own t in each stratum, so the
+  interval covers that too).
+
+* **Frechet distance** between Gaussians fitted to features of real and generated images
+  (Dowson & Landau 1982; as FID, Heusel et al. 2017):
+  ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2}).
+  FID uses Inception-v3 pool features (2048-d) as the pytorch-fid package computes them; the
+  default "randconv" features are a fixed, randomly initialised conv net (no download), so
+  its numbers are comparable with each other but are not FID.
+
+* **Precision and recall** (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
+  Assessing Generative Models", sec. 3): each sample's k-th nearest neighbour distance (k = 3)
+  defines a ball; precision is the share of generated samples inside some real ball, recall
+  the share of real samples inside some generated ball.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .diffusion import Diffusion
+from .errors import ConfigError, Unsupported
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], None]
+
+VARIANCES = ("beta", "posterior")
+FEATURES = ("randconv", "inception")
+PR_K = 3  # Kynkaanniemi et al. 2019 use k = 3
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+_LN2 = math.log(2.0)
+
+
+# --- the variational bound ---------------------------------------------------------------------
+def _normal_kl(mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
+
+
+def _log_normal_bin(lo: torch.Tensor, hi: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log P(lo < X < hi) for X ~ N(mean, std^2), accurate in both tails (float64)."""
+    a, b = (lo - mean) / std, (hi - mean) / std
+    flip = (a + b) > 0  # use the tail nearer the interval: P(a < Z < b) = P(-b < Z < -a)
+    a, b = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
+    return log_b + torch.log1p(-torch.exp(log_a - log_b).clamp(max=1.0 - 1e-16))
+
+
+def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """log p(x0) under Ho et al. 2020 eq. 13 per element: x0 holds 8-bit values scaled to [-1, 1]."""
+    half_bin = 1.0 / 255.0
+    inf = torch.full_like(x0, math.inf)
+    lo = torch.where(x0 < -1.0 + 1e-3, -inf, x0 - half_bin)
+    hi = torch.where(x0 > 1.0 - 1e-3, inf, x0 + half_bin)
+    return _log_normal_bin(lo, hi, mean, torch.exp(0.5 * log_var))
+
+
+def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 / torch.exp(log_var))
+
+
+def _strata(first: int, last: int, terms: int) -> list[tuple[int, int]]:
+    """[first, last] cut into ``terms`` strata [lo, hi) of (nearly) equal width; all single steps if terms covers it."""
+    n = last - first + 1
+    if terms >= n:
+        return [(t, t + 1) for t in range(first, last + 1)]
+    edges = [first + round(i * n / terms) for i in range(terms + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+@torch.no_grad()
+def nll_bound(
+    model: Model,
+    diffusion: Diffusion,
+    x0: torch.Tensor,
+    *,
+    variance: str = "beta",
+    discrete: bool = True,
+    terms: int | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+) -> dict[str, torch.Tensor]:
+    """The variational bound on -log p(x0) per image (nats), split into its parts; float64 tensors of shape (B,).
+
+    ``x0``: (B, ...) in [-1, 1] (8-bit values when ``discrete``). The model is called with x_t in
+    x0's dtype. Returns ``{"prior", "kl", "decoder", "total"}``. ``callback`` gets ``{"t"}``
+    after each model call.
+    """
+    if variance not in VARIANCES:
+        raise ConfigError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    T = diffusion.num_timesteps
+    b = x0.shape[0]
+    x0_64 = x0.to(torch.float64)
+    dims = tuple(range(1, x0.ndim))
+    tables = {k: getattr(diffusion, k).to(x0.device) for k in ("alphas_cumprod", "betas", "posterior_variance")}
+    # Decoder variance: beta_0 (Ho et al.'s sigma_1^2 = beta_1) for "beta"; for "posterior", whose
+    # beta~_0 is 0, beta~ of the second step (improved-diffusion's clipped log-variance).
+    log_var_0 = float(diffusion.betas[0].log() if variance == "beta" else diffusion.posterior_log_variance_clipped[0])
+
+    def predict(t: int | torch.Tensor, eps: torch.Tensor):
+        t_vec = t if isinstance(t, torch.Tensor) else torch.full((b,), t, dtype=torch.int64, device=x0.device)
+        x_t = diffusion.q_sample(x0_64, t_vec, eps)
+        pred = model(x_t.to(x0.dtype), t_vec).to(torch.float64)
+        x0_pred, _ = diffusion.split_prediction(pred, x_t, t_vec)
+        if callback is not None:
+            callback({"t": t})
+        return x_t, t_vec, x0_pred
+
+    # L_T: q(x_{T-1} | x0) against the N(0, I) the reverse process starts from
+    mean_T, var_T = diffusion.q_mean_variance(x0_64, torch.full((b,), T - 1, dtype=torch.int64, device=x0.device))
+    prior = _normal_kl(mean_T, var_T, torch.zeros_like(mean_T), torch.ones_like(var_T)).sum(dims)
+
+    kl = torch.zeros(b, dtype=torch.float64, device=x0.device)
+    var_table = tables["betas" if variance == "beta" else "posterior_variance"]
+    strata = _strata(1, T - 1, T - 1 if terms is None else max(1, int(terms))) if T > 1 else []
+    for lo, hi in strata:
+        # one uniform t per image in each stratum (independent across images, so the interval over
+        # images covers this sampling too), weighted by the stratum's width
+        t_vec = torch.randint(lo, hi, (b,), generator=generator).to(x0.device) if hi - lo > 1 else lo
+        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
+        x_t, t_vec, x0_pred = predict(t_vec, eps)
+        mean_q, var_q, _ = diffusion.q_posterior_mean_variance(x0_64, x_t, t_vec)
+        mean_p, _, _ = diffusion.q_posterior_mean_variance(x0_pred, x_t, t_vec)
+        var_p = diffusion._coef(var_table, t_vec, mean_q).expand_as(mean_q)
+        kl += (hi - lo) * _normal_kl(mean_q, var_q, mean_p, var_p).sum(dims)
+
+    # L_0: the decoder p(x0 | x_0-noisy), mean x0_pred (eq. 7 at t = 0), variance beta~ of the second step
+    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
+    _, _, x0_pred = predict(0, eps)
+    log_var = torch.full_like(x0_64, log_var_0)
+    if discrete:
+        decoder = -discretized_gaussian_log_likelihood(x0_64, x0_pred, log_var).sum(dims)
+    else:
+        decoder = -_gaussian_log_density(x0_64, x0_pred, log_var).sum(dims)
+    return {"prior": prior, "kl": kl, "decoder": decoder, "total": prior + kl + decoder}
+
+
+@dataclass(frozen=True)
+class NLLResult:
+    """Bits/dim over a set of images: the mean of the per-image bound and its 95% interval."""
+
+    bits_per_dim: float
+    ci95: tuple[float, float]
+    per_image: torch.Tensor  # (N,) float64 bits/dim
+    parts: dict[str, float]  # mean bits/dim of prior, kl, decoder
+    images: int
+    terms: int  # KL steps evaluated (T - 1 is the exact bound)
+    timesteps: int
+    variance: str
+
+    def to_dict(self) -> dict:
+        return {"bits_per_dim": self.bits_per_dim, "ci95": list(self.ci95), "images": self.images,
+                "terms": self.terms, "timesteps": self.timesteps, "variance": self.variance,
+                "parts": self.parts}  # fmt: skip
+
+
+def mean_ci(values: torch.Tensor) -> tuple[float, tuple[float, float]]:
+    """Mean and normal 95% interval (mean +- 1.96 standard errors) of a 1-D sample."""
+    v = values.to(torch.float64)
+    m = float(v.mean())
+    if v.numel() < 2:
+        return m, (math.nan, math.nan)
+    half = Z95 * float(v.std(unbiased=True)) / math.sqrt(v.numel())
+    return m, (m - half, m + half)
+
+
+def bits_per_dim(
+    model: Model,
+    diffusion: Diffusion,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 64,
+    variance: str = "beta",
+    terms: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    callback: Callback | None = None,
+) -> NLLResult:
+    """Bits/dim of 8-bit ``images`` (N, C, H, W) uint8 under the discretised bound (see :func:`nll_bound`).
+
+    ``callback`` gets ``{"done", "total"}`` in model calls.
+    """
+    from .data import to_model_range
+
+    n = images.shape[0]
+    dims = images[0].numel()
+    T = diffusion.num_timesteps
+    k = T - 1 if terms is None else max(1, min(int(terms), T - 1))
+    total_calls = math.ceil(n / batch_size) * (k + 1 if T > 1 else 1)
+    done = 0
+    per_image, parts = [], {"prior": [], "kl": [], "decoder": []}
+
+    def tick(_: dict) -> None:
+        nonlocal done
+        done += 1
+        if callback is not None:
+            callback({"done": done, "total": total_calls})
+
+    for start in range(0, n, batch_size):
+        x0 = to_model_range(images[start : start + batch_size].to(device))
+        out = nll_bound(model, diffusion, x0, variance=variance, discrete=True, terms=None if k == T - 1 else k,
+                        generator=generator, callback=tick)  # fmt: skip
+        scale = 1.0 / (dims * _LN2)
+        per_image.append(out["total"].cpu() * scale)
+        for name in parts:
+            parts[name].append(out[name].cpu() * scale)
+    values = torch.cat(per_image)
+    mean, ci = mean_ci(values)
+    return NLLResult(bits_per_dim=mean, ci95=ci, per_image=values,
+                     parts={name: float(torch.cat(v).mean()) for name, v in parts.items()},
+                     images=n, terms=k, timesteps=T, variance=variance)  # fmt: skip
+
+
+# --- features ------------------------------------------------------------------------------------
+RANDCONV_SIZE = 32  # images are resized to 32x32 first
+RANDCONV_WIDTHS = (32, 64, 128, 128)  # four 3x3 convs; the last three stride 2 -> 4x4; 128-d pool
+RANDCONV_GENERATOR_SEED = 0  # fixes the weights: the same features on every machine and version
+
+
+class RandConvFeatures(nn.Module):
+    """A fixed conv net with random He-normal weights (no training, no download): 128-d features.
+
+    Random, untrained conv features still separate image distributions (Naeem et al. 2020,
+    "Reliable Fidelity and Diversity Metrics for Generative Models", sec. 5, use randomly
+    initialised networks where ImageNet features do not fit). Input: uint8 (N, C, H, W), C in
+    {1, 3}; greyscale is repeated to 3 channels and every image resized to 32x32.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(RANDCONV_GENERATOR_SEED)
+        layers, cin = [], 3
+        for i, cout in enumerate(RANDCONV_WIDTHS):
+            conv = nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * math.sqrt(2.0 / (cin * 9)))
+                conv.bias.zero_()
+            layers += [conv, nn.ReLU()]
+            cin = cout
+        self.net = nn.Sequential(*layers)
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32) / 127.5 - 1.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != RANDCONV_SIZE or x.shape[-2] != RANDCONV_SIZE:
+            x = F.interpolate(x, size=(RANDCONV_SIZE, RANDCONV_SIZE), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > RANDCONV_SIZE)  # fmt: skip
+        return self.net(x).mean(dim=(2, 3))
+
+
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def _inception() -> nn.Module:
+    """pytorch-fid's Inception-v3 (pool3, 2048-d); its weights are fetched from GitHub on first use."""
+    try:
+        from pytorch_fid.inception import InceptionV3
+    except ImportError as err:
+        raise Unsupported(
+            "--features inception needs the optional pytorch-fid package: pip install 'diffuse-cli[fid]' "
+            "(or use the default --features randconv, which needs no download)"
+        ) from err
+    try:
+        return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    except (OSError, RuntimeError, ValueError) as err:  # URLError/HTTPError are OSErrors; a bad download RuntimeError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise Unsupported(
+            f"cannot fetch the Inception-v3 weights for FID ({reason}): pytorch-fid downloads {INCEPTION_WEIGHTS} "
+            "from github.com on first use into the torch hub cache (~/.cache/torch/hub/checkpoints/); connect once, "
+            "or copy the file there (or use --features randconv, which needs no download)"
+        ) from err
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor, features: str = "randconv", *, batch_size: int = 64,
+                     device: torch.device | str = "cpu", net: nn.Module | None = None) -> torch.Tensor:  # fmt: skip
+    """Features of uint8 images (N, C, H, W): (N, D) float64."""
+    if features not in FEATURES:
+        raise ConfigError(f"unknown features {features!r}; choose one of {', '.join(FEATURES)}")
+    if net is None:
+        net = RandConvFeatures() if features == "randconv" else _inception()
+    net = net.to(device).eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device)
+        if features == "inception":
+            x = x.to(torch.float32) / 255.0  # pytorch-fid takes [0, 1] and rescales itself
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            f = net(x)[0].flatten(1)
+        else:
+            f = net(x)
+        out.append(f.to("cpu", torch.float64))
+    return torch.cat(out)
+
+
+# --- Frechet distance, precision, recall ----------------------------------------------------------
+def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(0.5 * (a + a.T))
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def gaussian_frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
+    """Frechet (2-Wasserstein squared) distance between N(mu1, cov1) and N(mu2, cov2) (Dowson & Landau 1982).
+
+    tr((cov1 cov2)^{1/2}) is taken as tr((S1^{1/2} cov2 S1^{1/2})^{1/2}), a symmetric PSD matrix with
+    the same eigenvalues, so only symmetric eigendecompositions are needed (float64).
+    """
+    mu1, mu2, cov1, cov2 = (x.to(torch.float64) for x in (mu1, mu2, cov1, cov2))
+    s1 = _sqrtm_psd(cov1)
+    middle = torch.linalg.eigvalsh(0.5 * ((s1 @ cov2 @ s1) + (s1 @ cov2 @ s1).T)).clamp(min=0).sqrt().sum()
+    value = float((mu1 - mu2).square().sum() + torch.trace(cov1) + torch.trace(cov2) - 2.0 * middle)
+    return max(value, 0.0)
+
+
+def frechet_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted (mean, unbiased covariance) to two feature sets (N, D)."""
+    f1, f2 = feats1.to(torch.float64), feats2.to(torch.float64)
+    if f1.shape[0] < 2 or f2.shape[0] < 2:
+        raise ConfigError("the Frechet distance needs at least 2 images in each set")
+    return gaussian_frechet_distance(f1.mean(0), torch.cov(f1.T).reshape(f1.shape[1], -1), f2.mean(0),
+                                     torch.cov(f2.T).reshape(f2.shape[1], -1))  # fmt: skip
+
+
+def _kth_radius(feats: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(feats, feats)
+    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN balls; features (N, D)."""
+    real, fake = real.to(torch.float64), fake.to(torch.float64)
+    if real.shape[0] <= k or fake.shape[0] <= k:
+        raise ConfigError(f"precision/recall need more than k = {k} images in each set")
+    r_real, r_fake = _kth_radius(real, k), _kth_radius(fake, k)
+    d = torch.cdist(fake, real)  # (N_fake, N_real)
+    precision = float((d <= r_real[None, :]).any(dim=1).to(torch.float64).mean())
+    recall = float((d.T <= r_fake[None, :]).any(dim=1).to(torch.float64).mean())
+    return precision, recall
+
+
+# --- generating and the whole evaluation ----------------------------------------------------------
+def sample_quality(real: torch.Tensor, fake: torch.Tensor, *, features: str = "randconv", batch_size: int = 64,
+                   device: torch.device | str = "cpu", net: nn.Module | None = None) -> dict:  # fmt: skip
+    """Frechet distance and precision/recall between two uint8 image sets, in the given features."""
+    f_real = extract_features(real, features, batch_size=batch_size, device=device, net=net)
+    f_fake = extract_features(fake, features, batch_size=batch_size, device=device, net=net)
+    precision, recall = precision_recall(f_real, f_fake)
+    return {"frechet_distance": frechet_distance(f_real, f_fake), "features": features,
+            "is_fid": features == "inception", "feature_dim": int(f_real.shape[1]), "precision": precision,
+            "recall": recall, "k": PR_K, "real": int(real.shape[0]), "generated": int(fake.shape[0])}  # fmt: skip
