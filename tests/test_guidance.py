@@ -161,7 +161,7 @@ def test_w1_samples_each_class_from_its_own_component(guided_fractions):
     x = xs[1.0]
     expected = 0.5 * (1 + math.erf(HALF_GAP / SIGMA / math.sqrt(2)))  # Phi(1) = 0.8413: the best any sampler can do
     frac = _in_own_component(x, classes)
-    assert abs(frac - expected) < 4 * math.sqrt(expected * (1 - expected) / classes.numel())  # measured: 0.842
+    assert abs(frac - expected) < 4 * math.sqrt(expected * (1 - expected) / classes.numel())  # measured: 0.857
     for k, mu in enumerate((-HALF_GAP, HALF_GAP)):
         xk = x[classes == k].double()
         torch.testing.assert_close(xk.mean(0), torch.tensor([mu, 0.0], dtype=torch.float64), atol=0.05, rtol=0)
@@ -171,7 +171,7 @@ def test_w1_samples_each_class_from_its_own_component(guided_fractions):
 def test_larger_guidance_concentrates_each_class_further(guided_fractions):
     classes, xs = guided_fractions
     fr = {w: _in_own_component(x, classes) for w, x in xs.items()}
-    assert fr[1.0] < fr[2.0] < fr[4.0] and fr[4.0] > 0.97, fr  # measured: 0.842, 0.951, 0.995
+    assert fr[1.0] < fr[2.0] < fr[4.0] and fr[4.0] > 0.97, fr  # measured: 0.857, 0.994, 1.000
     # ... by pushing the classes apart along the axis that separates them
     gap = {w: float(x[classes == 1, 0].mean() - x[classes == 0, 0].mean()) for w, x in xs.items()}
     assert gap[1.0] < gap[2.0] < gap[4.0], gap
