@@ -553,7 +553,8 @@ def sample(
     class_: Annotated[
         list[str] | None,
         typer.Option("--class", "-c", help="Draw images of this class: a name (e.g. a sub-folder's) or an id; repeat for several "
-                     "(the grid gets one row per class). Needs a model trained with classes.", show_default=False),
+                     "(the grid gets one row per class). Needs a model trained with classes.", show_default=False,
+                     metavar="NAME|ID"),
     ] = None,
     guidance: Annotated[
         float | None,

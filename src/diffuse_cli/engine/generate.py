@@ -85,7 +85,7 @@ def generate(
         classes = torch.as_tensor(classes, dtype=torch.long).cpu()
         if classes.shape != (num,):
             raise ConfigError(f"give one class per image: {num} images but classes of shape {tuple(classes.shape)}")
-        null = int(model.null_class)
+        null = int(getattr(model, "null_class", 0))  # a conditional model says which label means "no class"
         if null < 1:
             raise ConfigError("this model was trained without classes, so it cannot be asked for one")
         if bool(((classes < 0) | (classes >= null)).any()):
