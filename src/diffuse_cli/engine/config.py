@@ -23,9 +23,12 @@ PREDICTIONS = ("eps", "x0", "v")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp")  # samplers.SAMPLERS holds the functions
 PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHTINGS = ("uniform", "min-snr")
-#: Classifier-free guidance scale w of ``diffuse sample --class`` (1 = the plain conditional model);
-#: measured on the digits by benchmarks/conditional.py, see benchmarks/RESULTS.md.
-DEFAULT_GUIDANCE = 3.0
+#: Classifier-free guidance scale w of ``diffuse sample --class`` (1 = the plain conditional model).
+#: Measured on the digits make demo trains (benchmarks/conditional.py, benchmarks/RESULTS.md): the
+#: asked-for digit is recognised in 90.8% of samples at w = 1, 99.3% at 2, 99.9% at 3, while the
+#: spread of a digit's samples falls from 1.04 to 0.89 to 0.83 of the real digits'. 2 is where
+#: accuracy saturates before diversity is lost.
+DEFAULT_GUIDANCE = 2.0
 
 
 @dataclass(frozen=True)
