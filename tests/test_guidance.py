@@ -210,3 +210,12 @@ def test_generate_refuses_classes_for_an_unconditional_model_or_out_of_range():
         generate(mix.conditional_model(diff), diff, 2, (2,), classes=torch.tensor([0, 2]))
     with pytest.raises(ConfigError, match="one class per image"):
         generate(mix.conditional_model(diff), diff, 3, (2,), classes=torch.tensor([0, 1]))
+
+
+def test_w1_puts_every_sample_in_its_component_when_the_components_are_apart():
+    mix = GaussianMixture([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], stds=[SIGMA, SIGMA])  # 6 sigma apart: Phi(3) = 0.9987
+    diff = Diffusion(DiffusionConfig())
+    classes = torch.arange(2).repeat_interleave(500)
+    x = _sample(mix, diff, classes, 1.0)
+    assert _in_own_component(x, classes) >= 0.99  # Phi(3) = 0.9987 expected; measured: 0.997
+    assert _in_own_component(_sample(mix, diff, classes, 0.0), classes) < 0.6  # unconditional: about half
