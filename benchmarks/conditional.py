@@ -91,18 +91,37 @@ def measure(run: Path, scales, per_class: int, batch_size: int, log=print) -> li
     rows = []
     for w in scales:
         t0 = time.perf_counter()
-        x = generate(model, diffusion, asked.numel(), (ck.model["in_channels"], size, size), seed=0,
-                     batch_size=batch_size, classes=asked, guidance=w, clip_x0=True)
+        x = generate(
+            model,
+            diffusion,
+            asked.numel(),
+            (ck.model["in_channels"], size, size),
+            seed=0,
+            batch_size=batch_size,
+            classes=asked,
+            guidance=w,
+            clip_x0=True,
+        )
         u8 = from_model_range(x)
         said, conf = judge.predict(u8)
         hit = (said == asked).float()
         per_digit = torch.stack([hit[asked == d].mean() for d in range(k)])
-        rows.append({"w": w, "accuracy": float(hit.mean()), "worst": float(per_digit.min()),
-                     "worst_digit": int(per_digit.argmin()), "confidence": float(conf.mean()),
-                     "spread": _spread(u8, asked) / real_spread, "seconds": time.perf_counter() - t0})
+        rows.append(
+            {
+                "w": w,
+                "accuracy": float(hit.mean()),
+                "worst": float(per_digit.min()),
+                "worst_digit": int(per_digit.argmin()),
+                "confidence": float(conf.mean()),
+                "spread": _spread(u8, asked) / real_spread,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         r = rows[-1]
-        log(f"w = {w:g}: accuracy {r['accuracy']:.3f} (worst digit {r['worst_digit']}: {r['worst']:.2f}), "
-            f"confidence {r['confidence']:.3f}, spread {r['spread']:.2f} of the data's, {r['seconds']:.0f}s")
+        log(
+            f"w = {w:g}: accuracy {r['accuracy']:.3f} (worst digit {r['worst_digit']}: {r['worst']:.2f}), "
+            f"confidence {r['confidence']:.3f}, spread {r['spread']:.2f} of the data's, {r['seconds']:.0f}s"
+        )
     return rows
 
 
@@ -118,8 +137,17 @@ def picture(run: Path, path: Path, scales=(0.0, 1.0, 2.0, 3.0, 4.0), per_digit: 
     asked = torch.arange(k).repeat(per_digit)  # 0..9, 0..9: the columns
     rows = []
     for w in scales:
-        x = generate(model, diffusion, asked.numel(), (ck.model["in_channels"], size, size), seed=0,
-                     batch_size=asked.numel(), classes=asked, guidance=w, clip_x0=True)
+        x = generate(
+            model,
+            diffusion,
+            asked.numel(),
+            (ck.model["in_channels"], size, size),
+            seed=0,
+            batch_size=asked.numel(),
+            classes=asked,
+            guidance=w,
+            clip_x0=True,
+        )
         rows.append(img.upscale(img.make_grid(x, nrow=asked.numel()), 48).convert("RGB"))
     f = img.font(18)
     label_w, gap = 110, 4
@@ -134,12 +162,16 @@ def picture(run: Path, path: Path, scales=(0.0, 1.0, 2.0, 3.0, 4.0), per_digit: 
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| guidance w | asked digit recognised | worst digit | mean confidence | spread vs data |",
-           "|---:|---:|---:|---:|---:|"]
+    out = [
+        "| guidance w | asked digit recognised | worst digit | mean confidence | spread vs data |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mark = " **(default)**" if r["w"] == DEFAULT_GUIDANCE else (" (unconditional)" if r["w"] == 0 else "")
-        out.append(f"| {r['w']:g}{mark} | {100 * r['accuracy']:.1f}% | {r['worst_digit']}: {100 * r['worst']:.0f}% | "
-                   f"{r['confidence']:.3f} | {r['spread']:.2f} |")
+        out.append(
+            f"| {r['w']:g}{mark} | {100 * r['accuracy']:.1f}% | {r['worst_digit']}: {100 * r['worst']:.0f}% | "
+            f"{r['confidence']:.3f} | {r['spread']:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -155,9 +187,12 @@ def _cpu_name() -> str:
 
 def write_markdown(path: Path, rows: list[dict], command: str, per_class: int, held_out: float, train_s: str) -> None:
     best = [r for r in rows if r["w"] == DEFAULT_GUIDANCE]
-    verdict = (f"at the default w = {DEFAULT_GUIDANCE:g}, {100 * best[0]['accuracy']:.1f}% of the samples are read as the "
-               f"digit asked for (target {100 * TARGET:.0f}%): {'met' if best[0]['accuracy'] >= TARGET else 'NOT met'}"
-               if best else f"the default w = {DEFAULT_GUIDANCE:g} was not measured")
+    verdict = (
+        f"at the default w = {DEFAULT_GUIDANCE:g}, {100 * best[0]['accuracy']:.1f}% of the samples are read as the "
+        f"digit asked for (target {100 * TARGET:.0f}%): {'met' if best[0]['accuracy'] >= TARGET else 'NOT met'}"
+        if best
+        else f"the default w = {DEFAULT_GUIDANCE:g} was not measured"
+    )
     section = "\n".join([
         MARK_START,
         "## Class-conditional digits and guidance (`benchmarks/conditional.py`)",
@@ -200,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--train-only", action="store_true", help="train (or find) the cached run and stop")
     p.add_argument("--markdown", type=Path, help="write/replace the conditional section of this markdown file")
-    p.add_argument("--picture", type=Path, help="also draw one row per guidance scale into this PNG (docs/guidance.png)")
+    p.add_argument(
+        "--picture", type=Path, help="also draw one row per guidance scale into this PNG (docs/guidance.png)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -219,8 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"({time.perf_counter() - t0:.0f}s)")
     if args.markdown:
         command = "python benchmarks/conditional.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        write_markdown(args.markdown, rows, command.strip(), args.per_class, classifier(ckpt.load(run, tensors=False).model["image_size"]).held_out_accuracy,
-                       train_s)
+        write_markdown(
+            args.markdown,
+            rows,
+            command.strip(),
+            args.per_class,
+            classifier(ckpt.load(run, tensors=False).model["image_size"]).held_out_accuracy,
+            train_s,
+        )
         print(f"wrote {args.markdown}")
     return 0
 

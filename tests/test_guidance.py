@@ -42,7 +42,11 @@ class Counting:
 
 def _inputs(b=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 1, 8, 8, generator=g), torch.randint(0, 1000, (b,), generator=g), torch.tensor([0, 2, 1, 2])[:b]
+    return (
+        torch.randn(b, 1, 8, 8, generator=g),
+        torch.randint(0, 1000, (b,), generator=g),
+        torch.tensor([0, 2, 1, 2])[:b],
+    )
 
 
 @torch.no_grad()
@@ -93,8 +97,9 @@ def test_unconditional_unet_keeps_its_layout_and_refuses_labels():
 def _step(num_classes, labels, **cfg):
     mc = UNetConfig.preset("tiny", 8, 1, num_classes=num_classes)
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return step_mod.make_train_step(mc, DiffusionConfig(timesteps=50), TrainConfig(batch_size=16, **cfg), images,
-                                    torch.device("cpu"), labels=labels)
+    return step_mod.make_train_step(
+        mc, DiffusionConfig(timesteps=50), TrainConfig(batch_size=16, **cfg), images, torch.device("cpu"), labels=labels
+    )
 
 
 def test_label_drops_are_drawn_after_the_unconditional_numbers():
@@ -139,8 +144,19 @@ def _mixture():
 
 def _sample(mix, diff, classes, w, prediction=None, sampler="ddim", steps=50, seed=0):
     model = mix.conditional_model(diff, prediction)
-    return generate(model, diff, classes.numel(), (2,), sampler=sampler, steps=steps, seed=seed,
-                    batch_size=classes.numel(), classes=classes, guidance=w, eta=0.0)
+    return generate(
+        model,
+        diff,
+        classes.numel(),
+        (2,),
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        batch_size=classes.numel(),
+        classes=classes,
+        guidance=w,
+        eta=0.0,
+    )
 
 
 def _in_own_component(x, classes):
@@ -181,7 +197,11 @@ def test_larger_guidance_concentrates_each_class_further(guided_fractions):
 def test_guidance_is_the_same_on_eps_x0_and_v_predictions(prediction):
     mix, diff = _mixture(), Diffusion(DiffusionConfig())
     g = torch.Generator().manual_seed(3)
-    x_t, t, y = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randint(0, 1000, (6,), generator=g), torch.tensor([0, 1] * 3)
+    x_t, t, y = (
+        torch.randn(6, 2, generator=g, dtype=torch.float64),
+        torch.randint(0, 1000, (6,), generator=g),
+        torch.tensor([0, 1] * 3),
+    )
     a = diff.sqrt_alphas_cumprod[t][:, None]
     s = diff.sqrt_one_minus_alphas_cumprod[t][:, None]
     x0_eps = to_x0_eps("eps", guided(mix.conditional_model(diff, "eps"), y, 2.5)(x_t, t), x_t, a, s)[0]
@@ -194,11 +214,14 @@ def test_an_images_noise_stream_does_not_depend_on_its_class_or_batch():
     a, b = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 1, 0, 0])
     unc = generate(mix.conditional_model(diff), diff, 4, (2,), sampler="ddpm", seed=5)
     for classes in (a, b):  # w = 0: the unconditional model, whatever the classes
-        assert torch.equal(generate(mix.conditional_model(diff), diff, 4, (2,), sampler="ddpm", seed=5, classes=classes,
-                                    guidance=0.0), unc)
+        assert torch.equal(
+            generate(mix.conditional_model(diff), diff, 4, (2,), sampler="ddpm", seed=5, classes=classes, guidance=0.0),
+            unc,
+        )
     whole = generate(mix.conditional_model(diff), diff, 4, (2,), sampler="ddpm", seed=5, classes=a, guidance=2.0)
-    one_by_one = generate(mix.conditional_model(diff), diff, 4, (2,), sampler="ddpm", seed=5, classes=a, guidance=2.0,
-                          batch_size=1)
+    one_by_one = generate(
+        mix.conditional_model(diff), diff, 4, (2,), sampler="ddpm", seed=5, classes=a, guidance=2.0, batch_size=1
+    )
     torch.testing.assert_close(whole, one_by_one, atol=1e-6, rtol=0)
 
 

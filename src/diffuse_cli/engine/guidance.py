@@ -37,8 +37,9 @@ def check_guidance(w: float) -> float:
     return float(w)
 
 
-def guided(model: ConditionalModel, y: torch.Tensor, w: float,
-           null_class: int | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def guided(
+    model: ConditionalModel, y: torch.Tensor, w: float, null_class: int | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``model`` with labels ``y`` (B,) bound and guidance scale ``w``, as a sampler's ``model(x_t, t)``.
 
     For ``w`` not 0 or 1 each call is one batched call of size 2B: [x_t, x_t] with labels
