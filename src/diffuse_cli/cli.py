@@ -459,6 +459,8 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
         say(f"  [yellow]{line}[/]")
     if (stored is None and classes == "none") or (stored is not None and not stored.model.get("num_classes")):
         ds = dataclasses.replace(ds, labels=None, classes=(), notes=())  # unconditional, as asked (or as the run was)
+    if stored is not None and classes == "none" and stored.model.get("num_classes"):
+        say("  [yellow]--classes none does not apply to --resume: the run keeps the classes it was started with[/]")
     for style, line in _class_lines(ds):
         say(f"  [{style}]{line}[/]" if style else f"  {line}")
 
