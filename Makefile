@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
 DEMO_STEPS ?= 3000
+# The model whose accuracy per guidance scale benchmarks/RESULTS.md records (conditional section).
+DEMO_MODEL ?= --preset tiny --batch-size 64
+DEMO_CLASSES := $(foreach d,0 1 2 3 4 5 6 7 8 9,--class $(d))
 
 .PHONY: install demo test test-all lint format bench clean
 
@@ -22,10 +25,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/diffuse schedule --kind linear --kind cosine --plot $(DEMO_DIR)/schedules.png
-	$(BIN)/diffuse train builtin:digits --out $(DEMO_DIR)/run --steps $(DEMO_STEPS) --overwrite
-	$(BIN)/diffuse sample $(DEMO_DIR)/run --num 64 --out $(DEMO_DIR)/samples --grid $(DEMO_DIR)/grid.png
+	$(BIN)/diffuse train builtin:digits --out $(DEMO_DIR)/run --steps $(DEMO_STEPS) $(DEMO_MODEL) --overwrite
+	$(BIN)/diffuse sample $(DEMO_DIR)/run $(DEMO_CLASSES) --num 8 --out $(DEMO_DIR)/samples --grid $(DEMO_DIR)/grid.png --overwrite
 	@echo
-	@echo "Pictures: $(DEMO_DIR)/grid.png (64 generated digits), $(DEMO_DIR)/samples/*.png,"
+	@echo "Pictures: $(DEMO_DIR)/grid.png (one row per digit 0-9, 8 of each), $(DEMO_DIR)/samples/*.png,"
 	@echo "          $(DEMO_DIR)/run/samples/ (previews during training), $(DEMO_DIR)/schedules.png"
 
 test: $(STAMP)

@@ -168,3 +168,74 @@ def test_sample_refuses_to_mix_with_earlier_images(tmp_path, run_dir):
     (out / "notes.txt").write_text("mine")
     assert run("sample", run_dir, "--num", "2", "--out", out, "--steps", "2", "--overwrite").exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "notes.txt"]  # no stale 0002.png
+
+
+# --- classes and guidance -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("classes")
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        for i in range(3):
+            (d / name / ("nested" if i == 2 else "")).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (12, 12), tuple(min(255, c + 10 * i) for c in colour)).save(
+                d / name / ("nested" if i == 2 else "") / f"{i}.png")
+    out = tmp_path_factory.mktemp("crun") / "r"
+    r = run("train", d, "--out", out, "--image-size", "8", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "2 classes, images per class: blue 3, red 3" in r.output
+    assert "fewer than 10 images" in r.output and "blue (3), red (3)" in r.output
+    return d, out
+
+
+def test_class_names_round_trip_through_checkpoint_config_and_resume(class_run, tmp_path):
+    data, out = class_run
+    ck = ckpt.load(out / "model.safetensors")
+    assert ck.model["num_classes"] == 2 and ck.dataset["classes"] == ["blue", "red"]
+    assert ckpt.class_names(ck) == ["blue", "red"]
+    assert ckpt.class_names(ckpt.load_for_sampling(out)[2]) == ["blue", "red"]
+    assert json.loads((out / "config.json").read_text())["dataset"]["classes"] == ["blue", "red"]
+    resumed = tmp_path / "r"
+    import shutil
+
+    shutil.copytree(out, resumed)
+    r = run("train", data, "--out", resumed, "--resume", "--steps", "6", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    ck = ckpt.load(resumed / "model.safetensors")
+    assert ck.step == 6 and ck.dataset["classes"] == ["blue", "red"] and ck.model["num_classes"] == 2
+
+
+def test_classes_none_trains_unconditionally(class_run, tmp_path):
+    data, _ = class_run
+    r = run("train", data, "--out", tmp_path / "u", "--image-size", "8", "--classes", "none", *TINY)
+    assert r.exit_code == 0, r.output
+    ck = ckpt.load(tmp_path / "u" / "model.safetensors")
+    assert ck.model["num_classes"] == 0 and "classes" not in ck.dataset and "classes," not in r.output
+
+
+def test_sample_classes_one_row_each(class_run, tmp_path):
+    _, out = class_run
+    imgs, grid = tmp_path / "imgs", tmp_path / "grid.png"
+    r = run("sample", out, "--class", "red", "--class", "0", "--num", "3", "--out", imgs, "--grid", grid,
+            "--steps", "5", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "red, blue: 3 image(s) each, guidance w = " in r.output
+    assert sorted(p.name for p in imgs.iterdir()) == [f"{i:04d}-{c}.png" for i, c in enumerate(["red"] * 3 + ["blue"] * 3)]
+    g = Image.open(grid)
+    assert g.size[0] * 22 == g.size[1] * 32  # 3 columns, 2 rows of 8 px + 2 px padding: one row per class
+    r = run("sample", out, "--class", "blue", "--num", "2", "--guidance", "1", "--out", tmp_path / "one", "--steps", "5")
+    assert r.exit_code == 0, r.output
+
+
+def test_sample_class_bad_input(class_run, run_dir):
+    _, out = class_run
+    cases = [
+        (["sample", run_dir, "--class", "red"], "trained without classes"),
+        (["sample", out, "--class", "green"], "unknown class 'green'; this model knows blue, red"),
+        (["sample", out, "--class", "2"], "unknown class '2'"),
+        (["sample", out, "--guidance", "2"], "give --class too"),
+        (["sample", out, "--class", "red", "--guidance", "-1"], "--guidance must be a finite number >= 0"),
+        (["sample", out, "--class", "red", "--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    ]
+    for args, msg in cases:  # all bad option values: exit 2
+        text = one_line_error(run(*args), 2)
+        assert msg in text, (args, text)

@@ -529,3 +529,45 @@ def test_builtin_digits_dataset():
     assert abs(big.images.float().mean() - ds.images.float().mean()) < 3
     with pytest.raises(DataError, match=r"unknown built-in dataset builtin:nope \(available: builtin:digits\)"):
         D.load_dataset("builtin:nope", None, None)
+
+
+# --------------------------------------------------------------------------- classes from sub-folders
+
+
+def _img(seed: int) -> bytes:
+    return _encoded(_noise((10, 10), seed), "PNG")
+
+
+def test_classes_from_sub_folders_nested_and_sorted(tmp_path):
+    files = ["zebra/a.png", "cat/x/y/deep.png", "cat/b.png", "dog/2024/c.png", "dog/d.png", "dog/e.png"]
+    for i, rel in enumerate(files):
+        _write(tmp_path, rel, _img(i))
+    (tmp_path / "empty").mkdir()  # no images: not a class
+    _write(tmp_path, "notes/readme.txt", b"text only: not a class either")
+    _write(tmp_path, "dog/broken.png", b"\x89PNG\r\n\x1a\n garbage")  # skipped, so not counted
+    ds = D.load_folder(tmp_path, 8)
+    assert ds.classes == ("cat", "dog", "zebra")  # sorted names, stable ids
+    # scan order: cat/b, cat/x/y/deep, dog/2024/c, dog/d, dog/e, zebra/a; nested files belong to their top folder
+    assert ds.labels.tolist() == [0, 0, 1, 1, 1, 2]
+    assert torch.bincount(ds.labels).tolist() == [2, 3, 1] and ds.notes == ()
+
+
+def test_one_class_folder_or_loose_images_train_unconditionally_with_a_note(tmp_path):
+    _write(tmp_path / "one", "only/a.png", _img(0))
+    _write(tmp_path / "one", "only/deeper/b.png", _img(1))
+    ds = D.load_folder(tmp_path / "one", 8)
+    assert ds.labels is None and ds.classes == ()
+    assert len(ds.notes) == 1 and "one sub-folder (only)" in ds.notes[0] and "unconditional" in ds.notes[0]
+    for rel in ("a/x.png", "b/y.png", "loose.png"):
+        _write(tmp_path / "mixed", rel, _img(2))
+    ds = D.load_folder(tmp_path / "mixed", 8)
+    assert ds.labels is None and "1 image directly in" in ds.notes[0]
+    _write(tmp_path / "flat", "x.png", _img(3))
+    ds = D.load_folder(tmp_path / "flat", 8)
+    assert ds.labels is None and ds.notes == ()  # nothing to explain
+    assert D.load_folder(tmp_path / "flat" / "x.png", 8).labels is None
+
+
+def test_builtin_digits_are_labelled_by_digit():
+    ds = D.load_dataset("builtin:digits")
+    assert ds.classes == tuple("0123456789") and ds.labels.shape == (1797,)

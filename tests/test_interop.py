@@ -164,7 +164,7 @@ def test_ddim_uniform_grid_matches_diffusers_trailing(tmp_path, prediction):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "digits"
-    r = run("train", "builtin:digits", "--out", out, "--preset", "tiny", "--steps", "6", "--batch-size", "8",
+    r = run("train", "builtin:digits", "--classes", "none", "--out", out, "--preset", "tiny", "--steps", "6", "--batch-size", "8",
             "--save-every", "6", "--sample-every", "0", "--device", "cpu", "-T", "50", "--kind", "cosine")  # fmt: skip
     assert r.exit_code == 0, r.output
     return out
@@ -300,6 +300,7 @@ def test_other_model_classes_are_refused_by_name(tmp_path):
 @pytest.mark.parametrize(
     "kw,fragment",
     [(dict(base_channels=48), "norm_num_groups"),
+     (dict(num_classes=3), "class-conditional"),
      (dict(num_heads=2, attention_resolutions=(8,)), "attention_head_dim")],
 )  # fmt: skip
 def test_export_refuses_what_unet2dmodel_cannot_express(tmp_path, kw, fragment):

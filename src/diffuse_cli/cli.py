@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .engine.config import (  # noqa: E501 - no torch
+from .engine.config import (  # no torch
+    DEFAULT_GUIDANCE,
     KINDS,
     PRECISIONS,
     PREDICTIONS,
@@ -90,6 +91,8 @@ SamplerName = _choices("SamplerName", SAMPLER_NAMES)
 Weighting = _choices("Weighting", WEIGHTINGS)
 Precision = _choices("Precision", PRECISIONS)
 Preset = _choices("Preset", ("auto", *PRESETS))
+Classes = _choices("Classes", ("auto", "none"))
+MIN_CLASS_IMAGES = 10  # a class with fewer training images gets a warning
 
 
 def _version(value: bool) -> None:
@@ -377,6 +380,16 @@ def train(
         bool | None,
         typer.Option("--flip/--no-flip", help="Random horizontal flips, for pictures that mean the same mirrored (not digits or text). [default: off]"),
     ] = None,
+    classes: Annotated[
+        Classes,
+        typer.Option("--classes", help="auto: learn classes from the labels (one sub-folder per class, or the digit of builtin:digits), "
+                     "so `diffuse sample --class` can choose; none: unconditional."),
+    ] = Classes("auto"),
+    cond_drop: Annotated[
+        float | None,
+        typer.Option("--cond-drop", help=f"With classes: how often a label is replaced by 'no class', so one network also learns the "
+                     f"unconditional model that guidance needs (Ho & Salimans 2022). {_d(_T.cond_drop)}"),
+    ] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help=f"Save a resumable state every N steps. {_d(_T.save_every)}")] = None,
     sample_every: Annotated[
         int | None, typer.Option("--sample-every", help=f"Write a preview grid every N steps and at the end (0: never). {_d(_T.sample_every)}")
@@ -403,7 +416,9 @@ def train(
 
         diffuse train builtin:digits --out runs/digits --steps 3000
 
-        diffuse train ~/pictures/faces --image-size 32 --out runs/faces
+        diffuse train ~/pictures/pets --image-size 32 --out runs/pets    (pets/cat/*.jpg, pets/dog/*.jpg: 2 classes)
+
+        diffuse train ~/pictures/faces --image-size 32 --out runs/faces --classes none
 
         diffuse train builtin:digits --out runs/digits --steps 6000 --resume
 
@@ -415,6 +430,7 @@ def train(
         lr=lr,
         warmup=warmup,
         ema_decay=ema_decay,
+        cond_drop=cond_drop,
         save_every=save_every,
         sample_every=sample_every,
         keep=keep,
@@ -437,7 +453,8 @@ def train(
         zero_terminal_snr=zero_terminal_snr,
         prediction=prediction.value if prediction else None,
     )
-    _run(_train, data, out, image_size, channels, preset.value, train_opts, model_opts, diff_opts, device, resume, overwrite, cache_dir, no_cache)
+    _run(_train, data, out, image_size, channels, preset.value, train_opts, model_opts, diff_opts, device, resume, overwrite, cache_dir, no_cache,
+         classes.value)
 
 
 def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[int, ...] | None:
@@ -455,7 +472,26 @@ def _csv_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[i
     return tuple(vals)
 
 
-def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts, diff_opts, device, resume, overwrite, cache_dir, no_cache):
+def _class_lines(ds) -> list[tuple[str, str]]:
+    """(style, text) lines about the data's classes: their count and images per class, and warnings."""
+    import torch
+
+    if ds.labels is None:
+        return [("yellow", note) for note in ds.notes]
+    counts = torch.bincount(ds.labels, minlength=len(ds.classes)).tolist()
+    per = ", ".join(f"{name} {n}" for name, n in zip(ds.classes, counts, strict=True))
+    lines = [("", f"{len(ds.classes)} classes, images per class: {per}")]
+    few = [f"{name} ({n})" for name, n in zip(ds.classes, counts, strict=True) if n < MIN_CLASS_IMAGES]
+    if few:
+        lines.append(("yellow", f"warning: {'these classes have' if len(few) > 1 else 'this class has'} fewer than "
+                      f"{MIN_CLASS_IMAGES} images and may not be learned: {', '.join(few)}"))
+    return lines
+
+
+def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts, diff_opts, device, resume, overwrite, cache_dir, no_cache,
+           classes="auto"):
+    import dataclasses
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -493,6 +529,12 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
     say(f"[bold]data[/]  {ds.summary.source}: {n} images used, {c}x{s}x{s}{note}, {datacache.describe(ds)} in {time.perf_counter() - t_load:.1f}s")
     for line in ds.summary.lines():
         say(f"  [yellow]{line}[/]")
+    if (stored is None and classes == "none") or (stored is not None and not stored.model.get("num_classes")):
+        ds = dataclasses.replace(ds, labels=None, classes=(), notes=())  # unconditional, as asked (or as the run was)
+    if stored is not None and classes == "none" and stored.model.get("num_classes"):
+        say("  [yellow]--classes none does not apply to --resume: the run keeps the classes it was started with[/]")
+    for style, line in _class_lines(ds):
+        say(f"  [{style}]{line}[/]" if style else f"  {line}")
 
     dev_type = resolve_device(device).type
     if train_opts["time_limit"] is not None:
@@ -508,7 +550,7 @@ def _train(data_spec, out, image_size, channels, preset, train_opts, model_opts,
             "channel_mults": _csv_ints(model_opts["channel_mults"], "--channel-mults"),
             "attention_resolutions": _csv_ints(model_opts["attention_resolutions"], "--attention-res", allow_empty=True),
         }
-        model_cfg = UNetConfig.preset(preset, s, c, dev_type, **model_opts)
+        model_cfg = UNetConfig.preset(preset, s, c, dev_type, num_classes=len(ds.classes), **model_opts)
         diff_cfg = DiffusionConfig(**{k: v for k, v in diff_opts.items() if v is not None})
         batch = train_opts["batch_size"] or default_batch_size(dev_type)
         cfg = TrainConfig(**{k: v for k, v in {**train_opts, "batch_size": batch}.items() if v is not None})
@@ -605,7 +647,18 @@ class _TrainProgress:
 @app.command(no_args_is_help=True)
 def sample(
     checkpoint: Annotated[Path, typer.Argument(help="A model .safetensors file, a run folder or a diffusers DDPM folder.", show_default=False)],
-    num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 16,
+    num: Annotated[int, typer.Option("--num", "-n", help="How many images (of each class, with --class).")] = 16,
+    class_: Annotated[
+        list[str] | None,
+        typer.Option("--class", "-c", help="Draw images of this class: a name (e.g. a sub-folder's) or an id; repeat for several "
+                     "(the grid gets one row per class). Needs a model trained with classes.", show_default=False,
+                     metavar="NAME|ID"),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", "-w", help="Classifier-free guidance scale w with --class: 1 = the plain class-conditional model, "
+                     f"0 = ignore the class, above 1 = more typical of the class, less varied. [default: {DEFAULT_GUIDANCE:g}]"),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for one PNG per image (0000.png ...).")] = Path("samples"),
     grid: Annotated[Path | None, typer.Option("--grid", help="Also write all images as one grid PNG.")] = None,
     sampler: Annotated[
@@ -626,18 +679,52 @@ def sample(
     (DPM-Solver++, Lu et al. 2022) reach similar quality in 10-50 model calls. Each image has its own
     random stream, seeded from --seed and its number, so --batch-size never changes the images.
 
+    **Classes and guidance.** A model trained with classes (`diffuse train DATA --classes auto`) is two
+    models in one network: it predicts the noise eps(x_t, t, c) for class c, and, because training hid
+    the label now and then, the noise eps(x_t, t) of an image of any class. Classifier-free guidance
+    (Ho & Salimans 2022, eq. 6 / Algorithm 2) uses eps(x_t, t) + w (eps(x_t, t, c) - eps(x_t, t)) in
+    place of DDPM's eps_theta (Ho et al. 2020, Algorithm 2): w = 1 is the conditional model, w > 1
+    extrapolates past it, away from "any image" towards "an image of class c": samples look more like
+    their class and less like each other. Each step costs one model call on twice the batch.
+
     **Examples**
 
         diffuse sample runs/digits --num 64 --grid grid.png
+
+        diffuse sample runs/digits --class 7 --num 16 --grid sevens.png
+
+        diffuse sample runs/digits --class 0 --class 1 --class 2 --num 8 --guidance 2 --grid rows.png
 
         diffuse sample runs/digits/model.safetensors --sampler ddim --steps 50 --eta 0 --out imgs/
 
         diffuse sample runs/digits --sampler ddpm --num 8 --gif denoise.gif
     """
-    _run(_sample, checkpoint, num, out, grid, sampler.value, steps, eta, seed, batch_size, device, gif, clip, overwrite)
+    _run(_sample, checkpoint, num, out, grid, sampler.value, steps, eta, seed, batch_size, device, gif, clip, overwrite, class_ or [], guidance)
 
 
-def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_size, device, gif, clip, overwrite) -> None:
+def _class_ids(ck, asked: list[str]) -> tuple[list[int], list[str]]:
+    """The ids and names of the classes asked for by name or id; ConfigError for a model without classes
+    or an unknown class (listing the known ones)."""
+    from .engine import checkpoint as ckpt
+    from .engine.errors import ConfigError
+
+    names = ckpt.class_names(ck)
+    if not names:
+        raise ConfigError(f"{ck.path} was trained without classes, so --class cannot choose one; train on a folder with one "
+                          "sub-folder per class (or builtin:digits) with --classes auto")
+    ids = []
+    for text in asked:
+        if text in names:
+            ids.append(names.index(text))
+        elif text.strip().isdigit() and int(text) < len(names):
+            ids.append(int(text))
+        else:
+            shown = ", ".join(names) if len(names) <= 40 else ", ".join(names[:40]) + f", ... ({len(names)} in all)"
+            raise ConfigError(f"unknown class {text!r}; this model knows {shown} (a name or an id 0..{len(names) - 1})")
+    return ids, [names[i] for i in ids]
+
+
+def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_size, device, gif, clip, overwrite, asked=(), guidance=None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .engine import checkpoint as ckpt
@@ -651,7 +738,21 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
     if out is None and grid is None and gif is None:
         raise ConfigError("nothing to write: give --out, --grid or --gif")
     dev = resolve_device(device)
+    if guidance is not None and not asked:
+        raise ConfigError("--guidance steers towards a class: give --class too")
+    if num < 1:
+        raise ConfigError(f"--num must be at least 1 (got {num})")
     model, diffusion, ck = ckpt.load_for_sampling(checkpoint, dev)
+    classes = None
+    if asked:
+        import torch
+
+        from .engine.guidance import check_guidance
+
+        guidance = check_guidance(DEFAULT_GUIDANCE if guidance is None else guidance)
+        ids, shown = _class_ids(ck, list(asked))
+        classes = torch.tensor(ids).repeat_interleave(num)  # num images of each class, classes in the order asked
+        per_class, num = num, num * len(ids)
     T = diffusion.num_timesteps
     steps = steps if steps is not None else samplers.default_steps(sampler_name, T)
     if out is not None:  # outputs are checked before spending time sampling
@@ -662,6 +763,10 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
     console.print(
         f"[bold]sample[/] {ck.path} (step {ck.step}, {ck.diffusion.get('schedule')} schedule, T = {T}, predicts {ck.diffusion.get('prediction')}); {sampler_name}, {steps} steps, device {dev}"
     )
+    if classes is not None:
+        console.print(f"[bold]class[/] {', '.join(shown)}: {per_class} image(s) each, guidance w = {guidance:g}")
+    elif ckpt.class_names(ck):
+        console.print(f"unconditional samples; this model knows {len(ckpt.class_names(ck))} classes: choose with --class")
     trajectory = Trajectory() if gif is not None else None
     t0 = time.perf_counter()
     with Progress(
@@ -685,15 +790,19 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
             amp=autocast_dtype("auto", dev),
             progress=advance,
             trajectory=trajectory,
+            classes=classes,
+            guidance=guidance if guidance is not None else 1.0,
             **opts,
         )
     if out is not None:
         width = max(4, len(str(num - 1)))
         for i, im in enumerate(images):
-            img.save_image(img.to_pil(im), Path(out) / f"{i:0{width}d}.png")
+            tag = "" if classes is None else f"-{_safe_name(shown[i // per_class])}"  # e.g. 0012-7.png
+            img.save_image(img.to_pil(im), Path(out) / f"{i:0{width}d}{tag}.png")
         console.print(f"{num} images written to [bold]{out}/[/]")
     if grid is not None:
-        img.save_image(img.upscale(img.make_grid(images), 512), grid)
+        nrow = per_class if classes is not None and len(shown) > 1 else None  # one row per class
+        img.save_image(img.upscale(img.make_grid(images, nrow=nrow), 512), grid)
         console.print(f"grid written to [bold]{grid}[/]")
     if trajectory is not None and trajectory.frames:
         img.save_gif(img.trajectory_frames(trajectory.frames), gif, duration_ms=120)
@@ -894,6 +1003,13 @@ def _eval(checkpoint, data_spec, num, do_nll, do_fd, features, variance, terms, 
         table.add_row("recall", f"{record['recall']:.3f}", "real inside the generated manifold (Kynkaanniemi et al. 2019)")
     console.print(table)
     console.print(f"appended to [bold]{log_path}[/]")
+
+
+def _safe_name(name: str) -> str:
+    """A class name as a piece of a file name."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "class"
 
 
 def main() -> None:

@@ -11,6 +11,10 @@ network under the L2 loss - is then available in closed form (Gaussian condition
 so a sampler driven by :meth:`GaussianMixture.model` can be checked against the exact
 data distribution, free of any training error. Everything is computed in float64.
 
+Taking each component as a class gives the exact class-conditional network too:
+:meth:`GaussianMixture.conditional_model` predicts from E[x0 | x_t, k] for label k and from
+the mixture's E[x0 | x_t] for the null label K, the pair classifier-free guidance combines.
+
 Shapes: data points are (B, D); :meth:`GaussianMixture.model` also accepts (B, ...) and
 flattens the trailing dimensions.
 """
@@ -109,29 +113,52 @@ class GaussianMixture:
 
     def model(
         self, diffusion: Diffusion, prediction: str | None = None
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:  # an _ExactModel
         """The exact network of kind ``prediction`` (default: the diffusion's) as ``model(x_t, t)``.
 
         ``t`` is an int64 tensor of shape (B,) in [0, T); the output has x_t's shape and dtype.
         """
-        kind = prediction or diffusion.prediction
-        if kind not in PREDICTIONS:
-            raise ConfigError(f"unknown prediction {kind!r}; choose one of {', '.join(PREDICTIONS)}")
-        abar_table = diffusion.alphas_cumprod.detach().to("cpu", _F64)
+        return _ExactModel(diffusion, prediction, [self])
 
-        def model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = x_t.reshape(x_t.shape[0], -1).to(_F64)
-            t_cpu = t.to("cpu")
-            x0 = torch.empty_like(x)
-            for tv in torch.unique(t_cpu).tolist():
-                rows = (t_cpu == tv).to(x.device)
-                x0[rows] = self.posterior_mean(x[rows], float(abar_table[tv]))
-            abar = abar_table[t_cpu].to(x.device)[:, None]
-            a, s = abar.sqrt(), (1.0 - abar).sqrt()
-            eps = (x - a * x0) / s  # s > 0 for every t in [0, T)
-            return from_x0_eps(kind, x0, eps, a, s).reshape(x_t.shape).to(x_t.dtype)
+    def component(self, k: int) -> GaussianMixture:
+        """Component ``k`` alone, as a one-component mixture N(mu_k, Sigma_k)."""
+        return GaussianMixture([1.0], self.means[k : k + 1], covs=self.covs[k : k + 1])
 
-        return model
+    def conditional_model(self, diffusion: Diffusion, prediction: str | None = None) -> _ExactModel:
+        """The exact class-conditional network ``model(x_t, t, y)``, each component a class.
+
+        Label ``k`` in [0, K) predicts from E[x0 | x_t, component k]; the null label K (also
+        ``y=None``; ``model.null_class``) from the whole mixture's E[x0 | x_t]: the conditional
+        and unconditional models a perfectly trained guided network would be.
+        """
+        k = self.means.shape[0]
+        return _ExactModel(diffusion, prediction, [self.component(i) for i in range(k)] + [self])
+
+
+class _ExactModel:
+    """``model(x_t, t[, y])``: the exact prediction under ``mixtures[y]`` (y None = the last one)."""
+
+    def __init__(self, diffusion: Diffusion, prediction: str | None, mixtures: list[GaussianMixture]):
+        self.kind = prediction or diffusion.prediction
+        if self.kind not in PREDICTIONS:
+            raise ConfigError(f"unknown prediction {self.kind!r}; choose one of {', '.join(PREDICTIONS)}")
+        self.abar_table = diffusion.alphas_cumprod.detach().to("cpu", _F64)
+        self.mixtures = mixtures
+        self.null_class = len(mixtures) - 1  # 0 for an unconditional model
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        x = x_t.reshape(x_t.shape[0], -1).to(_F64)
+        t_cpu = t.to("cpu")
+        y_cpu = torch.full_like(t_cpu, self.null_class) if y is None else torch.as_tensor(y).to("cpu")
+        x0 = torch.empty_like(x)
+        for tv in torch.unique(t_cpu).tolist():
+            for yv in torch.unique(y_cpu[t_cpu == tv]).tolist():
+                rows = ((t_cpu == tv) & (y_cpu == yv)).to(x.device)
+                x0[rows] = self.mixtures[yv].posterior_mean(x[rows], float(self.abar_table[tv]))
+        abar = self.abar_table[t_cpu].to(x.device)[:, None]
+        a, s = abar.sqrt(), (1.0 - abar).sqrt()
+        eps = (x - a * x0) / s  # s > 0 for every t in [0, T)
+        return from_x0_eps(self.kind, x0, eps, a, s).reshape(x_t.shape).to(x_t.dtype)
 
 
 class GaussianData(GaussianMixture):

@@ -5,7 +5,7 @@ A checkpoint is a safetensors file whose string metadata carries, as JSON:
     diffuse.format   "1"
     diffuse.kind     "model" (EMA weights for sampling) or "state" (everything to resume training)
     model            UNetConfig          diffusion  DiffusionConfig
-    train            TrainConfig         dataset    DataSummary
+    train            TrainConfig         dataset    DataSummary (+ "classes": names, for class-conditional models)
     step             int                 extra      kind-specific JSON (optimizer groups, ...)
 
 Loading never unpickles: a ``.pt``/``.ckpt`` file (zip or pickle) is refused with the reason.
@@ -272,12 +272,27 @@ def build_model(ck: Checkpoint, device: str | torch.device = "cpu", prefix: str 
     return model.to(device).eval()
 
 
+def class_names(ck: Checkpoint) -> list[str]:
+    """The class names a checkpoint was trained with, label i first ([] for an unconditional model).
+
+    They live in the ``dataset`` metadata (``classes``); a conditional model without them (edited
+    metadata) gets its ids as names.
+    """
+    k = ck.model.get("num_classes") or 0
+    k = k if isinstance(k, int) and k > 0 else 0
+    names = ck.dataset.get("classes")
+    if isinstance(names, list) and len(names) == k:
+        return [str(n) for n in names]
+    return [str(i) for i in range(k)]
+
+
 def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load a model checkpoint (file, run folder or diffusers folder): returns (model, diffusion, checkpoint).
 
     ``model`` is the U-Net (EMA weights) in eval mode on ``device``; ``diffusion`` is the
     :class:`~.diffusion.Diffusion` it was trained with, on the same device. A diffusers pipeline
-    folder (UNet2DModel + DDPM/DDIM scheduler) is converted on load by :func:`.interop.load`.
+    folder (UNet2DModel + DDPM/DDIM scheduler) is converted on load by :func:`.interop.load`. A class-conditional
+    model's class names are :func:`class_names` of the checkpoint.
     """
     from . import interop
     from .diffusion import Diffusion, DiffusionConfig

@@ -181,12 +181,15 @@ class ImageDataset:
 
     images: torch.Tensor  # (N, C, H, W) uint8, contiguous, CPU (RAM or a read-only file mapping)
     summary: DataSummary
-    labels: torch.Tensor | None = None  # (N,) int64 where the source has classes (builtin:digits)
+    labels: torch.Tensor | None = None  # (N,) int64 where the source has classes (builtin:digits, class folders)
+    classes: tuple[str, ...] = ()  # class names; label i is classes[i]
+    notes: tuple[str, ...] = ()  # why the data has no classes when that may surprise (one sub-folder, loose files)
     cache: CacheInfo | None = None  # None: decoded into memory for this process only
 
     def __post_init__(self) -> None:
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4 and self.images.is_contiguous()
         assert self.labels is None or self.labels.shape == self.images.shape[:1]
+        assert (self.labels is None) == (not self.classes)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -450,6 +453,31 @@ def _default_workers() -> int:
     return min(16, (os.cpu_count() or 1) + 2)
 
 
+def folder_classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.Tensor | None, tuple[str, ...]]:
+    """Class labels from sub-folder names, torchvision ImageFolder's convention: (names, labels, notes).
+
+    A file's class is the first folder of its path below ``root`` (so ``root/cat/2024/a.png`` is
+    a cat); ids follow the names sorted as raw bytes, so they do not depend on the locale.
+    Only folders that hold used images count, so empty class folders are no classes. The data is
+    unlabelled (labels None, with a note saying why when sub-folders exist) unless every image
+    sits in a sub-folder and there are at least two of them.
+    """
+    parts = [p.relative_to(root).parts for p in files] if root.is_dir() else []
+    loose = sum(len(q) == 1 for q in parts)
+    names = sorted({q[0] for q in parts if len(q) > 1}, key=os.fsencode)
+    if not names:
+        return (), None, ()
+    if loose:
+        return (), None, (f"{_plural(loose, 'image')} directly in {display_path(root)}, so its sub-folders "
+                          "are not used as classes (put every image in a class folder to train with classes)",)
+    if len(names) == 1:
+        return (), None, (f"all images are in one sub-folder ({display_path(names[0])}): one class, so training "
+                          "is unconditional",)
+    ids = {name: i for i, name in enumerate(names)}
+    labels = torch.tensor([ids[q[0]] for q in parts], dtype=torch.int64)
+    return tuple(display_path(n) for n in names), labels, ()
+
+
 def list_files(root: str | os.PathLike) -> tuple[list[str], int, int]:
     """(image files, other files ignored, unreadable sub-folders) of a folder or a single image file.
 
@@ -645,7 +673,8 @@ def load_folder(
     images = buffer if len(used_idx) == len(files) else buffer[used_idx]
     if images.shape[1] != summary.channels:
         images = images[:, : summary.channels]  # all colourless: the three planes are equal
-    return with_size_note(ImageDataset(images.contiguous(), summary), note)
+    classes, labels, notes = folder_classes(root, [Path(files[i]) for i in used_idx])
+    return with_size_note(ImageDataset(images.contiguous(), summary, labels, classes, notes), note)
 
 
 # --------------------------------------------------------------------------- built-in datasets
@@ -682,6 +711,7 @@ class BuiltinDataset:
     native_size: int
     channels: int
     load: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (uint8 (N, C, S, S), int64 labels (N,))
+    classes: tuple[str, ...] = ()  # the name of each label
 
 
 BUILTIN: Mapping[str, BuiltinDataset] = {
@@ -691,6 +721,7 @@ BUILTIN: Mapping[str, BuiltinDataset] = {
         native_size=8,
         channels=1,
         load=load_digits,
+        classes=tuple("0123456789"),
     ),
 }
 BUILTIN_PREFIX = "builtin:"
@@ -721,7 +752,7 @@ def load_builtin(name: str, image_size: int | None = None, channels: int | None 
         images = (images.float() * weights).sum(1, keepdim=True).round_().to(torch.uint8)
     n = images.shape[0]
     summary = DataSummary(source=BUILTIN_PREFIX + name, found=n, used=n, channels=channels, image_size=size)
-    return ImageDataset(images.contiguous(), summary, labels)
+    return ImageDataset(images.contiguous(), summary, labels, info.classes)
 
 
 def load_dataset(
@@ -756,6 +787,7 @@ __all__ = [
     "decode_image",
     "decode_into",
     "display_path",
+    "folder_classes",
     "from_model_range",
     "list_files",
     "load_builtin",

@@ -40,6 +40,7 @@ accelerator (when it fits) or to read each batch from the mapping.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -65,7 +66,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 MAGIC = b"DIFFUSEU8"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: class labels from sub-folders in the header
 # Bump when decode_image's output changes for some file: every cache is then decoded again.
 DECODER_VERSION = 1
 _PREFIX = struct.Struct("<9sIII7x")  # magic, format version, JSON length, JSON CRC-32
@@ -227,10 +228,17 @@ def open_cache(
         raise CacheInvalid("its header is damaged") from err
     if (summary.used, summary.channels, summary.image_size) != (head["shape"][0], head["shape"][1], head["shape"][2]):
         raise CacheInvalid("its header is damaged")
+    try:
+        labels = None if head.get("labels") is None else torch.tensor(head["labels"], dtype=torch.int64)
+        classes, notes = tuple(map(str, head.get("classes", []))), tuple(map(str, head.get("notes", [])))
+    except (TypeError, ValueError) as err:
+        raise CacheInvalid("its header is damaged") from err
+    if labels is not None and (labels.shape != (summary.used,) or len(classes) < 2):
+        raise CacheInvalid("its header is damaged")
     with warnings.catch_warnings():  # "not writable": nothing writes into a dataset (batches are gathered copies)
         warnings.simplefilter("ignore", UserWarning)
         images = torch.from_numpy(array)  # shares the mapping; rows are read from disk when first touched
-    return D.ImageDataset(images, summary, cache=D.CacheInfo(path, "hit"))
+    return D.ImageDataset(images, summary, labels, classes, notes, cache=D.CacheInfo(path, "hit"))
 
 
 # --------------------------------------------------------------------------- writing
@@ -304,6 +312,7 @@ def build_cache(
         buffer = torch.from_numpy(flat).view(n, planes, image_size, image_size)
         reasons, gray = D.decode_into(files, buffer, channels, progress, max_pixels=max_pixels, workers=workers)
         used, summary = D.summarize(root, files, reasons, gray, image_size, channels, ignored, unreadable_folders)
+        classes, labels, notes = D.folder_classes(Path(root), [Path(files[i]) for i in used])
         c = summary.channels
         if len(used) != n or c != planes:
             _compact(flat, n, planes, row_pixels, used, c)
@@ -316,7 +325,8 @@ def build_cache(
         s = summary.to_dict()
         s["examples"] = {r: [e[:EXAMPLE_NAME_MAX] for e in ex] for r, ex in summary.examples.items()}
         head = {"shape": [len(used), c, image_size, image_size], "dtype": "uint8", "fingerprint": fp,
-                "data_crc32": crc, "summary": s}  # fmt: skip
+                "data_crc32": crc, "summary": s, "classes": list(classes), "notes": list(notes),
+                "labels": None if labels is None else labels.tolist()}  # fmt: skip
         with open(tmp, "r+b") as f:
             f.truncate(DATA_OFFSET + length)
             write_header(f, head)
@@ -400,7 +410,7 @@ def _check_or_build(path, root, image_size, channels, progress, max_pixels, work
     except CacheInvalid as err:  # just written under the lock: only a failing disk gets here
         raise DataError(f"the data cache {path} could not be read back ({err}); try --no-cache") from err
     status = "rebuilt" if reason else "built"
-    return D.ImageDataset(ds.images, ds.summary, cache=D.CacheInfo(path, status, reason)), fp
+    return dataclasses.replace(ds, cache=D.CacheInfo(path, status, reason)), fp
 
 
 def cached_folder(

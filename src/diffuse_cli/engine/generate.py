@@ -4,6 +4,10 @@ Image ``i`` of a run with ``seed`` gets its own random generator, seeded from (s
 its x_T and for any noise a stochastic sampler adds (as EDM's generate.py does). So
 ``--batch-size`` never changes the images of a given ``--seed``, and image 7 of 64 is
 image 7 of 8.
+
+A class-conditional model takes one label per image (``classes``) and a guidance scale
+(:mod:`guidance`); the labels never touch the random streams, so image ``i`` starts from the
+same x_T whatever class it is asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from . import samplers
 from .config import check_seed
 from .diffusion import Diffusion
 from .errors import ConfigError
+from .guidance import check_guidance, guided
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,11 +64,17 @@ def generate(
     amp: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
     trajectory: Trajectory | None = None,
+    classes: torch.Tensor | None = None,
+    guidance: float = 1.0,
     **options,
 ) -> torch.Tensor:
     """``num`` samples of ``shape`` (C, H, W) from ``model``, float32 on the CPU in [-1, 1] (clipped
     by the caller if needed). ``progress(done)`` is called after each batch; ``trajectory`` records
-    the first batch's denoising. ``options`` go to the sampler (``clip_x0``, ``eta``, ...)."""
+    the first batch's denoising. ``options`` go to the sampler (``clip_x0``, ``eta``, ...).
+
+    ``classes`` (``num``,) int64 asks a class-conditional ``model(x_t, t, y)`` for one class per
+    image, guided with scale ``guidance`` (:func:`guidance.guided`; 1 = the plain conditional model).
+    A conditional model given no ``classes`` samples its unconditional (null-class) model."""
     check_seed(seed)
     if num < 1:
         raise ConfigError(f"--num must be at least 1 (got {num})")
@@ -71,17 +82,28 @@ def generate(
         raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
     samplers.timestep_grid(diffusion, steps or samplers.default_steps(sampler, diffusion.num_timesteps))  # checks steps
     device = torch.device(device)
+    check_guidance(guidance)
+    if classes is not None:
+        classes = torch.as_tensor(classes, dtype=torch.long).cpu()
+        if classes.shape != (num,):
+            raise ConfigError(f"give one class per image: {num} images but classes of shape {tuple(classes.shape)}")
+        null = int(getattr(model, "null_class", 0))  # a conditional model says which label means "no class"
+        if null < 1:
+            raise ConfigError("this model was trained without classes, so it cannot be asked for one")
+        if bool(((classes < 0) | (classes >= null)).any()):
+            raise ConfigError(f"class ids must be in 0..{null - 1}")
 
-    def net(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def net(x_t: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return model(x_t, t).float()
+            return model(x_t, t, *y).float()
 
     out = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
         gens = image_generators(seed, start, b, device)
         x_T = samplers.noise_like((b, *shape), gens, device)
-        x0 = samplers.sample(net, diffusion, x_T, sampler=sampler, steps=steps, generator=gens,
+        call = net if classes is None else guided(net, classes[start : start + b], guidance, null_class=null)
+        x0 = samplers.sample(call, diffusion, x_T, sampler=sampler, steps=steps, generator=gens,
                              callback=trajectory if start == 0 else None, **options)
         out.append(x0.float().cpu())
         if progress is not None:

@@ -211,7 +211,7 @@ def drop_old_states(out: Path, keep: int) -> None:
             old.unlink()
 
 
-_NUMBERED_PNG = re.compile(r"\d{4,}\.png")
+_NUMBERED_PNG = re.compile(r"\d{4,}(-[\w.-]+)?\.png")  # 0007.png, 0012-7.png (with --class)
 
 
 def prepare_sample_dir(out: Path, overwrite: bool) -> None:

@@ -14,6 +14,11 @@ step, the indices of the whole *global* batch, its t, its eps and its flips; eve
 draws the same numbers and keeps its own slice. So N processes train exactly the
 1-process run, and a run can resume on a different number of processes. Dropout uses
 torch's global RNG.
+
+Class-conditional models (``num_classes`` > 0) train for classifier-free guidance (Ho &
+Salimans 2022, Algorithm 1): each label is replaced by the null class with probability
+``cond_drop``. Those coin flips are drawn last, and only for a conditional model, so
+unconditional runs draw exactly the numbers they always did.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from . import device as devices
 from .data import to_model_range
 from .diffusion import Diffusion, DiffusionConfig
 from .distributed import Dist
+from .errors import ConfigError
 
 
 class EMA:
@@ -74,6 +80,7 @@ class TrainStep:
     dist: Dist = None  # type: ignore[assignment]
     net: nn.Module | None = None  # what is called: the model, DDP-wrapped on several processes
     loss_fn: object = None  # net + loss, possibly compiled
+    labels: torch.Tensor | None = None  # int64 (N,) on the training device: only for a class-conditional model
 
     def __post_init__(self) -> None:
         self.dist = self.dist or Dist()
@@ -97,18 +104,27 @@ class TrainStep:
             self.loss_fn = fn
         return why
 
-    def _losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def _losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        net = self.net if y is None else (lambda x_t, t_: self.net(x_t, t_, y))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            return self.diffusion.training_losses(self.net, x0, t=t, eps=eps, weighting=self.config.loss_weighting)
+            return self.diffusion.training_losses(net, x0, t=t, eps=eps, weighting=self.config.loss_weighting)
 
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps). Draws in a fixed order."""
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps, y). Draws in a fixed order.
+
+        ``y`` is None for an unconditional model; otherwise each image's label, replaced by the
+        null class (``num_classes``) with probability ``cond_drop``.
+        """
         cfg, gen, dev = self.config, self.gen, self.device
         b = cfg.batch_size
         idx = torch.randint(0, self.images.shape[0], (b,), generator=gen, device=dev)
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=gen, device=dev)
         eps = torch.randn((b, *self.images.shape[1:]), generator=gen, device=dev)
         flip = torch.rand((b,), generator=gen, device=dev) < 0.5 if cfg.hflip else None
+        y = None
+        if self.labels is not None:  # drawn last: unconditional runs keep their random stream
+            drop = torch.rand((b,), generator=gen, device=dev) < cfg.cond_drop
+            y = torch.where(drop, torch.full_like(idx, self.model.config.num_classes), self.labels[idx])
         local = b // self.dist.world_size
         sl = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
         t_data = time.perf_counter()
@@ -117,14 +133,14 @@ class TrainStep:
             x0 = torch.where(flip[sl, None, None, None], x0.flip(-1), x0)
         x0 = x0.contiguous(memory_format=self.memory_format)
         self.data_s += time.perf_counter() - t_data
-        return x0, t[sl], eps[sl]
+        return x0, t[sl], eps[sl], None if y is None else y[sl]
 
     def __call__(self, step: int) -> torch.Tensor:
         cfg = self.config
-        x0, t, eps = self.draw()
+        x0, t, eps, y = self.draw()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        loss = self.loss_fn(x0, t, eps).mean()
+        loss = (self.loss_fn(x0, t, eps) if y is None else self.loss_fn(x0, t, eps, y)).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -135,13 +151,18 @@ class TrainStep:
 
 
 def make_train_step(model_config, diffusion_config: DiffusionConfig, config, images,
-                    device: torch.device, dist: Dist | None = None, amp: torch.dtype | None = None) -> TrainStep:
+                    device: torch.device, dist: Dist | None = None, amp: torch.dtype | None = None,
+                    labels: torch.Tensor | None = None) -> TrainStep:
     """Build model, optimizer, EMA and generator for ``config`` (a TrainConfig) on ``device``.
 
     The initial weights depend only on ``config.seed`` (the same on every rank); dropout streams
     differ per rank. ``images``: a uint8 tensor (copied to the device once: 4x less memory than
     float), or a :class:`~.datacache.DeviceImages` that already says where batches come from.
+    ``labels`` (int64 (N,) in [0, num_classes)) are required by, and only used by, a conditional model.
     """
+    if bool(model_config.num_classes) != (labels is not None):
+        raise ConfigError("a class-conditional model needs labels and an unconditional one takes none "
+                          f"(num_classes = {model_config.num_classes}, labels {'given' if labels is not None else 'missing'})")
     from .unet import UNet
 
     dist = dist or Dist()
@@ -154,4 +175,5 @@ def make_train_step(model_config, diffusion_config: DiffusionConfig, config, ima
     ema = EMA(model, config.ema_decay)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     data = devices.to_device(images, device) if isinstance(images, torch.Tensor) else images
-    return TrainStep(model, diffusion, opt, ema, gen, data, config, amp=amp, dist=dist)
+    y = None if labels is None else labels.to(device=device, dtype=torch.long)
+    return TrainStep(model, diffusion, opt, ema, gen, data, config, amp=amp, dist=dist, labels=y)

@@ -27,7 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from . import device as devices
 from . import rundir
-from .config import DiffusionConfig, TrainConfig
+from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
 from .datacache import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
@@ -66,12 +66,38 @@ def _preview(ts: TrainStep, out: Path, step: int, config: TrainConfig, emit: Cal
     from . import images as img
     from .generate import generate
 
+    k = ts.model.config.num_classes
+    nrow = math.ceil(math.sqrt(config.num_preview))
+    # A conditional model previews its classes in turn, guided as `diffuse sample --class` is by default.
+    classes = torch.arange(config.num_preview) % k if k else None
     x0 = generate(ts.ema.model, ts.diffusion, config.num_preview, tuple(ts.images.shape[1:]),
                   steps=min(config.preview_steps, ts.diffusion.num_timesteps), seed=config.seed,
-                  batch_size=config.num_preview, device=ts.device, amp=ts.amp, clip_x0=True)
+                  batch_size=config.num_preview, device=ts.device, amp=ts.amp, clip_x0=True,
+                  classes=classes, guidance=DEFAULT_GUIDANCE)
     p = rundir.RunPaths(out).samples / f"step-{step:06d}.png"
-    img.save_image(img.upscale(img.make_grid(x0, nrow=math.ceil(math.sqrt(config.num_preview))), 256), p)
+    img.save_image(img.upscale(img.make_grid(x0, nrow=nrow), 256), p)
     emit({"event": "preview", "step": step, "path": str(p)})
+
+
+def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]:
+    """The labels a class-conditional model trains on, and the class names to store with it.
+
+    An unconditional model ignores any labels (so an old run resumes as it was); a conditional
+    one needs them, and on resume the data's classes must be the run's.
+    """
+    k = model_config.num_classes
+    if not k:
+        return None, {}
+    names = list(getattr(data, "classes", ()) or ())
+    if data.labels is None or not names:
+        raise ConfigError(f"this model is class-conditional ({k} classes) but the data has no labels; "
+                          "give a folder with one sub-folder per class, or builtin:digits")
+    if state is not None and state.dataset.get("classes") not in (None, names):
+        stored = state.dataset["classes"]
+        raise ConfigError(f"the data's classes ({', '.join(names)}) are not the run's ({', '.join(map(str, stored))})")
+    if len(names) != k:
+        raise ConfigError(f"the data has {len(names)} classes but the model was built for {k}")
+    return data.labels, {"classes": names}
 
 
 def train(
@@ -116,9 +142,10 @@ def train(
             raise ConfigError(f"--batch-size {config.batch_size} (global) must be divisible by the {dist.world_size} processes")
 
         # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
+        labels, class_meta = _class_labels(data, model_config, state)
         amp = devices.autocast_dtype(config.precision, dev)
         images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
-        ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp)
+        ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp, labels)
         start = 0
         if state is not None:
             rundir.restore_state(state, ts.model, ts.ema.model, ts.opt, ts.gen, dev, dist.rank)
@@ -135,7 +162,7 @@ def train(
                 emit({"event": "warning", "message": f"--compile does not work on {dev} here "
                       f"({why or 'it failed on another rank'}); training without it"})
         meta = dict(model=model_config.to_dict(), diffusion=diffusion_config.to_dict(), train=config.to_dict(),
-                    dataset=data.summary.to_dict())
+                    dataset={**data.summary.to_dict(), **class_meta})
         if dist.is_main:
             atomic_write_text(paths.config, json.dumps({**meta, "world_size": dist.world_size}, indent=2) + "\n")
         emit({"event": "start", "step": start, "steps": config.steps, "device": str(dev),

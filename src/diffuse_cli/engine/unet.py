@@ -18,8 +18,15 @@ Like DDPM, the last conv of every residual block, the output projection of every
 attention block and the output conv start at zero, so each block starts as the
 identity and the network starts by predicting 0.
 
+A class-conditional model (``num_classes`` K > 0) also learns one embedding vector per
+class plus a K-th "null" class, added to the timestep embedding after its MLP (as
+improved-diffusion's ``label_emb`` and diffusers' ``class_embedding`` do). Training
+replaces labels by the null class now and then, so the same network is the conditional
+and the unconditional model that classifier-free guidance combines (Ho & Salimans 2022).
+
 Shapes: ``x`` is (B, C, H, W) float, ``t`` is (B,) int64 (or float) timesteps in
-``[0, T)``; the output is (B, out_channels, H, W). The module layout matches
+``[0, T)``, ``y`` is None or (B,) int64 labels in ``[0, K]`` (K = null); the output is
+(B, out_channels, H, W). The module layout matches
 diffusers' ``UNet2DModel`` with the same widths, so parameter counts agree
 (35,746,307 for the DDPM CIFAR-10 configuration).
 """
@@ -208,10 +215,27 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(cur)
         self.conv_out = _zero(nn.Conv2d(cur, c.out_channels, 3, padding=1))
+        # Created last, so an unconditional model draws exactly the initial weights it always did.
+        self.class_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict the network output for noisy images ``x`` (B, C, H, W) at timesteps ``t`` (B,)."""
+    @property
+    def null_class(self) -> int:
+        """The label meaning "no class" (the unconditional model): K for a K-class model."""
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the network output for noisy images ``x`` (B, C, H, W) at timesteps ``t`` (B,).
+
+        ``y`` (B,) int64 in [0, K] picks the class of each image (K = :attr:`null_class`); None means
+        the null class. An unconditional model takes no ``y``.
+        """
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        if self.class_emb is not None:  # fixed at construction: no graph break under torch.compile
+            if y is None:
+                y = torch.full(t.shape, self.null_class, dtype=torch.long, device=x.device)
+            emb = emb + self.class_emb(y).to(emb.dtype)
+        else:
+            assert y is None, "an unconditional U-Net takes no class labels"
         # Every block applies SiLU before its own projection (DDPM); doing it once here is the same math.
         emb = F.silu(emb)
         h = self.conv_in(x)
