@@ -16,3 +16,12 @@ TINY_TRAIN = ["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--save-e
 def invoke(*args):
     """Run `diffuse ARGS...` in-process; every argument is turned into a string."""
     return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(r, code: int = 1) -> str:
+    """The output of a command that failed with exit ``code``, cleanly: no traceback, no stray exception.
+    Whitespace is folded, so a message wrapped on a narrow terminal still matches."""
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return " ".join(r.output.split())

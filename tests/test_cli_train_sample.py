@@ -6,17 +6,11 @@ import pytest
 from PIL import Image
 
 from diffuse_cli.engine import checkpoint as ckpt
-from helpers import TINY_TRAIN
+from helpers import TINY_TRAIN, one_line_error
 from helpers import invoke as run
 
 TINY = [*TINY_TRAIN, "-T", "50"]
 
-
-def one_line_error(r, code=1):
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return r.output
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,13 @@ import urllib.error
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from diffuse_cli.cli import app
 from diffuse_cli.engine import data, evaluate
 from diffuse_cli.engine.analytic import GaussianData
 from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
 from diffuse_cli.engine.errors import Unsupported
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, code=1):
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return " ".join(r.output.split())
-
+from helpers import invoke as run
+from helpers import one_line_error
 
 # --- the bound on the analytic Gaussian model --------------------------------------------------------
 GAUSS = GaussianData(mean=[0.3, -0.2], cov=[[0.1, 0.03], [0.03, 0.05]])

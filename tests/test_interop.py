@@ -14,29 +14,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from diffuse_cli.cli import app
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import interop, samplers
 from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
 from diffuse_cli.engine.errors import CheckpointError, OutputError, Unsupported
 from diffuse_cli.engine.generate import image_generators
 from diffuse_cli.engine.unet import UNet, UNetConfig, convert_diffusers_state_dict, timestep_embedding
+from helpers import invoke as run
+from helpers import one_line_error
 
 diffusers = pytest.importorskip("diffusers")
-runner = CliRunner()
 
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, code=1):
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return " ".join(r.output.split())
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
@@ -89,7 +78,7 @@ def test_diffusers_folder_is_the_same_function(tmp_path, kw):
 
 
 def test_native_layout_subclass_computes_unet_forward():
-    """DiffusersUNet.forward repeats UNet.forward with another embedding: with our layout it must agree exactly."""
+    """DiffusersUNet only changes the time features: with our own layout it must agree with UNet exactly."""
     cfg = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
                      attention_resolutions=(4,), dropout=0.0)  # fmt: skip
     plain = UNet(cfg).eval()

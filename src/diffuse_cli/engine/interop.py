@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, OutputError, Unsupported
-from .unet import Downsample, UNet, UNetConfig, Upsample, convert_diffusers_state_dict
+from .unet import Downsample, UNet, UNetConfig, convert_diffusers_state_dict
 
 MODEL_INDEX = "model_index.json"
 CONFIG = "config.json"
@@ -153,18 +153,8 @@ class DiffusersUNet(UNet):
                 if isinstance(block, Downsample):
                     self.down[i] = _PadRightDownsample(block.conv.in_channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # UNet.forward with diffusers' embedding; test_interop checks the two agree on the native layout.
-        emb = F.silu(self.time_mlp(diffusers_timestep_embedding(t, self.config.base_channels, self.layout).to(x.dtype)))
-        h = self.conv_in(x)
-        skips = [h]
-        for block in self.down:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb)), emb)
-        for block in self.up:
-            h = block(h) if isinstance(block, Upsample) else block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+    def time_features(self, t: torch.Tensor) -> torch.Tensor:
+        return diffusers_timestep_embedding(t, self.config.base_channels, self.layout)
 
 
 def build_unet(config: UNetConfig, layout: DiffusersLayout | None = None) -> UNet:

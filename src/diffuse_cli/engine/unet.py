@@ -223,13 +223,17 @@ class UNet(nn.Module):
         """The label meaning "no class" (the unconditional model): K for a K-class model."""
         return self.config.num_classes
 
+    def time_features(self, t: torch.Tensor) -> torch.Tensor:
+        """The sinusoidal features of ``t`` that the time MLP reads (a converted model may lay them out otherwise)."""
+        return timestep_embedding(t, self.config.base_channels)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the network output for noisy images ``x`` (B, C, H, W) at timesteps ``t`` (B,).
 
         ``y`` (B,) int64 in [0, K] picks the class of each image (K = :attr:`null_class`); None means
         the null class. An unconditional model takes no ``y``.
         """
-        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        emb = self.time_mlp(self.time_features(t).to(x.dtype))
         if self.class_emb is not None:  # fixed at construction: no graph break under torch.compile
             if y is None:
                 y = torch.full(t.shape, self.null_class, dtype=torch.long, device=x.device)
