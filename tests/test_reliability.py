@@ -261,6 +261,11 @@ def test_sigkill_during_state_write_then_resume(tmp_path):
     assert log == sorted(set(log)), "steps logged after state 5 were logged again after the resume"
 
 
+
+def resume_to_6(run):
+    """`diffuse train --resume` of the tiny run to step 6, saving every 2 steps."""
+    return invoke("train", "builtin:digits", *TINY, "--steps", 6, "--save-every", 2, "--sample-every", 0, "--out", run, "--resume")
+
 def test_resume_removes_torn_writes_everywhere(run_copy):
     """What a SIGKILL can leave: hidden temporaries beside the model, the states and the previews, a torn log line."""
     run = run_copy
@@ -273,20 +278,7 @@ def test_resume_removes_torn_writes_everywhere(run_copy):
         (folder / f"{fileio.TMP_PREFIX}4242-{name}").write_bytes(b"half a file")
     with open(run / "log.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 0.9}\n{"step": 6, "lo')  # past the newest state (4), then torn
-    r = invoke(
-        "train",
-        "builtin:digits",
-        *TINY,
-        "--steps",
-        "6",
-        "--save-every",
-        "2",
-        "--sample-every",
-        "0",
-        "--out",
-        run,
-        "--resume",
-    )
+    r = resume_to_6(run)
     assert r.exit_code == 0, r.output
     assert not temporaries(run)
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
@@ -417,20 +409,7 @@ def test_checkpoint_write_fault_keeps_previous(run_copy, disk, code, how):
     model_before = (run / "model.safetensors").read_bytes()
     states_before = {p.name: p.read_bytes() for p in ckpt.list_states(run)}
     disk.fail(code, ".safetensors", how)
-    r = invoke(
-        "train",
-        "builtin:digits",
-        *TINY,
-        "--steps",
-        "6",
-        "--save-every",
-        "2",
-        "--sample-every",
-        "0",
-        "--out",
-        run,
-        "--resume",
-    )
+    r = resume_to_6(run)
     line = one_line_error(r, FAULTS[code])
     assert "state-00000006.safetensors" in line
     assert (run / "model.safetensors").read_bytes() == model_before
@@ -920,20 +899,7 @@ def test_damaged_checkpoint_is_refused_in_one_line(run_dir, tmp_path, name):
 def test_resume_skips_a_damaged_newest_state(run_copy):
     run = run_copy
     flip_byte(ckpt.list_states(run)[-1], -1)  # state-4: one bit-rotted byte of tensor data
-    r = invoke(
-        "train",
-        "builtin:digits",
-        *TINY,
-        "--steps",
-        "6",
-        "--save-every",
-        "2",
-        "--sample-every",
-        "0",
-        "--out",
-        run,
-        "--resume",
-    )
+    r = resume_to_6(run)
     assert r.exit_code == 0, r.output
     assert "resuming at step 2" in r.output
     assert ckpt.load(run / "model.safetensors").step == 6
