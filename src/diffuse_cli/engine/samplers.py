@@ -66,6 +66,9 @@ DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpmpp": 20}  
 DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpmpp": "logsnr"}
 DEFAULT_ORDER = 3
 DEFAULT_VARIANCE = "beta"
+CLIPS = ("none", "static", "dynamic", "rederive")  # see _denoise
+DEFAULT_CLIP = "static"  # what clip_x0=True (the default, and `diffuse sample --clip`) means
+DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022 ("Imagen") and diffusers' dynamic_thresholding_ratio
 
 
 # --- the timestep grid -----------------------------------------------------------------
@@ -171,14 +174,58 @@ def _alphas_cumprod(diffusion: Diffusion, grid: torch.Tensor) -> list[float]:
     return diffusion.alphas_cumprod.detach().to("cpu", torch.float64)[grid].tolist()
 
 
+def _clip_mode(clip_x0: bool | str) -> str:
+    """The clipping mode named by ``clip_x0``: True is :data:`DEFAULT_CLIP`, False is "none"."""
+    if clip_x0 is True:
+        return DEFAULT_CLIP
+    if clip_x0 is False or clip_x0 is None:
+        return "none"
+    if clip_x0 not in CLIPS:
+        raise ConfigError(f"unknown x0 clipping {clip_x0!r}; choose one of {', '.join(CLIPS)} (or true / false)")
+    return clip_x0
+
+
+def _threshold(x0: torch.Tensor, mode: str) -> torch.Tensor:
+    """x0 clamped to [-1, 1] ("static", "rederive"), or dynamically thresholded ("dynamic").
+
+    Dynamic thresholding (Saharia et al. 2022, "Imagen", sec. 2.3): per sample, s is the
+    DYNAMIC_PERCENTILE quantile of |x0|; where s > 1, x0 is clamped to [-s, s] and divided by s.
+    """
+    if mode != "dynamic":
+        return x0.clamp(-1.0, 1.0)
+    flat = x0.detach().abs().flatten(1)
+    # the quantile interpolated linearly between order statistics, as torch.quantile (which
+    # refuses inputs over 2^24 elements) and numpy.percentile do
+    pos = DYNAMIC_PERCENTILE * (flat.shape[1] - 1)
+    lo = math.floor(pos)
+    q = flat.kthvalue(lo + 1, dim=1).values
+    if pos > lo:
+        q = q + (pos - lo) * (flat.kthvalue(lo + 2, dim=1).values - q)
+    s = q.clamp(min=1.0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.minimum(torch.maximum(x0, -s), s) / s
+
+
 def _denoise(
-    model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float, clip_x0: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the model once at timestep ``t`` and return (x0, eps) in x's dtype.
+    model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float, clip: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Call the model once at timestep ``t``; return (x, x0, eps) in x's dtype, x0 clipped per ``clip``.
 
     The same algebra as :meth:`Diffusion.split_prediction` with float64 scalar coefficients.
     At alpha_bar = 0 (zero terminal SNR) an eps prediction says nothing about x0; we return
     x0 = 0, the limit of (x - sqrt(1 - abar) eps) / sqrt(abar) when eps = x, to stay finite.
+
+    Clipping (issue #16). Without it, x = sqrt(abar) x0 + sqrt(1 - abar) eps holds. Clipping
+    changes x0 by d; then one of the other two must give:
+
+    - "static" / "dynamic" keep the network's eps and return the state that goes with the
+      clipped x0, x + sqrt(abar) d: the noisy version of the clipped x0 with the same noise.
+      DDIM then only uses the clipped x0 in its data term, as diffusers' DDIMScheduler does
+      (``use_clipped_model_output=False``); DDPM's posterior mean and DPM-Solver++'s
+      (sigma_t / sigma_s) x term use that state.
+    - "rederive" keeps x and re-derives eps = (x - sqrt(abar) x0) / sqrt(1 - abar). Near pure
+      noise an eps error is amplified 1 / sqrt(abar) (~156x at t = T - 1, linear schedule) in
+      x0, clipping saturates it, and the re-derived eps steers every later step towards that
+      saturated x0: speckled samples on trained networks. Kept for comparison only.
     """
     t_vec = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
     pred = model(x, t_vec).to(x.dtype)
@@ -192,10 +239,12 @@ def _denoise(
         x0, eps = a * x - s * pred, s * x + a * pred
     else:
         raise ConfigError(f"unknown prediction {kind!r}")
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = (x - a * x0) / s  # keep (x0, eps) consistent with x_t
-    return x0, eps
+    if clip == "none":
+        return x, x0, eps
+    clipped = _threshold(x0, clip)
+    if clip == "rederive":
+        return x, clipped, (x - a * clipped) / s
+    return x + a * (clipped - x0), clipped, eps
 
 
 def _report(callback: Callback | None, i: int, steps: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -214,7 +263,7 @@ def ddpm(
     variance: str = DEFAULT_VARIANCE,
     spacing: str = DEFAULT_SPACING["ddpm"],
     generator: torch.Generator | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | str = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), respaced when steps < T.
@@ -236,12 +285,14 @@ def ddpm(
     grid = timestep_grid(diffusion, T if steps is None else steps, spacing)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
+    clip = _clip_mode(clip_x0)
     x = x_T
     for i, t in enumerate(grid.tolist()):
         abar_t = abars[i]
         abar_s = abars[i + 1] if i + 1 < n else 1.0
-        x0, _ = _denoise(model, diffusion, x, t, abar_t, clip_x0)
-        _report(callback, i, n, t, x, x0)
+        x_in = x
+        x, x0, _ = _denoise(model, diffusion, x, t, abar_t, clip)
+        _report(callback, i, n, t, x_in, x0)
         alpha_ts = abar_t / abar_s  # the respaced alpha of the step t -> s
         beta_ts = 1.0 - alpha_ts
         coef_x0 = math.sqrt(abar_s) * beta_ts / (1.0 - abar_t)  # DDPM eq. 7
@@ -265,7 +316,7 @@ def ddim(
     eta: float = 0.0,
     spacing: str = DEFAULT_SPACING["ddim"],
     generator: torch.Generator | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | str = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12, sigma from eta by eq. 16).
@@ -280,11 +331,12 @@ def ddim(
     grid = timestep_grid(diffusion, steps, spacing)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
+    clip = _clip_mode(clip_x0)
     x = x_T
     for i, t in enumerate(grid.tolist()):
         abar_t = abars[i]
         abar_s = abars[i + 1] if i + 1 < n else 1.0
-        x0, eps = _denoise(model, diffusion, x, t, abar_t, clip_x0)
+        _, x0, eps = _denoise(model, diffusion, x, t, abar_t, clip)
         _report(callback, i, n, t, x, x0)
         sigma = eta * math.sqrt((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))  # eq. 16
         x_prev = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - sigma**2, 0.0)) * eps  # eq. 12
@@ -353,7 +405,7 @@ def dpmpp(
     order: int = DEFAULT_ORDER,
     spacing: str = DEFAULT_SPACING["dpmpp"],
     generator: torch.Generator | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | str = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++ multistep, "2M" or "3M" (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and sec. 4).
@@ -375,12 +427,14 @@ def dpmpp(
     grid = timestep_grid(diffusion, steps, spacing)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
+    clip = _clip_mode(clip_x0)
     x = x_T
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0_pred), finite lambda only
     for i, t in enumerate(grid.tolist()):
         abar_s = abars[i]
-        x0, eps = _denoise(model, diffusion, x, t, abar_s, clip_x0)
-        _report(callback, i, n, t, x, x0)
+        x_in = x
+        x, x0, eps = _denoise(model, diffusion, x, t, abar_s, clip)
+        _report(callback, i, n, t, x_in, x0)
         if i + 1 == n:
             x = x0  # lambda_t = inf: e^-h = 0 and sigma_t = 0
             break
