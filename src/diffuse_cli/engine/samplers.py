@@ -2,7 +2,7 @@
 
 Every sampler has the same shape::
 
-    sampler(model, diffusion, x_T, *, steps, ..., generator=None, clip_x0=False, callback=None) -> x0
+    sampler(model, diffusion, x_T, *, steps, ..., generator=None, clip_x0=True, callback=None) -> x0
 
 ``model(x_t, t)`` is any callable returning a prediction of kind ``diffusion.prediction``
 (eps, x0 or v); ``t`` is an int64 tensor of shape (B,) holding training timesteps.
@@ -17,6 +17,11 @@ float64 tables; the state stays in x_T's dtype and the model is called with it. 
 draws (DDPM, DDIM with eta > 0) come only from the injected ``generator``, so a seed fixes
 the output; the deterministic samplers draw nothing. ``callback`` receives
 ``{"i", "steps", "t", "x_t", "x0_pred"}`` once per model evaluation.
+
+Clipping. ``clip_x0=True`` (the default, as ``diffuse sample --clip``) clamps each predicted
+x0 to the data range [-1, 1] and keeps the network's eps ("static", see :func:`_denoise`);
+``False`` switches it off (for data that are not images in [-1, 1]); "dynamic" is Imagen's
+dynamic thresholding and "rederive" the pre-issue-#16 behaviour, kept for comparison.
 """
 
 from __future__ import annotations
@@ -41,33 +46,15 @@ KARRAS_SIGMA_MAX = 80.0  # ... and their sigma_max (Table 1)
 LOGSNR_KNEE = -3.0  # below log-SNR -3 the "logsnr" grid thins out; see timestep_grid
 LOGSNR_ROOT = 3.0  # ... like SNR^(1/3)
 
-# Defaults, chosen by measurement with `python benchmarks/samplers.py --variants --schedules
-# linear quadratic cosine sigmoid`: a 2-D Gaussian mixture with an exact denoiser, T = 1000, 50k
-# points; the numbers are the solver error (sliced W2 to the exact probability-flow ODE solution
-# from the same x_T, x 1e3) at 10 / 20 / 50 model evaluations, on linear / quadratic / cosine / sigmoid.
-# - dpmpp: order 3 on the "logsnr" grid: 8.6/1.6/0.5, 7.0/1.4/0.5, 12.3/2.0/0.3, 8.0/1.6/0.5.
-#   Order 2 on the same grid: 16.3/3.4/0.5, 16.0/3.2/0.5, 20.8/4.3/0.6, 16.5/3.4/0.5. Order 3 on
-#   "uniform": 86/26/16, 25/20/6.7, 25/20/4.7, 18/13/6.3; on "karras": 32/13/0.7, 46/8.0/0.6,
-#   32/17/0.7, 32/14/0.7. (Lu et al. also recommend 3M for unconditional sampling.)
-# - ddim: "logsnr", the best worst case: 76/37/14, 73/35/14, 83/40/16, 76/36/14 against
-#   "uniform" 112/50/20, 59/30/13, 52/26/11, 60/31/14 (better on three schedules, much worse
-#   on linear) and "karras" 107/51/20, 91/43/17, 111/52/21, 107/50/20.
-# - ddpm with fewer steps than T (with T every spacing is the full grid): "logsnr" 34/21/11,
-#   33/20/12, 36/22/12, 34/21/11; "uniform" 76/40/24, 40/26/14, 40/27/14, 29/18/11; "karras"
-#   62/34/17, 52/30/15, 61/34/18, 62/34/17. Variance "beta": with "posterior" it is 114/54/21 on
-#   cosine and 104/48/20 on sigmoid.
-# - The knee of the "logsnr" grid (see timestep_grid): a plain log-SNR grid gave 3M 16/5.3 at
-#   10/20 steps on linear and, because cosine's last log-SNR is ~ -18, 2M 75/15 on cosine; a
-#   hard start at log-SNR -4 fixed both (9.2/1.5 and 14/1.7) but stops converging (the first
-#   step never shrinks: DPM-Solver++ error stuck at 2e-3 on the Gaussian of the tests). The
-#   soft knee at -3 with the cube root keeps the gains and converges at third order.
+# Defaults chosen by measurement, on an exact analytic model and on trained networks
+# (`python benchmarks/samplers.py`); the numbers are in benchmarks/RESULTS.md, "Sampler tuning notes".
 DEFAULT_SAMPLER = "dpmpp"
 DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpmpp": 20}  # None: all T steps
 DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpmpp": "logsnr"}
 DEFAULT_ORDER = 3
 DEFAULT_VARIANCE = "beta"
 CLIPS = ("none", "static", "dynamic", "rederive")  # see _denoise
-DEFAULT_CLIP = "static"  # what clip_x0=True (the default, and `diffuse sample --clip`) means
+DEFAULT_CLIP = "static"  # what clip_x0=True (the default, and `diffuse sample --clip`) means; see RESULTS.md
 DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022 ("Imagen") and diffusers' dynamic_thresholding_ratio
 
 
@@ -420,7 +407,7 @@ def dpmpp(
     uniform signature and never used.
 
     order 3 is the default: the paper recommends 3M for unconditional sampling, and on the
-    benchmark it beats 2M at 10 and 20 steps on every schedule (see DEFAULT_SPACING).
+    benchmark it beats 2M at 10 and 20 steps on every schedule (benchmarks/RESULTS.md).
     """
     if order not in (1, 2, 3):
         raise ConfigError(f"--order must be 1, 2 or 3 (got {order})")
