@@ -80,6 +80,8 @@ def configs(prediction: str = "eps", variants: bool = False, quick: bool = False
             mark = " (default)" if mode == S.DEFAULT_CLIP else ""
             c[f"ours {sampler} {steps}, clip={mode}{mark}"] = ours(sampler, clip_x0=mode)
     if variants:
+        c["ours dpmpp 10, clip=static"] = ours("dpmpp", 10, clip_x0="static")
+        c["ours dpmpp 20 2M, clip=static"] = ours("dpmpp", 20, order=2, clip_x0="static")
         c["ours ddim 50, clip=none"] = ours("ddim", clip_x0="none")
         for mode in ("static", "rederive"):
             c[f"ours ddim 50 uniform (diffusers' trailing grid), clip={mode}"] = ours(
