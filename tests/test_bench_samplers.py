@@ -17,6 +17,7 @@ def test_quick_benchmark_runs_and_rewrites_only_its_sections(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text(
         "# Benchmark results\n\nother numbers\n\n<!-- samplers:start -->\nstale\n<!-- samplers:end -->\n\n"
+        "<!-- samplers-trained:start -->\nstale\n<!-- samplers-trained:end -->\n\n"
         "<!-- samplers-tuning:start -->\nnotes\n<!-- samplers-tuning:end -->\n\ntail\n"
     )
     env = {**os.environ, "DIFFUSE_BENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
