@@ -13,13 +13,20 @@ and draws N points with 10, 20 and 50 model evaluations (NFE). Two numbers per c
   has no sampling noise, so it separates samplers whose first numbers are within noise;
   a stochastic sampler (DDPM) is not expected to approach it.
 
+A second part runs the samplers on small trained networks (``_samplers_trained.py``): the
+built-in digits at 16x16, trained by the engine's own training loop for a fixed number of steps
+(cached), sampled by our samplers and by diffusers' schedulers from the same x_T, and scored by a
+Frechet distance in a digit classifier's features (``_digits_quality.py``). An exact model never
+needs its x0 clipped; a trained one does, and that is where issue #16 hid.
+
 Targets for our defaults (``sample(..., sampler="dpmpp")``): at 10 NFE an SW2 at most 0.8x
 the best diffusers configuration on each schedule; at 20 NFE, within the noise floor, read as
 "the solver error is below the floor", i.e. the sampler's deviation from the exact ODE is
 smaller than the difference between two exact sample sets of this size.
 
-    python benchmarks/samplers.py                        # full run (a few minutes on 2 cores)
+    python benchmarks/samplers.py                        # full run (~15 minutes on 2 cores, once trained)
     python benchmarks/samplers.py --quick                # seconds: smoke test
+    python benchmarks/samplers.py --part trained --models digits16-eps digits16-v
     python benchmarks/samplers.py --markdown benchmarks/RESULTS.md
     python benchmarks/samplers.py --variants --schedules linear quadratic cosine sigmoid   # tuning view
 """
@@ -39,12 +46,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffuse_cli.engine import samplers as S  # noqa: E402
 from diffuse_cli.engine.analytic import GaussianMixture  # noqa: E402
 from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 
 MARK_START, MARK_END = "<!-- samplers:start -->", "<!-- samplers:end -->"
+TRAINED_START, TRAINED_END = "<!-- samplers-trained:start -->", "<!-- samplers-trained:end -->"
 TARGET_RATIO_10 = 0.8  # our default at 10 NFE: at most 0.8x the best diffusers configuration
 FLOOR_PAIRS = 5
 DEFAULT_LABEL = "ours dpmpp (defaults)"
@@ -150,6 +159,7 @@ def our_configs(variants: bool) -> dict[str, Runner]:
         DEFAULT_LABEL: ours("dpmpp"),
         "ours ddim (defaults)": ours("ddim"),
         "ours ddpm (defaults)": ours("ddpm"),
+        "ours dpmpp, clip=none": ours("dpmpp", clip_x0="none"),  # the data are in [-1, 1]: clipping must not matter
     }
     if variants:
         c["ours ddpm variance=posterior"] = ours("ddpm", variance="posterior")
@@ -324,17 +334,22 @@ def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: i
         "scores about the floor, and the exact ODE row is what a perfect deterministic sampler scores from this "
         "x_T). Solver error: SW2 to that exact ODE solution; no sampling noise.",
         "- the defaults were chosen with `python benchmarks/samplers.py --variants --schedules linear quadratic "
-        "cosine sigmoid`; those numbers are quoted above `DEFAULT_SAMPLER` in `src/diffuse_cli/engine/samplers.py`.",
+        "cosine sigmoid` and on trained networks (the next section); see \"Sampler tuning notes\" below.",
         "",
         tables,
         "",
         *[f"- {line}" for line in lines],
         MARK_END,
     ])  # fmt: skip
+    replace_section(path, section, MARK_START, MARK_END)
+
+
+def replace_section(path: Path, section: str, start: str, end: str) -> None:
+    """Put ``section`` (which begins with ``start`` and ends with ``end``) in place of the old one, or append it."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_START in old and MARK_END in old:
-        pre, rest = old.split(MARK_START, 1)
-        new = pre + section + rest.split(MARK_END, 1)[1]
+    if start in old and end in old:
+        pre, rest = old.split(start, 1)
+        new = pre + section + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(new)
@@ -342,14 +357,21 @@ def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: i
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["all", "analytic", "trained"], default="all",
+                   help="the analytic solver-error tables, the trained-network tables, or both (default)")  # fmt: skip
     p.add_argument("--n", type=int, default=50_000, help="samples per cell (default 50000)")
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50], help="model evaluations (default 10 20 50)")
     p.add_argument(
         "--schedules", nargs="+", default=["linear", "cosine"], choices=["linear", "quadratic", "cosine", "sigmoid"]
     )
-    p.add_argument("--variants", action="store_true", help="also run our non-default spacings and orders")
-    p.add_argument("--quick", action="store_true", help="seconds: 2000 samples, 10 NFE, linear, two diffusers configs")
-    p.add_argument("--markdown", type=Path, help="write/replace the samplers section of this markdown file")
+    p.add_argument("--variants", action="store_true", help="also run our non-default spacings, orders and clippings")
+    p.add_argument(
+        "--models", nargs="+", default=["digits16-eps", "digits16-v"], help="trained models (see _trained.py)"
+    )
+    p.add_argument("--trained-n", type=int, default=250, help="samples per trained-network row (default 250)")
+    p.add_argument("--quick", action="store_true", help="seconds: 2000 samples, 10 NFE, linear, two diffusers configs; "
+                   "a tiny 8x8 model trained for a few steps, 32 samples")  # fmt: skip
+    p.add_argument("--markdown", type=Path, help="write/replace the samplers sections of this markdown file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--threads",
@@ -364,20 +386,37 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.nfe, args.schedules, ode_steps = 2000, [10], ["linear"], 200
     if not have_diffusers():
         print("diffusers is not installed: only our samplers run (pip install diffusers)")
-    t0 = time.perf_counter()
-    res = run_benchmark(
-        args.n, args.nfe, args.schedules, args.variants, args.quick, seed=args.seed, ode_steps=ode_steps
-    )
-    elapsed = time.perf_counter() - t0
-    tables, lines, ok = summarize(res)
-    print()
-    print(tables)
-    print()
-    print("\n".join(lines))
-    if args.markdown:
-        command = "python benchmarks/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_markdown(args.markdown, tables, lines, command.strip(), args.n, elapsed)
-        print(f"wrote {args.markdown}")
+    command = "python benchmarks/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ok = True
+    if args.part in ("all", "analytic"):
+        t0 = time.perf_counter()
+        res = run_benchmark(
+            args.n, args.nfe, args.schedules, args.variants, args.quick, seed=args.seed, ode_steps=ode_steps
+        )
+        elapsed = time.perf_counter() - t0
+        tables, lines, ok = summarize(res)
+        print()
+        print(tables)
+        print()
+        print("\n".join(lines))
+        if args.markdown:
+            write_markdown(args.markdown, tables, lines, command.strip(), args.n, elapsed)
+            print(f"wrote {args.markdown}")
+    if args.part in ("all", "trained"):
+        import _samplers_trained as TR
+
+        t0 = time.perf_counter()
+        res_t = TR.run_all(args.models, args.trained_n, variants=args.variants, quick=args.quick)
+        table, lines_t, ok_t = TR.summarize(res_t)
+        ok &= ok_t
+        print()
+        print(table)
+        print()
+        print("\n".join(lines_t))
+        if args.markdown:
+            section = TR.markdown(table, lines_t, command.strip(), time.perf_counter() - t0, args.trained_n, args.quick)
+            replace_section(args.markdown, f"{TRAINED_START}\n{section}\n{TRAINED_END}", TRAINED_START, TRAINED_END)
+            print(f"wrote {args.markdown}")
     if args.quick:
         return 0  # too few samples to judge the targets
     return 0 if ok else 1

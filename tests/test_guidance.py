@@ -156,6 +156,7 @@ def _sample(mix, diff, classes, w, prediction=None, sampler="ddim", steps=50, se
         classes=classes,
         guidance=w,
         eta=0.0,
+        clip_x0=False,  # the mixture's data are points in the plane, not images in [-1, 1]
     )
 
 

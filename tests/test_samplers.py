@@ -7,7 +7,9 @@ perfectly trained network would output, so every deviation below is the sampler'
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import types
 
 import pytest
 import torch
@@ -21,6 +23,11 @@ T = 1000
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid")
 GAUSS = GaussianData([0.5, -0.3, 0.2], [[0.3, 0.1, 0.0], [0.1, 0.2, 0.05], [0.0, 0.05, 0.1]])
 F64 = torch.float64
+# These analytic data are not images in [-1, 1], so the solver tests switch off x0 clipping (on by
+# default); test_clip_x0 and tests/test_samplers_trained.py test clipping.
+U = types.SimpleNamespace(
+    **{f.__name__: functools.partial(f, clip_x0=False) for f in (S.sample, S.ddpm, S.ddim, S.dpmpp)}
+)
 
 
 @functools.cache
@@ -42,7 +49,7 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
 def ode_error(sampler, d: Diffusion, steps: int, n: int = 500, **opts) -> float:
     """RMS distance to the exact probability-flow ODE solution from the same x_T."""
     x = x_T(n)
-    out = S.sample(GAUSS.model(d), d, x, sampler=sampler, steps=steps, **opts)
+    out = U.sample(GAUSS.model(d), d, x, sampler=sampler, steps=steps, **opts)
     return rms(out, GAUSS.ode_solution(x, float(d.alphas_cumprod[-1])))
 
 
@@ -74,7 +81,7 @@ def test_tiny_T(timesteps, zero_terminal_snr, sampler, spacing):
     d = make_diffusion("linear", zero_terminal_snr=zero_terminal_snr, timesteps=timesteps)
     for steps in range(1, timesteps + 1):
         assert S.timestep_grid(d, steps, spacing).tolist()[0] == timesteps - 1
-        out = S.sample(GAUSS.model(d), d, x_T(4), sampler=sampler, steps=steps, spacing=spacing,
+        out = U.sample(GAUSS.model(d), d, x_T(4), sampler=sampler, steps=steps, spacing=spacing,
                        generator=torch.Generator().manual_seed(0))  # fmt: skip
         assert torch.isfinite(out).all()
 
@@ -111,7 +118,7 @@ def test_logsnr_grid_does_not_waste_steps_on_pure_noise(schedule, zero_terminal_
 @pytest.mark.parametrize("steps", [0, -1, T + 1, 2.5, "10", True])
 def test_invalid_steps(sampler, steps):
     with pytest.raises(ConfigError, match=r"--steps must be between 1 and T = 1000"):
-        S.sample(GAUSS.model(make_diffusion()), make_diffusion(), x_T(4), sampler=sampler, steps=steps)
+        U.sample(GAUSS.model(make_diffusion()), make_diffusion(), x_T(4), sampler=sampler, steps=steps)
 
 
 def test_steps_message_is_exact():
@@ -123,15 +130,15 @@ def test_steps_message_is_exact():
 @pytest.mark.parametrize("eta", [-0.1, 1.01, math.nan])
 def test_invalid_eta(eta):
     with pytest.raises(ConfigError, match="--eta must be between 0 and 1"):
-        S.ddim(GAUSS.model(make_diffusion()), make_diffusion(), x_T(4), steps=5, eta=eta)
+        U.ddim(GAUSS.model(make_diffusion()), make_diffusion(), x_T(4), steps=5, eta=eta)
 
 
 @pytest.mark.parametrize("call", [
-    lambda m, d, x: S.sample(m, d, x, sampler="euler"),
-    lambda m, d, x: S.sample(m, d, x, sampler="ddpm", eta=0.5),  # an option ddpm does not take
-    lambda m, d, x: S.dpmpp(m, d, x, steps=5, order=4),
-    lambda m, d, x: S.ddpm(m, d, x, steps=5, variance="learned"),
-    lambda m, d, x: S.ddim(m, d, x, steps=5, spacing="leading"),
+    lambda m, d, x: U.sample(m, d, x, sampler="euler"),
+    lambda m, d, x: U.sample(m, d, x, sampler="ddpm", eta=0.5),  # an option ddpm does not take
+    lambda m, d, x: U.dpmpp(m, d, x, steps=5, order=4),
+    lambda m, d, x: U.ddpm(m, d, x, steps=5, variance="learned"),
+    lambda m, d, x: U.ddim(m, d, x, steps=5, spacing="leading"),
 ])  # fmt: skip
 def test_invalid_options(call):
     with pytest.raises(ConfigError):
@@ -159,7 +166,7 @@ def test_model_calls_equal_steps(sampler, steps, spacing):
         calls.append(int(t[0]))
         return model(x, t)
 
-    out = S.sample(counting, d, x_T(8), sampler=sampler, steps=steps, spacing=spacing,
+    out = U.sample(counting, d, x_T(8), sampler=sampler, steps=steps, spacing=spacing,
                    generator=torch.Generator().manual_seed(0), callback=seen.append)  # fmt: skip
     assert len(calls) == steps
     assert calls == S.timestep_grid(d, steps, spacing).tolist()
@@ -174,7 +181,7 @@ def test_model_calls_equal_steps(sampler, steps, spacing):
 def test_moments_match_the_data(schedule, sampler, steps):
     # n = 20000: the standard error of a mean is ~0.004, of a covariance entry ~0.003
     d = make_diffusion(schedule)
-    out = S.sample(GAUSS.model(d), d, x_T(20_000, seed=1), sampler=sampler, steps=steps,
+    out = U.sample(GAUSS.model(d), d, x_T(20_000, seed=1), sampler=sampler, steps=steps,
                    generator=torch.Generator().manual_seed(2))  # fmt: skip
     assert (out.mean(0) - GAUSS.mean()).abs().max() < 0.02
     # DDIM is first order: at 50 steps its covariance comes out 0.026-0.028 low here
@@ -185,11 +192,11 @@ def test_moments_test_can_fail():
     # the same check catches a sampler that stops one step short (output still noisy)
     d = make_diffusion()
     x = x_T(20_000, seed=1)
-    out = S.ddim(GAUSS.model(d), d, x, steps=50)
-    short = S.ddim(GAUSS.model(d), d, x, steps=50, callback=None)
+    out = U.ddim(GAUSS.model(d), d, x, steps=50)
+    short = U.ddim(GAUSS.model(d), d, x, steps=50, callback=None)
     grid = S.timestep_grid(d, 50, "logsnr")
     noisy = []
-    S.ddim(GAUSS.model(d), d, x, steps=50, callback=lambda c: noisy.append(c["x_t"]))
+    U.ddim(GAUSS.model(d), d, x, steps=50, callback=lambda c: noisy.append(c["x_t"]))
     assert torch.equal(out, short)
     assert (torch.cov(noisy[-3].T) - GAUSS.cov()).abs().max() > 0.02, f"t={int(grid[-3])} should be visibly noisy"
 
@@ -201,8 +208,8 @@ def test_ddim_is_deterministic_and_converges(schedule):
     x = x_T(500)
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
-    a = S.ddim(GAUSS.model(d), d, x, steps=20, generator=gen)
-    b = S.ddim(GAUSS.model(d), d, x, steps=20)
+    a = U.ddim(GAUSS.model(d), d, x, steps=20, generator=gen)
+    b = U.ddim(GAUSS.model(d), d, x, steps=20)
     assert torch.equal(a, b) and torch.equal(gen.get_state(), state), "eta = 0 draws nothing"
     errors = [ode_error("ddim", d, steps) for steps in (10, 20, 50, 100)]
     assert all(errors[i] > errors[i + 1] for i in range(len(errors) - 1)), errors
@@ -234,7 +241,7 @@ def test_same_seed_same_output(sampler, opts):
     model, x = GAUSS.model(d), x_T(64)
 
     def run(seed):
-        return S.sample(model, d, x, sampler=sampler, generator=torch.Generator().manual_seed(seed), **opts)
+        return U.sample(model, d, x, sampler=sampler, generator=torch.Generator().manual_seed(seed), **opts)
 
     assert torch.equal(run(1), run(1))
     assert not torch.allclose(run(1), run(2))
@@ -244,9 +251,9 @@ def test_dpmpp_draws_nothing():
     d = make_diffusion()
     gen = torch.Generator().manual_seed(0)
     state = gen.get_state()
-    a = S.dpmpp(GAUSS.model(d), d, x_T(16), steps=10, generator=gen)
+    a = U.dpmpp(GAUSS.model(d), d, x_T(16), steps=10, generator=gen)
     assert torch.equal(gen.get_state(), state)
-    assert torch.equal(a, S.dpmpp(GAUSS.model(d), d, x_T(16), steps=10))
+    assert torch.equal(a, U.dpmpp(GAUSS.model(d), d, x_T(16), steps=10))
 
 
 def test_noise_like_is_seeded():
@@ -263,7 +270,7 @@ def test_eps_x0_v_models_agree(schedule, sampler, opts):
     outs = []
     for kind in ("eps", "x0", "v"):
         d = make_diffusion(schedule, prediction=kind)
-        outs.append(S.sample(GAUSS.model(d), d, x_T(64), sampler=sampler,
+        outs.append(U.sample(GAUSS.model(d), d, x_T(64), sampler=sampler,
                              generator=torch.Generator().manual_seed(3), **opts))  # fmt: skip
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-7)
     torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=1e-7)
@@ -276,7 +283,7 @@ def test_eps_x0_v_models_agree(schedule, sampler, opts):
 def test_zero_terminal_snr_stays_finite(prediction, sampler, spacing):
     d = make_diffusion("linear", prediction=prediction, zero_terminal_snr=True)
     assert float(d.alphas_cumprod[-1]) == 0.0
-    out = S.sample(GAUSS.model(d), d, x_T(256), sampler=sampler, steps=20, spacing=spacing,
+    out = U.sample(GAUSS.model(d), d, x_T(256), sampler=sampler, steps=20, spacing=spacing,
                    generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.isfinite(out).all()
 
@@ -284,21 +291,86 @@ def test_zero_terminal_snr_stays_finite(prediction, sampler, spacing):
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 def test_zero_terminal_snr_samples_the_data(prediction):
     d = make_diffusion("cosine", prediction=prediction, zero_terminal_snr=True)
-    out = S.dpmpp(GAUSS.model(d), d, x_T(20_000, seed=1), steps=20)
+    out = U.dpmpp(GAUSS.model(d), d, x_T(20_000, seed=1), steps=20)
     assert (out.mean(0) - GAUSS.mean()).abs().max() < 0.02
     assert (torch.cov(out.T) - GAUSS.cov()).abs().max() < 0.02
 
 
 # --- clipping -----------------------------------------------------------------------------
+FAR = GaussianData([3.0, -2.0], [[0.5, 0.0], [0.0, 0.5]])  # far outside [-1, 1]: x0 always needs clipping
+
+
 @pytest.mark.parametrize("sampler", list(S.SAMPLERS))
-def test_clip_x0(sampler):
-    far = GaussianData([3.0, -2.0], [[0.5, 0.0], [0.0, 0.5]])
+@pytest.mark.parametrize("clip", [True, "static", "dynamic", "rederive"])
+def test_clip_x0(sampler, clip):
     d = make_diffusion()
     kw = {"steps": 20, "generator": torch.Generator().manual_seed(0)}
-    free = S.sample(far.model(d), d, x_T(256, dim=2), sampler=sampler, **kw)
+    free = U.sample(FAR.model(d), d, x_T(256, dim=2), sampler=sampler, **kw)
     kw["generator"] = torch.Generator().manual_seed(0)
-    clipped = S.sample(far.model(d), d, x_T(256, dim=2), sampler=sampler, clip_x0=True, **kw)
+    clipped = S.sample(FAR.model(d), d, x_T(256, dim=2), sampler=sampler, clip_x0=clip, **kw)
     assert free.abs().max() > 2 and clipped.abs().max() <= 1.0
+
+
+def test_clipping_is_on_by_default():
+    """`diffuse sample` clips by default (--clip); the Python API must do the same (issue #16)."""
+    for fn in S.SAMPLERS.values():
+        assert inspect.signature(fn).parameters["clip_x0"].default is True
+    assert S.DEFAULT_CLIP in S.CLIPS and S.DEFAULT_CLIP != "none"
+    d = make_diffusion()
+    x = x_T(64, dim=2)
+    torch.testing.assert_close(S.dpmpp(FAR.model(d), d, x), S.dpmpp(FAR.model(d), d, x, clip_x0=S.DEFAULT_CLIP))
+
+
+@pytest.mark.parametrize("clip", ["maybe", 1, "Static"])
+def test_invalid_clip(clip):
+    with pytest.raises(ConfigError, match="clipping"):
+        S.ddim(GAUSS.model(make_diffusion()), make_diffusion(), x_T(4), steps=5, clip_x0=clip)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_ddim_static_clip_keeps_the_networks_eps(prediction):
+    """One DDIM step (Song et al. eq. 12) with "static": sqrt(abar_s) clip(x0) + sqrt(1 - abar_s) eps_net."""
+    d = make_diffusion(prediction=prediction)
+    model, x = FAR.model(d), x_T(64, dim=2)
+    seen = []
+    S.ddim(model, d, x, steps=2, spacing="uniform", clip_x0="static", callback=lambda c: seen.append(c["x_t"]))
+    t, s = S.timestep_grid(d, 2, "uniform").tolist()
+    abar_t, abar_s = float(d.alphas_cumprod[t]), float(d.alphas_cumprod[s])
+    x0, eps = d.split_prediction(model(x, torch.full((64,), t)), x, torch.full((64,), t))
+    expected = math.sqrt(abar_s) * x0.clamp(-1, 1) + math.sqrt(1 - abar_s) * eps
+    torch.testing.assert_close(seen[1], expected, rtol=0, atol=1e-10)
+    rederived = (x - math.sqrt(abar_t) * x0.clamp(-1, 1)) / math.sqrt(1 - abar_t)  # the pre-#16 path
+    assert (expected - (math.sqrt(abar_s) * x0.clamp(-1, 1) + math.sqrt(1 - abar_s) * rederived)).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("clip", ["none", "static", "dynamic", "rederive"])
+@pytest.mark.parametrize("steps", [3, 10])
+def test_clip_modes_agree_between_samplers(clip, steps):
+    """Each mode means the same in every sampler: DPM-Solver++ order 1 is DDIM (Lu et al. 2022, sec. 4),
+    and DDPM with beta~ is DDIM with eta = 1 (Song et al. 2021, eq. 16), clipped or not."""
+    d = make_diffusion()
+    model, x = FAR.model(d), x_T(128, dim=2)
+    ddim = S.ddim(model, d, x, steps=steps, clip_x0=clip)
+    torch.testing.assert_close(S.dpmpp(model, d, x, steps=steps, order=1, clip_x0=clip), ddim, rtol=0, atol=1e-10)
+    ddim1 = S.ddim(model, d, x, steps=steps, eta=1.0, clip_x0=clip, generator=torch.Generator().manual_seed(3))
+    ddpm = S.ddpm(
+        model, d, x, steps=steps, variance="posterior", clip_x0=clip, generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(ddpm, ddim1, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("pixels", [2, 401])
+def test_dynamic_thresholding_is_imagens(pixels):
+    """With one step a sampler returns its x0 at T - 1; "dynamic" must be Saharia et al. (2022) sec. 2.3,
+    with the percentile interpolated linearly as numpy / torch.quantile (and diffusers) do."""
+    d = make_diffusion(prediction="x0")
+    x0 = 2.0 * torch.randn((16, pixels), generator=torch.Generator().manual_seed(6), dtype=F64)
+    x0[:4] *= 0.2  # some samples need no thresholding
+    model, x = (lambda x, t: x0), x_T(16, dim=pixels)
+    s = torch.quantile(x0.abs(), 0.995, dim=1, keepdim=True).clamp(min=1.0)
+    expected = torch.maximum(torch.minimum(x0, s), -s) / s
+    torch.testing.assert_close(S.ddim(model, d, x, steps=1, clip_x0="dynamic"), expected, rtol=0, atol=1e-12)
+    assert (s > 1).any() and (s == 1).any()  # both cases occur
 
 
 # --- the seed's algorithm, step by step -------------------------------------------------
@@ -307,7 +379,7 @@ def test_ddpm_with_all_steps_is_ho_et_al_algorithm_2(variance):
     d = make_diffusion("linear", timesteps=8)
     model = GAUSS.model(d)
     x0 = x_T(32, seed=4)
-    ours = S.ddpm(model, d, x0, variance=variance, generator=torch.Generator().manual_seed(9))
+    ours = U.ddpm(model, d, x0, variance=variance, generator=torch.Generator().manual_seed(9))
     gen, x = torch.Generator().manual_seed(9), x0
     for t in range(7, -1, -1):
         tt = torch.full((32,), t, dtype=torch.int64)
@@ -332,7 +404,7 @@ def test_ddim_matches_diffusers_trailing(schedule, steps):
     y = x.clone()
     for t in sched.timesteps:
         y = sched.step(model(y, torch.full((256,), int(t))), t, y).prev_sample
-    ours = S.ddim(model, d, x, steps=steps, spacing="uniform")
+    ours = U.ddim(model, d, x, steps=steps, spacing="uniform")
     torch.testing.assert_close(ours, y, rtol=0, atol=2e-5)  # diffusers keeps alpha_bar in float32
 
 
@@ -349,7 +421,7 @@ def test_dpmpp_2m_matches_diffusers_on_the_same_grid(steps):
     y = x.clone()
     for t in sched.timesteps:
         y = sched.step(model(y, torch.full((256,), int(t))), t, y).prev_sample
-    ours = S.dpmpp(model, d, x, steps=steps, order=2, spacing="logsnr")
+    ours = U.dpmpp(model, d, x, steps=steps, order=2, spacing="logsnr")
     torch.testing.assert_close(ours, y, rtol=0, atol=1e-5)  # float32 sigmas in diffusers
 
 

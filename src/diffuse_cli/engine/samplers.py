@@ -2,7 +2,7 @@
 
 Every sampler has the same shape::
 
-    sampler(model, diffusion, x_T, *, steps, ..., generator=None, clip_x0=False, callback=None) -> x0
+    sampler(model, diffusion, x_T, *, steps, ..., generator=None, clip_x0=True, callback=None) -> x0
 
 ``model(x_t, t)`` is any callable returning a prediction of kind ``diffusion.prediction``
 (eps, x0 or v); ``t`` is an int64 tensor of shape (B,) holding training timesteps.
@@ -17,6 +17,11 @@ float64 tables; the state stays in x_T's dtype and the model is called with it. 
 draws (DDPM, DDIM with eta > 0) come only from the injected ``generator``, so a seed fixes
 the output; the deterministic samplers draw nothing. ``callback`` receives
 ``{"i", "steps", "t", "x_t", "x0_pred"}`` once per model evaluation.
+
+Clipping. ``clip_x0=True`` (the default, as ``diffuse sample --clip``) clamps each predicted
+x0 to the data range [-1, 1] and keeps the network's eps ("static", see :func:`_denoise`);
+``False`` switches it off (for data that are not images in [-1, 1]); "dynamic" is Imagen's
+dynamic thresholding and "rederive" the pre-issue-#16 behaviour, kept for comparison.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .diffusion import Diffusion
+from .diffusion import Diffusion, to_x0_eps
 from .errors import ConfigError
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,31 +46,16 @@ KARRAS_SIGMA_MAX = 80.0  # ... and their sigma_max (Table 1)
 LOGSNR_KNEE = -3.0  # below log-SNR -3 the "logsnr" grid thins out; see timestep_grid
 LOGSNR_ROOT = 3.0  # ... like SNR^(1/3)
 
-# Defaults, chosen by measurement with `python benchmarks/samplers.py --variants --schedules
-# linear quadratic cosine sigmoid`: a 2-D Gaussian mixture with an exact denoiser, T = 1000, 50k
-# points; the numbers are the solver error (sliced W2 to the exact probability-flow ODE solution
-# from the same x_T, x 1e3) at 10 / 20 / 50 model evaluations, on linear / quadratic / cosine / sigmoid.
-# - dpmpp: order 3 on the "logsnr" grid: 8.6/1.6/0.5, 7.0/1.4/0.5, 12.3/2.0/0.3, 8.0/1.6/0.5.
-#   Order 2 on the same grid: 16.3/3.4/0.5, 16.0/3.2/0.5, 20.8/4.3/0.6, 16.5/3.4/0.5. Order 3 on
-#   "uniform": 86/26/16, 25/20/6.7, 25/20/4.7, 18/13/6.3; on "karras": 32/13/0.7, 46/8.0/0.6,
-#   32/17/0.7, 32/14/0.7. (Lu et al. also recommend 3M for unconditional sampling.)
-# - ddim: "logsnr", the best worst case: 76/37/14, 73/35/14, 83/40/16, 76/36/14 against
-#   "uniform" 112/50/20, 59/30/13, 52/26/11, 60/31/14 (better on three schedules, much worse
-#   on linear) and "karras" 107/51/20, 91/43/17, 111/52/21, 107/50/20.
-# - ddpm with fewer steps than T (with T every spacing is the full grid): "logsnr" 34/21/11,
-#   33/20/12, 36/22/12, 34/21/11; "uniform" 76/40/24, 40/26/14, 40/27/14, 29/18/11; "karras"
-#   62/34/17, 52/30/15, 61/34/18, 62/34/17. Variance "beta": with "posterior" it is 114/54/21 on
-#   cosine and 104/48/20 on sigmoid.
-# - The knee of the "logsnr" grid (see timestep_grid): a plain log-SNR grid gave 3M 16/5.3 at
-#   10/20 steps on linear and, because cosine's last log-SNR is ~ -18, 2M 75/15 on cosine; a
-#   hard start at log-SNR -4 fixed both (9.2/1.5 and 14/1.7) but stops converging (the first
-#   step never shrinks: DPM-Solver++ error stuck at 2e-3 on the Gaussian of the tests). The
-#   soft knee at -3 with the cube root keeps the gains and converges at third order.
+# Defaults chosen by measurement, on an exact analytic model and on trained networks
+# (`python benchmarks/samplers.py`); the numbers are in benchmarks/RESULTS.md, "Sampler tuning notes".
 DEFAULT_SAMPLER = "dpmpp"
 DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpmpp": 20}  # None: all T steps
 DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpmpp": "logsnr"}
 DEFAULT_ORDER = 3
 DEFAULT_VARIANCE = "beta"
+CLIPS = ("none", "static", "dynamic", "rederive")  # see _denoise
+DEFAULT_CLIP = "static"  # what clip_x0=True (the default, and `diffuse sample --clip`) means; see RESULTS.md
+DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022 ("Imagen") and diffusers' dynamic_thresholding_ratio
 
 
 # --- the timestep grid -----------------------------------------------------------------
@@ -177,31 +167,68 @@ def _alphas_cumprod(diffusion: Diffusion, grid: torch.Tensor) -> list[float]:
     return diffusion.alphas_cumprod.detach().to("cpu", torch.float64)[grid].tolist()
 
 
-def _denoise(
-    model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float, clip_x0: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Call the model once at timestep ``t`` and return (x0, eps) in x's dtype.
+def _clip_mode(clip_x0: bool | str) -> str:
+    """The clipping mode named by ``clip_x0``: True is :data:`DEFAULT_CLIP`, False is "none"."""
+    if clip_x0 is True:
+        return DEFAULT_CLIP
+    if clip_x0 is False or clip_x0 is None:
+        return "none"
+    if clip_x0 not in CLIPS:
+        raise ConfigError(f"unknown x0 clipping {clip_x0!r}; choose one of {', '.join(CLIPS)} (or true / false)")
+    return clip_x0
 
-    The same algebra as :meth:`Diffusion.split_prediction` with float64 scalar coefficients.
-    At alpha_bar = 0 (zero terminal SNR) an eps prediction says nothing about x0; we return
-    x0 = 0, the limit of (x - sqrt(1 - abar) eps) / sqrt(abar) when eps = x, to stay finite.
+
+def _threshold(x0: torch.Tensor, mode: str) -> torch.Tensor:
+    """x0 clamped to [-1, 1] ("static", "rederive"), or dynamically thresholded ("dynamic").
+
+    Dynamic thresholding (Saharia et al. 2022, "Imagen", sec. 2.3): per sample, s is the
+    DYNAMIC_PERCENTILE quantile of |x0|; where s > 1, x0 is clamped to [-s, s] and divided by s.
+    """
+    if mode != "dynamic":
+        return x0.clamp(-1.0, 1.0)
+    flat = x0.detach().abs().flatten(1)
+    # the quantile interpolated linearly between order statistics, as torch.quantile (which
+    # refuses inputs over 2^24 elements) and numpy.percentile do
+    pos = DYNAMIC_PERCENTILE * (flat.shape[1] - 1)
+    lo = math.floor(pos)
+    q = flat.kthvalue(lo + 1, dim=1).values
+    if pos > lo:
+        q = q + (pos - lo) * (flat.kthvalue(lo + 2, dim=1).values - q)
+    s = q.clamp(min=1.0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.minimum(torch.maximum(x0, -s), s) / s
+
+
+def _denoise(
+    model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float, clip: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Call the model once at timestep ``t``; return (x, x0, eps) in x's dtype, x0 clipped per ``clip``.
+
+    The prediction is turned into (x0, eps) by :func:`diffusion.to_x0_eps` with float64 scalar
+    coefficients (x0 = 0 at alpha_bar = 0, where an eps prediction says nothing about x0).
+
+    Clipping (issue #16). Without it, x = sqrt(abar) x0 + sqrt(1 - abar) eps holds. Clipping
+    changes x0 by d; then one of the other two must give:
+
+    - "static" / "dynamic" keep the network's eps and return the state that goes with the
+      clipped x0, x + sqrt(abar) d: the noisy version of the clipped x0 with the same noise.
+      DDIM then only uses the clipped x0 in its data term, as diffusers' DDIMScheduler does
+      (``use_clipped_model_output=False``); DDPM's posterior mean and DPM-Solver++'s
+      (sigma_t / sigma_s) x term use that state.
+    - "rederive" keeps x and re-derives eps = (x - sqrt(abar) x0) / sqrt(1 - abar). Near pure
+      noise an eps error is amplified 1 / sqrt(abar) (~156x at t = T - 1, linear schedule) in
+      x0, clipping saturates it, and the re-derived eps steers every later step towards that
+      saturated x0: speckled samples on trained networks. Kept for comparison only.
     """
     t_vec = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
     pred = model(x, t_vec).to(x.dtype)
     a, s = math.sqrt(abar), math.sqrt(1.0 - abar)  # s > 0: abar < 1 for every t in [0, T)
-    kind = diffusion.prediction
-    if kind == "eps":
-        x0, eps = ((x - s * pred) / a if a > 0 else torch.zeros_like(x)), pred
-    elif kind == "x0":
-        x0, eps = pred, (x - a * pred) / s
-    elif kind == "v":
-        x0, eps = a * x - s * pred, s * x + a * pred
-    else:
-        raise ConfigError(f"unknown prediction {kind!r}")
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = (x - a * x0) / s  # keep (x0, eps) consistent with x_t
-    return x0, eps
+    x0, eps = to_x0_eps(diffusion.prediction, pred, x, a, s)
+    if clip == "none":
+        return x, x0, eps
+    clipped = _threshold(x0, clip)
+    if clip == "rederive":
+        return x, clipped, (x - a * clipped) / s
+    return x + a * (clipped - x0), clipped, eps
 
 
 def _report(callback: Callback | None, i: int, steps: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -220,7 +247,7 @@ def ddpm(
     variance: str = DEFAULT_VARIANCE,
     spacing: str = DEFAULT_SPACING["ddpm"],
     generator: torch.Generator | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | str = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), respaced when steps < T.
@@ -242,12 +269,14 @@ def ddpm(
     grid = timestep_grid(diffusion, T if steps is None else steps, spacing)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
+    clip = _clip_mode(clip_x0)
     x = x_T
     for i, t in enumerate(grid.tolist()):
         abar_t = abars[i]
         abar_s = abars[i + 1] if i + 1 < n else 1.0
-        x0, _ = _denoise(model, diffusion, x, t, abar_t, clip_x0)
-        _report(callback, i, n, t, x, x0)
+        x_in = x
+        x, x0, _ = _denoise(model, diffusion, x, t, abar_t, clip)
+        _report(callback, i, n, t, x_in, x0)
         alpha_ts = abar_t / abar_s  # the respaced alpha of the step t -> s
         beta_ts = 1.0 - alpha_ts
         coef_x0 = math.sqrt(abar_s) * beta_ts / (1.0 - abar_t)  # DDPM eq. 7
@@ -271,7 +300,7 @@ def ddim(
     eta: float = 0.0,
     spacing: str = DEFAULT_SPACING["ddim"],
     generator: torch.Generator | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | str = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12, sigma from eta by eq. 16).
@@ -286,11 +315,12 @@ def ddim(
     grid = timestep_grid(diffusion, steps, spacing)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
+    clip = _clip_mode(clip_x0)
     x = x_T
     for i, t in enumerate(grid.tolist()):
         abar_t = abars[i]
         abar_s = abars[i + 1] if i + 1 < n else 1.0
-        x0, eps = _denoise(model, diffusion, x, t, abar_t, clip_x0)
+        _, x0, eps = _denoise(model, diffusion, x, t, abar_t, clip)
         _report(callback, i, n, t, x, x0)
         sigma = eta * math.sqrt((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))  # eq. 16
         x_prev = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - sigma**2, 0.0)) * eps  # eq. 12
@@ -359,7 +389,7 @@ def dpmpp(
     order: int = DEFAULT_ORDER,
     spacing: str = DEFAULT_SPACING["dpmpp"],
     generator: torch.Generator | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | str = True,
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++ multistep, "2M" or "3M" (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and sec. 4).
@@ -374,19 +404,21 @@ def dpmpp(
     uniform signature and never used.
 
     order 3 is the default: the paper recommends 3M for unconditional sampling, and on the
-    benchmark it beats 2M at 10 and 20 steps on every schedule (see DEFAULT_SPACING).
+    benchmark it beats 2M at 10 and 20 steps on every schedule (benchmarks/RESULTS.md).
     """
     if order not in (1, 2, 3):
         raise ConfigError(f"--order must be 1, 2 or 3 (got {order})")
     grid = timestep_grid(diffusion, steps, spacing)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
+    clip = _clip_mode(clip_x0)
     x = x_T
     history: list[tuple[float, torch.Tensor]] = []  # (lambda, x0_pred), finite lambda only
     for i, t in enumerate(grid.tolist()):
         abar_s = abars[i]
-        x0, eps = _denoise(model, diffusion, x, t, abar_s, clip_x0)
-        _report(callback, i, n, t, x, x0)
+        x_in = x
+        x, x0, eps = _denoise(model, diffusion, x, t, abar_s, clip)
+        _report(callback, i, n, t, x_in, x0)
         if i + 1 == n:
             x = x0  # lambda_t = inf: e^-h = 0 and sigma_t = 0
             break
