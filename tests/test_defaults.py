@@ -104,12 +104,25 @@ def test_time_without_steps_trains_until_the_budget(tmp_path, fake_clock):
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(devices.os, "getloadavg", lambda: (1.2, 1.0, 1.0))
-    assert devices.default_threads() == 1  # one core busy elsewhere: do not spin-wait on it
-    monkeypatch.setattr(devices.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
-    assert devices.default_threads() == 2
-    monkeypatch.setattr(devices.os, "getloadavg", lambda: (7.0, 7.0, 7.0))
-    assert devices.default_threads() == 1
+    for busy, threads in ((1.2, 1), (0.1, 2), (7.0, 1), (0.6, 1)):
+        monkeypatch.setattr(devices, "busy_cores", lambda b=busy: b)
+        assert devices.default_threads() == threads, busy  # a busy core: do not spin-wait on it
+
+
+def test_busy_cores_sees_a_spinning_process():
+    import subprocess
+    import sys
+
+    idle = devices.busy_cores(0.3)
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        busy = devices.busy_cores(0.5)
+    finally:
+        spin.kill()
+    assert busy > idle + 0.5, (idle, busy)  # one more core's worth of work
 
 
 def test_threads_option_is_used(tmp_path):

@@ -157,9 +157,37 @@ def compile_model(fn, device: torch.device | str, backend: str | None = None):
     return torch.compile(fn, **kw), None
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def busy_cores(window_s: float = 0.25) -> float:
+    """How many cores other processes keep busy now: measured over ``window_s`` from /proc/stat (this
+    process sleeps meanwhile), else the 1-minute load average."""
+    import time
+
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(window_s)
+        after = _cpu_times()
+        if after is not None and after[1] > before[1]:
+            idle = (after[0] - before[0]) / (after[1] - before[1])
+            return max(0.0, 1.0 - idle) * (os.cpu_count() or 1)
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
 def default_threads() -> int:
     """CPU threads for torch when --threads is not given: the cores this process may use, less those
-    other processes keep busy (the 1-minute load average).
+    other processes keep busy right now (:func:`busy_cores`).
 
     PyTorch's OpenMP threads spin-wait for each other; when one of them shares a core with another
     busy process, every parallel region waits for it, and training slowed 10-40x on a 2-core machine
@@ -169,11 +197,7 @@ def default_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, min(cores, cores - busy))
+    return max(1, min(cores, cores - int(busy_cores() + 0.5)))
 
 
 def set_threads(n: int | None, device: torch.device) -> int:
