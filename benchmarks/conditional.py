@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import cpu_name, replace_section  # noqa: E402
+
 from diffuse_cli.engine import checkpoint as ckpt  # noqa: E402
 from diffuse_cli.engine import data as data_mod  # noqa: E402
 from diffuse_cli.engine import training  # noqa: E402
@@ -175,14 +177,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_markdown(path: Path, rows: list[dict], command: str, per_class: int, held_out: float, train_s: str) -> None:
@@ -198,7 +192,7 @@ def write_markdown(path: Path, rows: list[dict], command: str, per_class: int, h
         "## Class-conditional digits and guidance (`benchmarks/conditional.py`)",
         "",
         f"- command: `{command}`",
-        f"- date: {datetime.date.today().isoformat()}; machine: {_cpu_name()}, {os.cpu_count()} CPUs, shared with "
+        f"- date: {datetime.date.today().isoformat()}; machine: {cpu_name()}, {os.cpu_count()} CPUs, shared with "
         f"other jobs; Python {platform.python_version()}, torch {torch.__version__}; training {train_s}",
         f"- model: what `make demo` trains: `diffuse train builtin:digits --steps {DEMO_STEPS}` (tiny preset, 8x8, "
         "10 classes, labels dropped with probability 0.1), EMA weights",
@@ -216,13 +210,7 @@ def write_markdown(path: Path, rows: list[dict], command: str, per_class: int, h
         "(99%, every digit 98% or more) before the spread falls much further: w = 3 buys 0.6 points for 7% less spread",
         MARK_END,
     ])  # fmt: skip
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_START in old and MARK_END in old:
-        pre, rest = old.split(MARK_START, 1)
-        new = pre + section + rest.split(MARK_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(new)
+    replace_section(path, section, MARK_START, MARK_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,9 @@ import tempfile  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import replace_section  # noqa: E402
+
 MARK_START, MARK_END = "<!-- data:start -->", "<!-- data:end -->"
 SIZE = 32
 BATCH = 256
@@ -264,13 +267,7 @@ def write_markdown(path: Path, table_md: str, lines: list[str], command: str, me
         "allocator keeps, in the process that decoded; every later run maps the file and holds none of it",
         MARK_END,
     ])  # fmt: skip
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_START in old and MARK_END in old:
-        pre, rest = old.split(MARK_START, 1)
-        new = pre + section + rest.split(MARK_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(new)
+    replace_section(path, section, MARK_START, MARK_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import cpu_name, replace_section  # noqa: E402
 from _digits_quality import score  # noqa: E402
 from _trained import cache_dir  # noqa: E402
 
@@ -65,6 +65,13 @@ def read_pngs(folder: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("L")) for p in files]))[:, None]
 
 
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """The first 64 samples as an 8x8 grid."""
+    from diffuse_cli.engine import images as img
+
+    img.save_image(img.upscale(img.make_grid(images[:64]), 512), path)
+
+
 def diffuse(*args: str) -> str:
     cmd = [sys.executable, "-m", "diffuse_cli", *map(str, args)]
     env = {**os.environ, "COLUMNS": "120", "PYTHONPATH": str(ROOT / "src")}
@@ -74,17 +81,20 @@ def diffuse(*args: str) -> str:
     return r.stdout
 
 
-def ours(folder: Path, work: Path, budget: str, num: int) -> dict:
+def ours(folder: Path, work: Path, budget: str, num: int, reuse: bool = False) -> dict:
     run = work / "ours"
-    t0 = time.perf_counter()
-    log = diffuse("train", folder, "--time", budget, "--out", run, "--overwrite")
-    train_s = time.perf_counter() - t0
-    diffuse("sample", run, "--num", num, "--seed", 1, "--out", work / "ours-samples", "--overwrite",
-            "--grid", work / "ours-grid.png")  # fmt: skip
+    if reuse and (run / "train.txt").exists():  # the run of an earlier call (same budget), e.g. to redo the reference
+        log = (run / "train.txt").read_text()
+    else:
+        log = diffuse("train", folder, "--time", budget, "--out", run, "--overwrite")
+        (run / "train.txt").write_text(log)
+    diffuse("sample", run, "--num", num, "--seed", 1, "--out", work / "ours-samples", "--overwrite")
+    images = read_pngs(work / "ours-samples")
+    save_grid(images, work / "ours-grid.png")
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     model_line = next((line for line in log.splitlines() if line.startswith("model")), "")
-    return {"name": "ours: `diffuse train FOLDER --time " + budget + "`, default sampler", "images": read_pngs(work / "ours-samples"),
-            "steps": records[-1]["step"], "train_s": train_s, "setup": model_line.strip(), "grid": work / "ours-grid.png"}  # fmt: skip
+    return {"name": "ours: `diffuse train FOLDER --time " + budget + "`, default sampler", "images": images,
+            "steps": records[-1]["step"], "train_s": records[-1]["elapsed"], "setup": model_line.strip(), "grid": work / "ours-grid.png"}  # fmt: skip
 
 
 def reference(folder: Path, work: Path, budget_s: float, num: int) -> dict:
@@ -96,7 +106,9 @@ def reference(folder: Path, work: Path, budget_s: float, num: int) -> dict:
     model = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
                         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2)  # fmt: skip
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(model.parameters(), decay=0.999)  # diffusers' own EMA (decay warmup (1 + k) / (10 + k), as ours)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     g = torch.Generator().manual_seed(0)
@@ -109,12 +121,10 @@ def reference(folder: Path, work: Path, budget_s: float, num: int) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                ema[k].lerp_(v, 1 - 0.999) if v.is_floating_point() else ema[k].copy_(v)
+        ema.step(model.parameters())
         steps += 1
     train_s = time.perf_counter() - t0
-    model.load_state_dict(ema)
+    ema.copy_to(model.parameters())
     model.eval()
     ddim = DDIMScheduler.from_config(sched.config)
     ddim.set_timesteps(50)
@@ -126,9 +136,7 @@ def reference(folder: Path, work: Path, budget_s: float, num: int) -> dict:
                 x = ddim.step(model(x, t).sample, t, x).prev_sample
             out.append(x)
     images = torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    from diffuse_cli.engine import images as img
-
-    img.save_image(img.upscale(img.make_grid(images[:64]), 512), work / "diffusers-grid.png")
+    save_grid(images, work / "diffusers-grid.png")
     params = sum(p.numel() for p in model.parameters())
     return {"name": "diffusers UNet2DModel, same minutes, DDIM 50", "images": images, "steps": steps, "train_s": train_s,
             "setup": f"{params / 1e6:.2f}M parameters, batch 32, {torch.get_num_threads()} threads", "grid": work / "diffusers-grid.png"}  # fmt: skip
@@ -150,11 +158,11 @@ def threads_check(folder: Path, work: Path) -> list[tuple[str, float]]:
         busy.kill()
 
 
-def markdown(results: list[dict], budget: str, threads: list | None, command: str) -> str:
+def markdown(results: list[dict], budget: str, threads: list | None, command: str, load: float) -> str:
     lines = [MARK_START, "## Defaults on a user's folder (`benchmarks/defaults.py`)", "",
              f"- command: `{command}`",
-             f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M}; CPU: {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores; torch {torch.__version__}; load average before: {os.getloadavg()[0]:.1f}",
+             f"- date: {datetime.datetime.now():%Y-%m-%d %H:%M}; CPU: {cpu_name()}, {os.cpu_count()} cores; "
+             f"torch {torch.__version__}; load average at the start: {load:.1f}",
              "- data: the 1,797 built-in digits as 16x16 grayscale PNGs; each model trained for the same wall-clock "
              f"budget ({budget}) on this machine, one after the other; 500 samples each",
              "- FD: Frechet distance in the features of a small digit classifier trained on the other half of the "
@@ -178,13 +186,15 @@ def main() -> None:
     ap.add_argument("--budget", default="5m")
     ap.add_argument("--num", type=int, default=500)
     ap.add_argument("--threads-check", action="store_true")
+    ap.add_argument("--reuse-ours", action="store_true", help="reuse our trained run from the last call (same budget)")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     folder = digit_folder(16)
     work = cache_dir() / "defaults-run"
     work.mkdir(parents=True, exist_ok=True)
-    results = [ours(folder, work, args.budget, args.num), reference(folder, work, parse_duration(args.budget), args.num)]
+    results = [ours(folder, work, args.budget, args.num, args.reuse_ours), reference(folder, work, parse_duration(args.budget), args.num)]
     for r in results:
         r["score"] = score(r["images"])
         print(f"{r['name']}: {r['steps']} steps in {r['train_s']:.0f} s; {r['setup']}; "
@@ -192,19 +202,14 @@ def main() -> None:
     threads = threads_check(folder, work) if args.threads_check else None
     for label, ips in threads or []:
         print(f"one core busy, {label}: {ips:.0f} img/s")
-    text = markdown(results, args.budget, threads, "python benchmarks/defaults.py " + " ".join(sys.argv[1:]))
+    text = markdown(results, args.budget, threads, "python benchmarks/defaults.py " + " ".join(sys.argv[1:]), load)
     if args.markdown:
         import shutil
 
         args.docs.mkdir(exist_ok=True)
         shutil.copy(results[0]["grid"], args.docs / "defaults-ours.png")
         shutil.copy(results[1]["grid"], args.docs / "defaults-diffusers.png")
-        old = args.markdown.read_text() if args.markdown.exists() else "# Benchmark results\n"
-        if MARK_START in old:
-            old = old[: old.index(MARK_START)] + text + old[old.index(MARK_END) + len(MARK_END) :]
-        else:
-            old = old.rstrip() + "\n\n" + text + "\n"
-        args.markdown.write_text(old)
+        replace_section(args.markdown, text, MARK_START, MARK_END)
     print(text)
 
 

@@ -46,6 +46,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import diffusers_model, replace_section  # noqa: E402
 
 from diffuse_cli.engine import device as perf  # noqa: E402
 from diffuse_cli.engine import samplers  # noqa: E402
@@ -115,18 +118,6 @@ def ddpm_cifar10(tiny: bool) -> UNetConfig:
     return UNetConfig()  # Ho et al. 2020, appendix B: 35.7M parameters
 
 
-def diffusers_model(cfg: UNetConfig) -> torch.nn.Module:
-    from diffusers import UNet2DModel
-
-    res = cfg.resolutions
-    return UNet2DModel(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mults), layers_per_block=cfg.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if r in cfg.attention_resolutions else "DownBlock2D" for r in res),
-        up_block_types=tuple("AttnUpBlock2D" if r in cfg.attention_resolutions else "UpBlock2D" for r in reversed(res)),
-        attention_head_dim=None,  # one head of the full width, as in DDPM and in our config
-        dropout=cfg.dropout,
-    )  # fmt: skip
 
 
 def build(kind: str, s: Setup, channels_last: bool = True) -> tuple[torch.nn.Module, Callable, torch.optim.Optimizer]:
@@ -542,13 +533,7 @@ def write_markdown(path: Path, res: dict, table: str, lines: list[str], command:
         *[f"- {line}" for line in lines],
         MARK_END,
     ])  # fmt: skip
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_START in old and MARK_END in old:
-        pre, rest = old.split(MARK_START, 1)
-        new = pre + section + rest.split(MARK_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(new)
+    replace_section(path, section, MARK_START, MARK_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import cpu_name, replace_section  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from diffuse_cli.engine import samplers as S  # noqa: E402
 from diffuse_cli.engine.analytic import GaussianMixture  # noqa: E402
 from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig  # noqa: E402
@@ -307,14 +311,6 @@ def summarize(res: dict) -> tuple[str, list[str], bool]:
     )
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: int, elapsed: float) -> None:
@@ -325,7 +321,7 @@ def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: i
         "## Sampler accuracy (`benchmarks/samplers.py`)",
         "",
         f"- command: `{command}`",
-        f"- date: {datetime.date.today().isoformat()}; machine: {_cpu_name()}, {os.cpu_count()} CPUs, "
+        f"- date: {datetime.date.today().isoformat()}; machine: {cpu_name()}, {os.cpu_count()} CPUs, "
         f"{platform.system()}; Python {platform.python_version()}, torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}; {elapsed:.0f} s",
         f"- data: 2-D Gaussian mixture (7 components) with an exact eps predictor; T = 1000; {n} samples per cell; "
@@ -342,17 +338,6 @@ def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: i
         MARK_END,
     ])  # fmt: skip
     replace_section(path, section, MARK_START, MARK_END)
-
-
-def replace_section(path: Path, section: str, start: str, end: str) -> None:
-    """Put ``section`` (which begins with ``start`` and ends with ``end``) in place of the old one, or append it."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if start in old and end in old:
-        pre, rest = old.split(start, 1)
-        new = pre + section + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> int:

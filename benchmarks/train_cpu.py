@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cpu_name, diffusers_model, replace_section  # noqa: E402
 
 from diffuse_cli.engine import device as perf  # noqa: E402
 from diffuse_cli.engine.unet import UNet, UNetConfig, count_parameters  # noqa: E402
@@ -77,18 +80,6 @@ def build_config(quick: bool) -> UNetConfig:
                       attention_resolutions=(16,), dropout=0.1)  # fmt: skip
 
 
-def diffusers_model(cfg: UNetConfig) -> torch.nn.Module:
-    from diffusers import UNet2DModel
-
-    res = cfg.resolutions
-    return UNet2DModel(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mults), layers_per_block=cfg.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if r in cfg.attention_resolutions else "DownBlock2D" for r in res),
-        up_block_types=tuple("AttnUpBlock2D" if r in cfg.attention_resolutions else "UpBlock2D" for r in reversed(res)),
-        attention_head_dim=None,  # one head of the full width, as in DDPM and in our config
-        dropout=cfg.dropout,
-    )  # fmt: skip
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor,
@@ -115,16 +106,6 @@ def flops_per_step(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, tar
     return counter.get_total_flops()
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def machine_cpu_seconds() -> tuple[float, float] | None:
@@ -274,13 +255,7 @@ def write_markdown(path: Path, res: dict, table: str, lines: list[str], command:
         *[f"- {line}" for line in lines],
         MARK_END,
     ])  # fmt: skip
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_START in old and MARK_END in old:
-        pre, rest = old.split(MARK_START, 1)
-        new = pre + section + rest.split(MARK_END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(new)
+    replace_section(path, section, MARK_START, MARK_END)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     meta = dict(
-        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu_model(), cores=os.cpu_count(),
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu_name(), cores=os.cpu_count(),
         threads=torch.get_num_threads(), diffusers=diffusers.__version__, load_before=load_average(),
         timed=args.steps * args.repeats, warmup=args.warmup,
     )  # fmt: skip

@@ -100,6 +100,61 @@ def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]
     return data.labels, {"classes": names}
 
 
+def _set_up(data, out: Path, model_config, diffusion_config, config: TrainConfig, resume: bool, overwrite: bool,
+            dist, dev: torch.device, emit: Callback) -> tuple[TrainStep, int, dict]:
+    """Everything before the first step: the run folder, the configs (from the state on resume), the step
+    (model, optimizer, EMA, data generator; restored on resume), config.json and the "start" event."""
+    from .unet import UNetConfig
+
+    paths = rundir.RunPaths(out)
+    # --- the run folder and the configs ----------------------------------------------
+    devices.enable_tf32(dev)
+    threads = devices.set_threads(config.threads, dev)
+    dist.main_only(functools.partial(rundir.prepare_out_dir, out, resume=resume, overwrite=overwrite), dev)
+    dist.main_only(functools.partial(rundir.clean_stale, out), dev)
+    state = rundir.newest_state(out) if resume else None
+    if state is not None:
+        model_config = UNetConfig.from_dict(state.model)
+        diffusion_config = DiffusionConfig.from_dict(state.diffusion)
+    n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
+    if (model_config.in_channels, model_config.image_size) != (c, s):
+        m = model_config
+        raise ConfigError(f"the data are {c}x{s}x{s} but the model expects {m.in_channels}x{m.image_size}x{m.image_size}")
+    if config.batch_size % dist.world_size:
+        raise ConfigError(f"--batch-size {config.batch_size} (global) must be divisible by the {dist.world_size} processes")
+
+    # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
+    labels, class_meta = _class_labels(data, model_config, state)
+    amp = devices.autocast_dtype(config.precision, dev)
+    images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
+    ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp, labels)
+    start = 0
+    if state is not None:
+        rundir.restore_state(state, ts.model, ts.ema.model, ts.opt, ts.gen, dev, dist.rank)
+        start = state.step
+        dist.main_only(functools.partial(rundir.truncate_log, paths.log, start), dev)
+        del state  # the tensors now live in the model; free the copy
+    if start >= config.steps:
+        raise ConfigError(f"the run in {out} is already at step {start}; pass a larger --steps to continue")
+    ts.distribute()
+    if config.compile:
+        why = ts.compile()
+        if dist.any(why is not None, dev):
+            ts.loss_fn = ts._losses
+            emit({"event": "warning", "message": f"--compile does not work on {dev} here "
+                  f"({why or 'it failed on another rank'}); training without it"})
+    meta = dict(model=model_config.to_dict(), diffusion=diffusion_config.to_dict(), train=config.to_dict(),
+                dataset={**data.summary.to_dict(), **class_meta})
+    if dist.is_main:
+        atomic_write_text(paths.config, json.dumps({**meta, "world_size": dist.world_size}, indent=2) + "\n")
+    emit({"event": "start", "step": start, "steps": config.steps, "device": str(dev),
+          "precision": str(amp).replace("torch.", "") if amp else "fp32", "world_size": dist.world_size,
+          "parameters": sum(p.numel() for p in ts.model.parameters()), "resumed": resume,
+          "images": n, "local_batch": config.batch_size // dist.world_size, "is_main": dist.is_main,
+          "threads": threads, "time_limit": config.time_limit, "data": images.where})
+    return ts, start, meta
+
+
 def train(
     data,  # data.ImageDataset
     out_dir: str | os.PathLike,
@@ -118,58 +173,12 @@ def train(
     None). Returns a summary dict (paths, final step, last loss). Raises DiffuseError
     subclasses for user-facing problems; ``Interrupted`` after saving on Ctrl-C/SIGTERM.
     """
-    from .unet import UNetConfig
-
     emit = callback or (lambda e: None)
     out = Path(out_dir)
     paths = rundir.RunPaths(out)
     dist, dev = init_distributed(device)
     try:
-        # --- the run folder and the configs ----------------------------------------------
-        devices.enable_tf32(dev)
-        threads = devices.set_threads(config.threads, dev)
-        dist.main_only(functools.partial(rundir.prepare_out_dir, out, resume=resume, overwrite=overwrite), dev)
-        dist.main_only(functools.partial(rundir.clean_stale, out), dev)
-        state = rundir.newest_state(out) if resume else None
-        if state is not None:
-            model_config = UNetConfig.from_dict(state.model)
-            diffusion_config = DiffusionConfig.from_dict(state.diffusion)
-        n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
-        if (model_config.in_channels, model_config.image_size) != (c, s):
-            m = model_config
-            raise ConfigError(f"the data are {c}x{s}x{s} but the model expects {m.in_channels}x{m.image_size}x{m.image_size}")
-        if config.batch_size % dist.world_size:
-            raise ConfigError(f"--batch-size {config.batch_size} (global) must be divisible by the {dist.world_size} processes")
-
-        # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
-        labels, class_meta = _class_labels(data, model_config, state)
-        amp = devices.autocast_dtype(config.precision, dev)
-        images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
-        ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp, labels)
-        start = 0
-        if state is not None:
-            rundir.restore_state(state, ts.model, ts.ema.model, ts.opt, ts.gen, dev, dist.rank)
-            start = state.step
-            dist.main_only(functools.partial(rundir.truncate_log, paths.log, start), dev)
-            del state  # the tensors now live in the model; free the copy
-        if start >= config.steps:
-            raise ConfigError(f"the run in {out} is already at step {start}; pass a larger --steps to continue")
-        ts.distribute()
-        if config.compile:
-            why = ts.compile()
-            if dist.any(why is not None, dev):
-                ts.loss_fn = ts._losses
-                emit({"event": "warning", "message": f"--compile does not work on {dev} here "
-                      f"({why or 'it failed on another rank'}); training without it"})
-        meta = dict(model=model_config.to_dict(), diffusion=diffusion_config.to_dict(), train=config.to_dict(),
-                    dataset={**data.summary.to_dict(), **class_meta})
-        if dist.is_main:
-            atomic_write_text(paths.config, json.dumps({**meta, "world_size": dist.world_size}, indent=2) + "\n")
-        emit({"event": "start", "step": start, "steps": config.steps, "device": str(dev),
-              "precision": str(amp).replace("torch.", "") if amp else "fp32", "world_size": dist.world_size,
-              "parameters": sum(p.numel() for p in ts.model.parameters()), "resumed": resume,
-              "images": n, "local_batch": config.batch_size // dist.world_size, "is_main": dist.is_main,
-              "threads": threads, "time_limit": config.time_limit, "data": images.where})
+        ts, start, meta = _set_up(data, out, model_config, diffusion_config, config, resume, overwrite, dist, dev, emit)
 
         # --- the loop ----------------------------------------------------------------------
         loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, float("nan")
