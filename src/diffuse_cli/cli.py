@@ -826,7 +826,7 @@ def export(
 
     **Examples**
 
-        diffuse export runs/digits digits-diffusers
+        diffuse export runs/digits-plain digits-diffusers    (a run trained with --classes none)
 
         python -c "from diffusers import DDPMPipeline; DDPMPipeline.from_pretrained('digits-diffusers')(num_inference_steps=1000)"
     """
