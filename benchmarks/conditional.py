@@ -177,8 +177,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-
-
 def write_markdown(path: Path, rows: list[dict], command: str, per_class: int, held_out: float, train_s: str) -> None:
     best = [r for r in rows if r["w"] == DEFAULT_GUIDANCE]
     verdict = (

@@ -170,7 +170,9 @@ def markdown(results: list[dict], budget: str, threads: list | None, command: st
              "| model | setup | steps | FD | confident | speckled |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for r in results:
         s = r["score"]
-        lines.append(f"| {r['name']} | {r['setup']} | {r['steps']} | {s['fd']:.1f} | {s['confident']:.0%} | {s['speckled']:.0%} |")
+        lines.append(
+            f"| {r['name']} | {r['setup']} | {r['steps']} | {s['fd']:.1f} | {s['confident']:.0%} | {s['speckled']:.0%} |"
+        )
     if len(results) == 2:
         a, b = results[0]["score"]["fd"], results[1]["score"]["fd"]
         lines += ["", f"- ours / diffusers FD = {a / b:.2f} ({'ours better' if a < b else 'diffusers better'})"]
@@ -194,11 +196,16 @@ def main() -> None:
     folder = digit_folder(16)
     work = cache_dir() / "defaults-run"
     work.mkdir(parents=True, exist_ok=True)
-    results = [ours(folder, work, args.budget, args.num, args.reuse_ours), reference(folder, work, parse_duration(args.budget), args.num)]
+    results = [
+        ours(folder, work, args.budget, args.num, args.reuse_ours),
+        reference(folder, work, parse_duration(args.budget), args.num),
+    ]
     for r in results:
         r["score"] = score(r["images"])
-        print(f"{r['name']}: {r['steps']} steps in {r['train_s']:.0f} s; {r['setup']}; "
-              f"FD {r['score']['fd']:.1f}, confident {r['score']['confident']:.0%}, speckled {r['score']['speckled']:.0%}")
+        print(
+            f"{r['name']}: {r['steps']} steps in {r['train_s']:.0f} s; {r['setup']}; "
+            f"FD {r['score']['fd']:.1f}, confident {r['score']['confident']:.0%}, speckled {r['score']['speckled']:.0%}"
+        )
     threads = threads_check(folder, work) if args.threads_check else None
     for label, ips in threads or []:
         print(f"one core busy, {label}: {ips:.0f} img/s")

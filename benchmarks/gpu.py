@@ -118,8 +118,6 @@ def ddpm_cifar10(tiny: bool) -> UNetConfig:
     return UNetConfig()  # Ho et al. 2020, appendix B: 35.7M parameters
 
 
-
-
 def build(kind: str, s: Setup, channels_last: bool = True) -> tuple[torch.nn.Module, Callable, torch.optim.Optimizer]:
     """(module, callable(x_t, t) -> prediction, optimizer) for ``ours`` or ``diffusers``."""
     torch.manual_seed(0)

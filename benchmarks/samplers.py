@@ -311,8 +311,6 @@ def summarize(res: dict) -> tuple[str, list[str], bool]:
     )
 
 
-
-
 def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: int, elapsed: float) -> None:
     import diffusers
 

@@ -80,8 +80,6 @@ def build_config(quick: bool) -> UNetConfig:
                       attention_resolutions=(16,), dropout=0.1)  # fmt: skip
 
 
-
-
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, t: torch.Tensor,
               target: torch.Tensor, is_diffusers: bool, bf16: bool = False) -> Callable[[], None]:  # fmt: skip
     def step() -> None:
@@ -104,8 +102,6 @@ def flops_per_step(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, tar
         F.mse_loss(out.sample if is_diffusers else out, target).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
-
 
 
 def machine_cpu_seconds() -> tuple[float, float] | None:

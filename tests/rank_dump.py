@@ -19,8 +19,10 @@ def _dumping_train(*args, callback=None, **kwargs):
     def on_event(e: dict) -> None:
         if e["event"] == "end":
             ts, rank = e["step_obj"], e["dist"].rank
-            sd = {**{f"model.{k}": v for k, v in ts.model.state_dict().items()},
-                  **{f"ema.{k}": v for k, v in ts.ema.model.state_dict().items()}}
+            sd = {
+                **{f"model.{k}": v for k, v in ts.model.state_dict().items()},
+                **{f"ema.{k}": v for k, v in ts.ema.model.state_dict().items()},
+            }
             out = Path(os.environ["DUMP_DIR"]) / f"rank{rank}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(out))
         if callback is not None:

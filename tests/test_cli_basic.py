@@ -14,7 +14,9 @@ from helpers import invoke as run
 
 
 def test_help_lists_commands_and_is_fast():
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "diffuse_cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "diffuse_cli", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0
     for cmd in ("schedule", "noise", "train", "sample"):
         assert cmd in r.stdout
@@ -126,7 +128,22 @@ def test_noise_unwritable_output(tmp_path, photo):
 
 def test_noise_strip_frames_gif(tmp_path, photo):
     out, frames, gif = tmp_path / "strip.png", tmp_path / "frames", tmp_path / "n.gif"
-    r = run("noise", photo, "--t", "0,500,999", "--size", "32", "--out", out, "--frames", frames, "--gif", gif, "--seed", "3")
+    r = run(
+        "noise",
+        photo,
+        "--t",
+        "0,500,999",
+        "--size",
+        "32",
+        "--out",
+        out,
+        "--frames",
+        frames,
+        "--gif",
+        gif,
+        "--seed",
+        "3",
+    )
     assert r.exit_code == 0, r.output
     assert Image.open(out).size[0] > 3 * 32
     names = sorted(p.name for p in frames.iterdir())
@@ -151,7 +168,9 @@ def test_noise_strip_frames_gif(tmp_path, photo):
 
 def test_noise_same_seed_same_frames(tmp_path, photo):
     for name in ("a", "b"):
-        run("noise", photo, "--t", "100", "--size", "16", "--out", tmp_path / f"{name}.png", "--frames", tmp_path / name)
+        run(
+            "noise", photo, "--t", "100", "--size", "16", "--out", tmp_path / f"{name}.png", "--frames", tmp_path / name
+        )
     assert (tmp_path / "a" / "t0100.png").read_bytes() == (tmp_path / "b" / "t0100.png").read_bytes()
 
 

@@ -12,7 +12,6 @@ from helpers import invoke as run
 TINY = [*TINY_TRAIN, "-T", "50"]
 
 
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgs")
@@ -45,8 +44,22 @@ def test_train_writes_checkpoint_with_config(run_dir):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
 def test_sample_each_sampler(tmp_path, run_dir, sampler):
     out, grid = tmp_path / "imgs", tmp_path / "grid.png"
-    r = run("sample", run_dir, "--num", "5", "--sampler", sampler, "--out", out, "--grid", grid, "--batch-size", "2",
-            "--device", "cpu")
+    r = run(
+        "sample",
+        run_dir,
+        "--num",
+        "5",
+        "--sampler",
+        sampler,
+        "--out",
+        out,
+        "--grid",
+        grid,
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     names = sorted(p.name for p in out.iterdir())
     assert names == [f"{i:04d}.png" for i in range(5)]
@@ -60,8 +73,22 @@ def test_sample_each_sampler(tmp_path, run_dir, sampler):
 def test_sample_same_seed_same_pngs(tmp_path, run_dir):
     for name in ("a", "b", "c"):
         seed = "1" if name != "c" else "2"
-        r = run("sample", run_dir / "model.safetensors", "--num", "3", "--out", tmp_path / name, "--seed", seed,
-                "--sampler", "ddim", "--eta", "1", "--steps", "10")
+        r = run(
+            "sample",
+            run_dir / "model.safetensors",
+            "--num",
+            "3",
+            "--out",
+            tmp_path / name,
+            "--seed",
+            seed,
+            "--sampler",
+            "ddim",
+            "--eta",
+            "1",
+            "--steps",
+            "10",
+        )
         assert r.exit_code == 0, r.output
     a = [(tmp_path / "a" / f"{i:04d}.png").read_bytes() for i in range(3)]
     b = [(tmp_path / "b" / f"{i:04d}.png").read_bytes() for i in range(3)]
@@ -109,7 +136,11 @@ def test_train_bad_input(tmp_path, folder):
         (["train", folder, "--out", tmp_path / "o6", "--lr", "-1"], "--lr must be a positive", 2),
         (["train", folder, "--out", tmp_path / "o7", "--device", "tpu"], "unknown device", 2),
         (["train", "builtin:nothing", "--out", tmp_path / "o8"], "digits", 1),
-        (["train", folder, "--out", tmp_path / "o9", "--channels", "2"], "--channels must be 1 (grayscale) or 3 (RGB)", 2),
+        (
+            ["train", folder, "--out", tmp_path / "o9", "--channels", "2"],
+            "--channels must be 1 (grayscale) or 3 (RGB)",
+            2,
+        ),
         (["train", folder, "--out", tmp_path / "o5", "--resume", "--overwrite"], "pass only one of them", 2),
     ]
     for args, msg, code in cases:
@@ -118,7 +149,9 @@ def test_train_bad_input(tmp_path, folder):
     import torch
 
     if not torch.cuda.is_available():
-        assert "CUDA is not available" in one_line_error(run("train", folder, "--out", tmp_path / "o10", "--device", "cuda"), 2)
+        assert "CUDA is not available" in one_line_error(
+            run("train", folder, "--out", tmp_path / "o10", "--device", "cuda"), 2
+        )
     # nothing was created for refused runs
     assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
 
@@ -172,7 +205,8 @@ def class_run(tmp_path_factory):
         for i in range(3):
             (d / name / ("nested" if i == 2 else "")).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (12, 12), tuple(min(255, c + 10 * i) for c in colour)).save(
-                d / name / ("nested" if i == 2 else "") / f"{i}.png")
+                d / name / ("nested" if i == 2 else "") / f"{i}.png"
+            )
     out = tmp_path_factory.mktemp("crun") / "r"
     r = run("train", d, "--out", out, "--image-size", "8", *TINY)
     assert r.exit_code == 0, r.output
@@ -209,14 +243,34 @@ def test_classes_none_trains_unconditionally(class_run, tmp_path):
 def test_sample_classes_one_row_each(class_run, tmp_path):
     _, out = class_run
     imgs, grid = tmp_path / "imgs", tmp_path / "grid.png"
-    r = run("sample", out, "--class", "red", "--class", "0", "--num", "3", "--out", imgs, "--grid", grid,
-            "--steps", "5", "--device", "cpu")
+    r = run(
+        "sample",
+        out,
+        "--class",
+        "red",
+        "--class",
+        "0",
+        "--num",
+        "3",
+        "--out",
+        imgs,
+        "--grid",
+        grid,
+        "--steps",
+        "5",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "red, blue: 3 image(s) each, guidance w = " in r.output
-    assert sorted(p.name for p in imgs.iterdir()) == [f"{i:04d}-{c}.png" for i, c in enumerate(["red"] * 3 + ["blue"] * 3)]
+    assert sorted(p.name for p in imgs.iterdir()) == [
+        f"{i:04d}-{c}.png" for i, c in enumerate(["red"] * 3 + ["blue"] * 3)
+    ]
     g = Image.open(grid)
     assert g.size[0] * 22 == g.size[1] * 32  # 3 columns, 2 rows of 8 px + 2 px padding: one row per class
-    r = run("sample", out, "--class", "blue", "--num", "2", "--guidance", "1", "--out", tmp_path / "one", "--steps", "5")
+    r = run(
+        "sample", out, "--class", "blue", "--num", "2", "--guidance", "1", "--out", tmp_path / "one", "--steps", "5"
+    )
     assert r.exit_code == 0, r.output
 
 

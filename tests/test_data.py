@@ -238,7 +238,9 @@ def test_zoo_scan_order_hidden_and_symlinks(zoo):
 def test_zoo_values(zoo, locked):
     ds = D.load_folder(zoo, 16)
     missing = _undecodable(zoo)
-    used = [r for p in D.scan_folder(zoo) if p.name not in _bad() and (r := p.relative_to(zoo).as_posix()) not in missing]
+    used = [
+        r for p in D.scan_folder(zoo) if p.name not in _bad() and (r := p.relative_to(zoo).as_posix()) not in missing
+    ]
     assert len(used) == len(ds)
     at = dict(zip(used, ds.images, strict=True))
     at.update(dict.fromkeys(missing, torch.tensor([])))  # nothing to check for files this build cannot read

@@ -97,7 +97,20 @@ def test_time_budget_stops_saves_and_resumes(tmp_path, fake_clock):
 
 
 def test_time_without_steps_trains_until_the_budget(tmp_path, fake_clock):
-    r = invoke("train", "builtin:digits", "--out", tmp_path / "r", "--preset", "tiny", "-b", "4", "--time", "10s", "--device", "cpu")
+    r = invoke(
+        "train",
+        "builtin:digits",
+        "--out",
+        tmp_path / "r",
+        "--preset",
+        "tiny",
+        "-b",
+        "4",
+        "--time",
+        "10s",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "training for 10 s" in r.output and "1000000000" not in r.output
 

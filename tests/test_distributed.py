@@ -38,9 +38,20 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", **extra}
 
 
-def train(out: Path, steps: int, nproc: int = 1, *extra: str, env: dict | None = None,
-          entry: list[str] | None = None) -> subprocess.CompletedProcess:
-    cli = [*(entry or ["-m", "diffuse_cli"]), "train", "builtin:digits", "--out", str(out), "--steps", str(steps), *ARGS, *extra]
+def train(
+    out: Path, steps: int, nproc: int = 1, *extra: str, env: dict | None = None, entry: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    cli = [
+        *(entry or ["-m", "diffuse_cli"]),
+        "train",
+        "builtin:digits",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        *ARGS,
+        *extra,
+    ]
     # --standalone: a private rendezvous on a free port, so parallel test runs do not collide.
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     return subprocess.run([sys.executable, *launch, *cli], capture_output=True, text=True, timeout=TIMEOUT,
@@ -84,8 +95,15 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     dump = root / "ranks"
     dump.mkdir()
-    two = train(root / "two", 4, 2, "--sample-every", "4", env=_env(DUMP_DIR=str(dump)),
-                entry=[str(Path(__file__).with_name("rank_dump.py"))])
+    two = train(
+        root / "two",
+        4,
+        2,
+        "--sample-every",
+        "4",
+        env=_env(DUMP_DIR=str(dump)),
+        entry=[str(Path(__file__).with_name("rank_dump.py"))],
+    )
     assert two.returncode == 0, two.stdout + two.stderr
     one = train(root / "one", 6)
     assert one.returncode == 0, one.stdout + one.stderr

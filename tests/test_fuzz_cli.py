@@ -359,7 +359,21 @@ def test_out_of_memory_is_one_line(place, monkeypatch, tmp_path):
         )
 
     monkeypatch.setattr(unet.UNet, "__init__", boom)
-    r = runner.invoke(app, ["train", "builtin:digits", "--preset", "tiny", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "r")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "builtin:digits",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert r.exit_code == 1, r.output
     assert r.stderr.strip() == (
         "error: out of memory (tried to allocate 160000000000 bytes); try a smaller --batch-size, --image-size or model"
@@ -370,7 +384,21 @@ def test_out_of_memory_is_one_line(place, monkeypatch, tmp_path):
         raise RuntimeError("some other internal failure")
 
     monkeypatch.setattr(unet.UNet, "__init__", other)
-    r = runner.invoke(app, ["train", "builtin:digits", "--preset", "tiny", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "r2")])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "builtin:digits",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+    )
     assert isinstance(r.exception, RuntimeError)  # not an allocation failure: `main` reports it as unexpected
 
 

@@ -27,7 +27,6 @@ from helpers import one_line_error
 diffusers = pytest.importorskip("diffusers")
 
 
-
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
     """Perturb every weight (zero-initialised layers included) so every path carries signal."""
     g = torch.Generator().manual_seed(seed)

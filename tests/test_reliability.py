@@ -261,10 +261,12 @@ def test_sigkill_during_state_write_then_resume(tmp_path):
     assert log == sorted(set(log)), "steps logged after state 5 were logged again after the resume"
 
 
-
 def resume_to_6(run):
     """`diffuse train --resume` of the tiny run to step 6, saving every 2 steps."""
-    return invoke("train", "builtin:digits", *TINY, "--steps", 6, "--save-every", 2, "--sample-every", 0, "--out", run, "--resume")
+    return invoke(
+        "train", "builtin:digits", *TINY, "--steps", 6, "--save-every", 2, "--sample-every", 0, "--out", run, "--resume"
+    )
+
 
 def test_resume_removes_torn_writes_everywhere(run_copy):
     """What a SIGKILL can leave: hidden temporaries beside the model, the states and the previews, a torn log line."""

@@ -17,8 +17,15 @@ from diffuse_cli.engine.diffusion import DiffusionConfig
 from diffuse_cli.engine.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingDiverged
 from diffuse_cli.engine.unet import UNetConfig
 
-MODEL = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
-                   attention_resolutions=(4,), dropout=0.1)
+MODEL = UNetConfig(
+    image_size=8,
+    in_channels=1,
+    base_channels=32,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.1,
+)
 DIFF = DiffusionConfig(schedule="cosine", timesteps=100)
 
 
@@ -28,8 +35,9 @@ def digits():
 
 
 def cfg(**kw):
-    base = dict(steps=6, batch_size=8, save_every=3, sample_every=0, log_every=1, warmup=2, num_preview=4,
-                preview_steps=5)
+    base = dict(
+        steps=6, batch_size=8, save_every=3, sample_every=0, log_every=1, warmup=2, num_preview=4, preview_steps=5
+    )
     return training.TrainConfig(**{**base, **kw})
 
 
@@ -39,7 +47,9 @@ def weights(path):
 
 def test_end_to_end_writes_self_describing_checkpoint(tmp_path, digits):
     events = []
-    res = training.train(digits, tmp_path / "run", MODEL, DIFF, cfg(sample_every=6), device="cpu", callback=events.append)
+    res = training.train(
+        digits, tmp_path / "run", MODEL, DIFF, cfg(sample_every=6), device="cpu", callback=events.append
+    )
     run = tmp_path / "run"
     ck = ckpt.load(run / "model.safetensors")
     assert ck.kind == "model" and ck.step == 6
@@ -60,8 +70,14 @@ def test_end_to_end_writes_self_describing_checkpoint(tmp_path, digits):
 
 
 def test_loss_decreases(tmp_path, digits):
-    training.train(digits, tmp_path / "r", MODEL, DIFF, cfg(steps=60, batch_size=16, save_every=60, lr=2e-3,
-                                                            warmup=5, log_every=10), device="cpu")
+    training.train(
+        digits,
+        tmp_path / "r",
+        MODEL,
+        DIFF,
+        cfg(steps=60, batch_size=16, save_every=60, lr=2e-3, warmup=5, log_every=10),
+        device="cpu",
+    )
     log = [json.loads(line)["loss"] for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6
     assert sum(log[-2:]) / 2 < 0.6 * log[0], log
@@ -78,9 +94,10 @@ def test_resume_is_bit_exact(tmp_path, digits):
         assert torch.equal(a[k], b[k]), k
     # and the runs really moved: weights differ from step 3
     c = weights(tmp_path / "half" / "checkpoints" / "state-00000003.safetensors")
-    assert not torch.equal(a["model.out_conv.weight" if "model.out_conv.weight" in a else next(iter(a))],
-                           c["model.out_conv.weight" if "model.out_conv.weight" in c else next(iter(c))]) or any(
-        not torch.equal(a[k], c[k]) for k in a if k.startswith("model."))
+    assert not torch.equal(
+        a["model.out_conv.weight" if "model.out_conv.weight" in a else next(iter(a))],
+        c["model.out_conv.weight" if "model.out_conv.weight" in c else next(iter(c))],
+    ) or any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model."))
 
 
 def test_occupied_out_dir_refused(tmp_path, digits):

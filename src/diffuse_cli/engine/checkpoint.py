@@ -75,8 +75,18 @@ def _crc32(tensors: dict[str, torch.Tensor]) -> str:
     return f"{crc:08x}"
 
 
-def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str, model: dict, diffusion: dict,
-         train: dict | None = None, dataset: dict | None = None, step: int = 0, extra: dict | None = None) -> Path:
+def save(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    *,
+    kind: str,
+    model: dict,
+    diffusion: dict,
+    train: dict | None = None,
+    dataset: dict | None = None,
+    step: int = 0,
+    extra: dict | None = None,
+) -> Path:
     """Write a checkpoint atomically (temp file, fsync, rename). Returns the path."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
@@ -92,8 +102,10 @@ def save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *, kind: str
         "extra": json.dumps(extra or {}),
     }
     # safetensors wants contiguous CPU tensors that do not share memory.
-    flat = {k: v.detach().to("cpu").contiguous().clone() if v.is_cuda or not v.is_contiguous() else v.detach().contiguous()
-            for k, v in tensors.items()}
+    flat = {
+        k: v.detach().to("cpu").contiguous().clone() if v.is_cuda or not v.is_contiguous() else v.detach().contiguous()
+        for k, v in tensors.items()
+    }
     meta["diffuse.crc32"] = _crc32(flat)
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -155,8 +167,9 @@ def _sniff(path: Path) -> None:
         raise CheckpointError(f"{path} is corrupt or truncated (its safetensors header length does not fit the file)")
 
 
-def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_kind: str | None = None,
-         tensors: bool = True) -> Checkpoint:
+def load(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_kind: str | None = None, tensors: bool = True
+) -> Checkpoint:
     """Read and validate a diffuse checkpoint. A run folder means its ``model.safetensors``.
 
     ``tensors=False`` reads the metadata only (configs, step): cheap, and the tensor checksum is
@@ -188,7 +201,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"{path} is corrupt or truncated: {msg}") from err
     if meta["diffuse.format"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {meta['diffuse.format']!r}; this diffuse reads {FORMAT_VERSION!r}")
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta['diffuse.format']!r}; this diffuse reads {FORMAT_VERSION!r}"
+        )
     try:
         ck = Checkpoint(
             path=path,
@@ -209,8 +224,10 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", expect_
     if ck.kind not in KINDS:
         raise CheckpointError(f"{path} has damaged diffuse metadata (unknown checkpoint kind {ck.kind!r})")
     if read_tensors and "diffuse.crc32" in meta and meta["diffuse.crc32"] != _crc32(tensors):
-        raise CheckpointError(f"{path} is corrupt: its tensor data does not match the checksum stored with it "
-                              "(damaged on disk or in a copy)")
+        raise CheckpointError(
+            f"{path} is corrupt: its tensor data does not match the checksum stored with it "
+            "(damaged on disk or in a copy)"
+        )
     if expect_kind and ck.kind != expect_kind:
         raise CheckpointError(f"{path} is a {ck.kind!r} checkpoint; expected {expect_kind!r}")
     return ck
@@ -241,7 +258,9 @@ def check_weights(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)})"
+            )
         raise CheckpointError(f"weights in {path} do not match its model config: " + "; ".join(parts))
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:

@@ -242,8 +242,10 @@ class TrainConfig:
             (self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})"),
             (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
             (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {', '.join(WEIGHTINGS)}"),
-            (isinstance(self.cond_drop, (int, float)) and 0.0 <= self.cond_drop < 1.0,
-             f"--cond-drop must be in [0, 1) (got {self.cond_drop})"),
+            (
+                isinstance(self.cond_drop, (int, float)) and 0.0 <= self.cond_drop < 1.0,
+                f"--cond-drop must be in [0, 1) (got {self.cond_drop})",
+            ),
             (self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})"),
             (self.sample_every >= 0, f"--sample-every must be >= 0 (got {self.sample_every})"),
             (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),
@@ -297,4 +299,3 @@ def parse_duration(text: str) -> float:
     if not seconds > 0:
         raise ConfigError(f"--time must be positive (got {text!r})")
     return seconds
-

@@ -216,7 +216,6 @@ def from_model_range(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().clamp(-1.0, 1.0).add(1.0).mul_(127.5).round_().to(torch.uint8)
 
 
-
 # --------------------------------------------------------------------------- finding files
 
 
@@ -468,11 +467,20 @@ def folder_classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torc
     if not names:
         return (), None, ()
     if loose:
-        return (), None, (f"{_plural(loose, 'image')} directly in {display_path(root)}, so its sub-folders "
-                          "are not used as classes (put every image in a class folder to train with classes)",)
+        return (
+            (),
+            None,
+            (
+                f"{_plural(loose, 'image')} directly in {display_path(root)}, so its sub-folders "
+                "are not used as classes (put every image in a class folder to train with classes)",
+            ),
+        )
     if len(names) == 1:
-        return (), None, (f"all images are in one sub-folder ({display_path(names[0])}): one class, so training "
-                          "is unconditional",)
+        return (
+            (),
+            None,
+            (f"all images are in one sub-folder ({display_path(names[0])}): one class, so training is unconditional",),
+        )
     ids = {name: i for i, name in enumerate(names)}
     labels = torch.tensor([ids[q[0]] for q in parts], dtype=torch.int64)
     return tuple(display_path(n) for n in names), labels, ()

@@ -46,7 +46,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto")
+            raise ConfigError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu or auto"
+            )
         if name == "cuda":
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device(name)

@@ -97,7 +97,9 @@ class Diffusion:
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # beta~_0 = 0; improved-diffusion clips the log at t = 0 to beta~_1 for numerical safety.
         pv = self.posterior_variance
-        self.posterior_log_variance_clipped = torch.cat([pv[1:2], pv[1:]]).log() if len(pv) > 1 else pv.clamp(min=1e-20).log()
+        self.posterior_log_variance_clipped = (
+            torch.cat([pv[1:2], pv[1:]]).log() if len(pv) > 1 else pv.clamp(min=1e-20).log()
+        )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
@@ -120,9 +122,15 @@ class Diffusion:
 
     def schedule_record(self, kind: str) -> dict:
         """Every t's beta, alpha_bar and SNR as plain lists (``diffuse schedule --format json/csv``)."""
-        return {"kind": kind, "timesteps": self.num_timesteps, "zero_terminal_snr": self.config.zero_terminal_snr,
-                "t": list(range(self.num_timesteps)), "beta": self.betas.tolist(), "alpha_bar": self.alphas_cumprod.tolist(),
-                "snr": self.snr.tolist()}
+        return {
+            "kind": kind,
+            "timesteps": self.num_timesteps,
+            "zero_terminal_snr": self.config.zero_terminal_snr,
+            "t": list(range(self.num_timesteps)),
+            "beta": self.betas.tolist(),
+            "alpha_bar": self.alphas_cumprod.tolist(),
+            "snr": self.snr.tolist(),
+        }
 
     @staticmethod
     def _coef(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -137,15 +145,28 @@ class Diffusion:
         var = self._coef(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
         return mean, var
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def q_sample(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) in closed form: sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
         if eps is None:
             eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return self._coef(self.sqrt_alphas_cumprod, t, x0) * x0 + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * eps
+        return (
+            self._coef(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0) * eps
+        )
 
-    def q_step_sample(self, x_prev: torch.Tensor, t: torch.Tensor, eps: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+    def q_step_sample(
+        self,
+        x_prev: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """One forward step x_t ~ q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I) (DDPM eq. 2).
 
         With ``t = 0`` the input is the clean image x_0.
@@ -162,8 +183,9 @@ class Diffusion:
             x = self.q_step_sample(x, ts, generator=generator)
         return x
 
-    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7)."""
         mean = self._coef(self.posterior_mean_coef1, t, x_t) * x0 + self._coef(self.posterior_mean_coef2, t, x_t) * x_t
         var = self._coef(self.posterior_variance, t, x_t)
@@ -171,20 +193,24 @@ class Diffusion:
         return mean, var, log_var
 
     # --- what a network can predict --------------------------------------------------
-    def split_prediction(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                         prediction: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_prediction(
+        self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn a network output of kind ``prediction`` (default: the config's) into (x0, eps)."""
         a, s = self._coef(self.sqrt_alphas_cumprod, t, x_t), self._coef(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         return to_x0_eps(prediction or self.prediction, pred, x_t, a, s)
 
-    def target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction: str | None = None) -> torch.Tensor:
+    def target(
+        self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction: str | None = None
+    ) -> torch.Tensor:
         """What a network of kind ``prediction`` should output for (x0, eps, t)."""
         a, s = self._coef(self.sqrt_alphas_cumprod, t, x0), self._coef(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return from_x0_eps(prediction or self.prediction, x0, eps, a, s)
 
     # --- training objective ---------------------------------------------------------
-    def loss_weight(self, t: torch.Tensor, weighting: str = "uniform", gamma: float = 5.0,
-                    prediction: str | None = None) -> torch.Tensor:
+    def loss_weight(
+        self, t: torch.Tensor, weighting: str = "uniform", gamma: float = 5.0, prediction: str | None = None
+    ) -> torch.Tensor:
         """Per-sample loss weight, shape (B,), float32.
 
         ``min-snr``: Hang et al. (2023), "Efficient Diffusion Training via Min-SNR Weighting",

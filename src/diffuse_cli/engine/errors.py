@@ -64,6 +64,7 @@ def out_of_memory_reason(err: BaseException) -> str | None:
     if not (isinstance(err, MemoryError) or any(m in text.lower() for m in markers)):
         return None
     size = re.search(r"allocate ([\d.]+ ?[KMGTP]?i?B|\d+ bytes)", text)
-    return (f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}; "
-            "try a smaller --batch-size, --image-size or model")
-
+    return (
+        f"out of memory{f' (tried to allocate {size.group(1)})' if size else ''}; "
+        "try a smaller --batch-size, --image-size or model"
+    )

@@ -35,8 +35,9 @@ def default_timesteps(T: int) -> list[int]:
     return sorted({0, T // 20, T // 10, T // 4, T // 2, (3 * T) // 4, T - 1})
 
 
-def noise_image(image: Path, diffusion: Diffusion, ts: list[int] | None, size: int, seed: int = 0,
-                iterative: bool = False) -> tuple[torch.Tensor, list[Panel]]:
+def noise_image(
+    image: Path, diffusion: Diffusion, ts: list[int] | None, size: int, seed: int = 0, iterative: bool = False
+) -> tuple[torch.Tensor, list[Panel]]:
     """x_0 of ``image`` (resized and centre-cropped to ``size``, uint8) and one :class:`Panel` per t."""
     check_seed(seed)
     T = diffusion.num_timesteps
@@ -60,6 +61,14 @@ def noise_image(image: Path, diffusion: Diffusion, ts: list[int] | None, size: i
         u8 = to_uint8(x_t[0])
         mse = (u8.float() - x0_u8.float()).pow(2).mean().item()
         psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-        panels.append(Panel(t, u8, float(diffusion.sqrt_alphas_cumprod[t]),
-                            float(diffusion.sqrt_one_minus_alphas_cumprod[t]), float(diffusion.snr[t]), psnr))
+        panels.append(
+            Panel(
+                t,
+                u8,
+                float(diffusion.sqrt_alphas_cumprod[t]),
+                float(diffusion.sqrt_one_minus_alphas_cumprod[t]),
+                float(diffusion.snr[t]),
+                psnr,
+            )
+        )
     return x0_u8, panels

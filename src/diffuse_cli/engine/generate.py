@@ -103,8 +103,16 @@ def generate(
         gens = image_generators(seed, start, b, device)
         x_T = samplers.noise_like((b, *shape), gens, device)
         call = net if classes is None else guided(net, classes[start : start + b], guidance, null_class=null)
-        x0 = samplers.sample(call, diffusion, x_T, sampler=sampler, steps=steps, generator=gens,
-                             callback=trajectory if start == 0 else None, **options)
+        x0 = samplers.sample(
+            call,
+            diffusion,
+            x_T,
+            sampler=sampler,
+            steps=steps,
+            generator=gens,
+            callback=trajectory if start == 0 else None,
+            **options,
+        )
         out.append(x0.float().cpu())
         if progress is not None:
             progress(start + b)

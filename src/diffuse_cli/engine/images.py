@@ -222,4 +222,3 @@ def trajectory_frames(frames: Sequence[tuple[torch.Tensor, torch.Tensor]], max_f
     keep = max(1, math.ceil(len(frames) / max_frames))
     frames = list(frames)[::-1][::keep][::-1]
     return [upscale(make_grid(torch.cat([x_t, x0]), nrow=x_t.shape[0]), 256) for x_t, x0 in frames]
-

@@ -182,8 +182,10 @@ def unet_config(config: UNetConfig, layout: DiffusersLayout | None = None) -> di
     """UNet2DModel's config.json for our U-Net, or Unsupported naming what diffusers cannot express."""
     layout = layout or DiffusersLayout()
     if getattr(config, "num_classes", 0):
-        raise Unsupported("this model is class-conditional; diffusers' DDPMPipeline has no class input, so it cannot "
-                          "be exported (train with --classes none for an exportable model)")
+        raise Unsupported(
+            "this model is class-conditional; diffusers' DDPMPipeline has no class input, so it cannot "
+            "be exported (train with --classes none for an exportable model)"
+        )
     groups = _group_counts(config)
     if len(groups) != 1:
         raise Unsupported(

@@ -176,8 +176,13 @@ def append_log(path: Path, record: dict) -> None:
         raise OutputError(describe_os_error(err, path)) from err
 
 
-def state_tensors(model: torch.nn.Module, ema_model: torch.nn.Module, opt: torch.optim.Optimizer,
-                  gen: torch.Generator, device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+def state_tensors(
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    device: torch.device,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Everything a resumed run needs, as safetensors-ready tensors plus the optimizer's JSON extras."""
     opt_tensors, opt_extra = _optimizer_tensors(opt)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -190,8 +195,15 @@ def state_tensors(model: torch.nn.Module, ema_model: torch.nn.Module, opt: torch
     return tensors, {"optimizer": opt_extra}
 
 
-def restore_state(state: ckpt.Checkpoint, model: torch.nn.Module, ema_model: torch.nn.Module,
-                  opt: torch.optim.Optimizer, gen: torch.Generator, device: torch.device, rank: int) -> None:
+def restore_state(
+    state: ckpt.Checkpoint,
+    model: torch.nn.Module,
+    ema_model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    device: torch.device,
+    rank: int,
+) -> None:
     """Load a training state written by :func:`state_tensors` into the live objects."""
     ckpt.load_weights_into(model, ckpt.prefixed(state.tensors, "model."), state.path)
     ckpt.load_weights_into(ema_model, ckpt.prefixed(state.tensors, "ema."), state.path)
@@ -222,12 +234,13 @@ def prepare_sample_dir(out: Path, overwrite: bool) -> None:
         raise OutputError(f"--out {out} is a file, not a folder")
     old = sorted(p for p in out.iterdir() if _NUMBERED_PNG.fullmatch(p.name)) if out.is_dir() else []
     if old and not overwrite:
-        raise OutputError(f"--out {out} already holds {len(old)} generated images ({old[0].name} ...); "
-                          "pass --overwrite to replace them or choose another --out")
+        raise OutputError(
+            f"--out {out} already holds {len(old)} generated images ({old[0].name} ...); "
+            "pass --overwrite to replace them or choose another --out"
+        )
     for p in old:
         try:
             p.unlink()
         except OSError as err:
             raise OutputError(describe_os_error(err, p)) from err
     ensure_dir(out)
-

@@ -462,7 +462,9 @@ def sample(
     for name in opts:
         if name not in accepted:
             users = [n for n, f in SAMPLERS.items() if name in inspect.signature(f).parameters]
-            raise ConfigError(f"--{name.replace('_', '-')} applies to --sampler {' or '.join(users) or 'none'}, not {sampler}")
+            raise ConfigError(
+                f"--{name.replace('_', '-')} applies to --sampler {' or '.join(users) or 'none'}, not {sampler}"
+            )
     if steps is None:
         steps = default_steps(sampler, diffusion.num_timesteps)
     return fn(model, diffusion, x_T, steps=steps, **opts)

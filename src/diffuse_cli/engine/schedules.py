@@ -34,9 +34,7 @@ def _check_timesteps(timesteps: int) -> None:
 def _check_common(timesteps: int, beta_start: float, beta_end: float) -> None:
     _check_timesteps(timesteps)
     if not (0.0 < beta_start < beta_end < 1.0):
-        raise ConfigError(
-            f"need 0 < beta_start < beta_end < 1 (got beta_start={beta_start:g}, beta_end={beta_end:g})"
-        )
+        raise ConfigError(f"need 0 < beta_start < beta_end < 1 (got beta_start={beta_start:g}, beta_end={beta_end:g})")
 
 
 def linear(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: float = DEFAULT_BETA_END) -> torch.Tensor:
@@ -47,7 +45,9 @@ def linear(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: flo
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
-def quadratic(timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: float = DEFAULT_BETA_END) -> torch.Tensor:
+def quadratic(
+    timesteps: int, beta_start: float = DEFAULT_BETA_START, beta_end: float = DEFAULT_BETA_END
+) -> torch.Tensor:
     """Betas linear in sqrt(beta) between the endpoints (sometimes called "binomial")."""
     _check_common(timesteps, beta_start, beta_end)
     if timesteps == 1:

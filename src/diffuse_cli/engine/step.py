@@ -104,7 +104,9 @@ class TrainStep:
             self.loss_fn = fn
         return why
 
-    def _losses(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def _losses(
+        self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         net = self.net if y is None else (lambda x_t, t_: self.net(x_t, t_, y))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self.diffusion.training_losses(net, x0, t=t, eps=eps, weighting=self.config.loss_weighting)
@@ -150,9 +152,16 @@ class TrainStep:
         return loss.detach()
 
 
-def make_train_step(model_config, diffusion_config: DiffusionConfig, config, images,
-                    device: torch.device, dist: Dist | None = None, amp: torch.dtype | None = None,
-                    labels: torch.Tensor | None = None) -> TrainStep:
+def make_train_step(
+    model_config,
+    diffusion_config: DiffusionConfig,
+    config,
+    images,
+    device: torch.device,
+    dist: Dist | None = None,
+    amp: torch.dtype | None = None,
+    labels: torch.Tensor | None = None,
+) -> TrainStep:
     """Build model, optimizer, EMA and generator for ``config`` (a TrainConfig) on ``device``.
 
     The initial weights depend only on ``config.seed`` (the same on every rank); dropout streams
@@ -161,8 +170,10 @@ def make_train_step(model_config, diffusion_config: DiffusionConfig, config, ima
     ``labels`` (int64 (N,) in [0, num_classes)) are required by, and only used by, a conditional model.
     """
     if bool(model_config.num_classes) != (labels is not None):
-        raise ConfigError("a class-conditional model needs labels and an unconditional one takes none "
-                          f"(num_classes = {model_config.num_classes}, labels {'given' if labels is not None else 'missing'})")
+        raise ConfigError(
+            "a class-conditional model needs labels and an unconditional one takes none "
+            f"(num_classes = {model_config.num_classes}, labels {'given' if labels is not None else 'missing'})"
+        )
     from .unet import UNet
 
     dist = dist or Dist()

@@ -70,10 +70,20 @@ def _preview(ts: TrainStep, out: Path, step: int, config: TrainConfig, emit: Cal
     nrow = math.ceil(math.sqrt(config.num_preview))
     # A conditional model previews its classes in turn, guided as `diffuse sample --class` is by default.
     classes = torch.arange(config.num_preview) % k if k else None
-    x0 = generate(ts.ema.model, ts.diffusion, config.num_preview, tuple(ts.images.shape[1:]),
-                  steps=min(config.preview_steps, ts.diffusion.num_timesteps), seed=config.seed,
-                  batch_size=config.num_preview, device=ts.device, amp=ts.amp, clip_x0=True,
-                  classes=classes, guidance=DEFAULT_GUIDANCE)
+    x0 = generate(
+        ts.ema.model,
+        ts.diffusion,
+        config.num_preview,
+        tuple(ts.images.shape[1:]),
+        steps=min(config.preview_steps, ts.diffusion.num_timesteps),
+        seed=config.seed,
+        batch_size=config.num_preview,
+        device=ts.device,
+        amp=ts.amp,
+        clip_x0=True,
+        classes=classes,
+        guidance=DEFAULT_GUIDANCE,
+    )
     p = rundir.RunPaths(out).samples / f"step-{step:06d}.png"
     img.save_image(img.upscale(img.make_grid(x0, nrow=nrow), 256), p)
     emit({"event": "preview", "step": step, "path": str(p)})
@@ -90,8 +100,10 @@ def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]
         return None, {}
     names = list(getattr(data, "classes", ()) or ())
     if data.labels is None or not names:
-        raise ConfigError(f"this model is class-conditional ({k} classes) but the data has no labels; "
-                          "give a folder with one sub-folder per class, or builtin:digits")
+        raise ConfigError(
+            f"this model is class-conditional ({k} classes) but the data has no labels; "
+            "give a folder with one sub-folder per class, or builtin:digits"
+        )
     if state is not None and state.dataset.get("classes") not in (None, names):
         stored = state.dataset["classes"]
         raise ConfigError(f"the data's classes ({', '.join(names)}) are not the run's ({', '.join(map(str, stored))})")
@@ -100,8 +112,18 @@ def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]
     return data.labels, {"classes": names}
 
 
-def _set_up(data, out: Path, model_config, diffusion_config, config: TrainConfig, resume: bool, overwrite: bool,
-            dist, dev: torch.device, emit: Callback) -> tuple[TrainStep, int, dict]:
+def _set_up(
+    data,
+    out: Path,
+    model_config,
+    diffusion_config,
+    config: TrainConfig,
+    resume: bool,
+    overwrite: bool,
+    dist,
+    dev: torch.device,
+    emit: Callback,
+) -> tuple[TrainStep, int, dict]:
     """Everything before the first step: the run folder, the configs (from the state on resume), the step
     (model, optimizer, EMA, data generator; restored on resume), config.json and the "start" event."""
     from .unet import UNetConfig
@@ -119,9 +141,13 @@ def _set_up(data, out: Path, model_config, diffusion_config, config: TrainConfig
     n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
     if (model_config.in_channels, model_config.image_size) != (c, s):
         m = model_config
-        raise ConfigError(f"the data are {c}x{s}x{s} but the model expects {m.in_channels}x{m.image_size}x{m.image_size}")
+        raise ConfigError(
+            f"the data are {c}x{s}x{s} but the model expects {m.in_channels}x{m.image_size}x{m.image_size}"
+        )
     if config.batch_size % dist.world_size:
-        raise ConfigError(f"--batch-size {config.batch_size} (global) must be divisible by the {dist.world_size} processes")
+        raise ConfigError(
+            f"--batch-size {config.batch_size} (global) must be divisible by the {dist.world_size} processes"
+        )
 
     # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
     labels, class_meta = _class_labels(data, model_config, state)
@@ -141,17 +167,39 @@ def _set_up(data, out: Path, model_config, diffusion_config, config: TrainConfig
         why = ts.compile()
         if dist.any(why is not None, dev):
             ts.loss_fn = ts._losses
-            emit({"event": "warning", "message": f"--compile does not work on {dev} here "
-                  f"({why or 'it failed on another rank'}); training without it"})
-    meta = dict(model=model_config.to_dict(), diffusion=diffusion_config.to_dict(), train=config.to_dict(),
-                dataset={**data.summary.to_dict(), **class_meta})
+            emit(
+                {
+                    "event": "warning",
+                    "message": f"--compile does not work on {dev} here "
+                    f"({why or 'it failed on another rank'}); training without it",
+                }
+            )
+    meta = dict(
+        model=model_config.to_dict(),
+        diffusion=diffusion_config.to_dict(),
+        train=config.to_dict(),
+        dataset={**data.summary.to_dict(), **class_meta},
+    )
     if dist.is_main:
         atomic_write_text(paths.config, json.dumps({**meta, "world_size": dist.world_size}, indent=2) + "\n")
-    emit({"event": "start", "step": start, "steps": config.steps, "device": str(dev),
-          "precision": str(amp).replace("torch.", "") if amp else "fp32", "world_size": dist.world_size,
-          "parameters": sum(p.numel() for p in ts.model.parameters()), "resumed": resume,
-          "images": n, "local_batch": config.batch_size // dist.world_size, "is_main": dist.is_main,
-          "threads": threads, "time_limit": config.time_limit, "data": images.where})
+    emit(
+        {
+            "event": "start",
+            "step": start,
+            "steps": config.steps,
+            "device": str(dev),
+            "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "world_size": dist.world_size,
+            "parameters": sum(p.numel() for p in ts.model.parameters()),
+            "resumed": resume,
+            "images": n,
+            "local_batch": config.batch_size // dist.world_size,
+            "is_main": dist.is_main,
+            "threads": threads,
+            "time_limit": config.time_limit,
+            "data": images.where,
+        }
+    )
     return ts, start, meta
 
 
@@ -203,11 +251,18 @@ def train(
                     if not math.isfinite(last_loss):
                         raise TrainingDiverged(
                             f"the loss became {last_loss} near step {step}; stopped without saving, the last good "
-                            f"checkpoint (step {last_saved}) is kept; try a lower --lr or --grad-clip 1")
+                            f"checkpoint (step {last_saved}) is kept; try a lower --lr or --grad-clip 1"
+                        )
                     now = _clock()
-                    rec = {"step": step, "loss": last_loss, "lr": lr_at(step - 1, config.lr, config.warmup),
-                           "img_per_s": loss_count * config.batch_size / max(now - t_log, 1e-9), "elapsed": now - t0,
-                           "data_ms": 1e3 * ts.data_s / loss_count, "step_ms": 1e3 * (now - t_log) / loss_count}
+                    rec = {
+                        "step": step,
+                        "loss": last_loss,
+                        "lr": lr_at(step - 1, config.lr, config.warmup),
+                        "img_per_s": loss_count * config.batch_size / max(now - t_log, 1e-9),
+                        "elapsed": now - t0,
+                        "data_ms": 1e3 * ts.data_s / loss_count,
+                        "step_ms": 1e3 * (now - t_log) / loss_count,
+                    }
                     ts.data_s = 0.0
                     dist.main_only(functools.partial(rundir.append_log, paths.log, rec), dev)
                     emit({"event": "log", **rec})
@@ -226,14 +281,24 @@ def train(
                     if step > last_saved:
                         dist.main_only(functools.partial(_save, ts, out, step, meta, config.keep, emit), dev)
                     name = "Ctrl-C" if stop.signal in (None, signal.SIGINT) else "SIGTERM"
-                    raise Interrupted(f"{name} at step {step}; the state is saved in {out} — "
-                                      f"continue with the same command plus --resume", signum=stop.signal or signal.SIGINT)
+                    raise Interrupted(
+                        f"{name} at step {step}; the state is saved in {out} — "
+                        f"continue with the same command plus --resume",
+                        signum=stop.signal or signal.SIGINT,
+                    )
                 emit({"event": "step", "step": step, "elapsed": _clock() - t0})
                 if done:
                     break
         emit({"event": "end", "step": step, "step_obj": ts, "dist": dist})
-        return {"out": str(out), "model": str(paths.model), "step": step, "loss": last_loss,
-                "samples": str(paths.samples), "elapsed": _clock() - t0, "is_main": dist.is_main,
-                "out_of_time": step < config.steps}
+        return {
+            "out": str(out),
+            "model": str(paths.model),
+            "step": step,
+            "loss": last_loss,
+            "samples": str(paths.samples),
+            "elapsed": _clock() - t0,
+            "is_main": dist.is_main,
+            "out_of_time": step < config.steps,
+        }
     finally:
         dist.close()
