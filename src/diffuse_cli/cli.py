@@ -740,8 +740,6 @@ def _sample(checkpoint, num, out, grid, sampler_name, steps, eta, seed, batch_si
     dev = resolve_device(device)
     if guidance is not None and not asked:
         raise ConfigError("--guidance steers towards a class: give --class too")
-    if num < 1:
-        raise ConfigError(f"--num must be at least 1 (got {num})")
     model, diffusion, ck = ckpt.load_for_sampling(checkpoint, dev)
     classes = None
     if asked:

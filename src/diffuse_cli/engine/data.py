@@ -638,11 +638,13 @@ def infer_image_size(files: Sequence[str | os.PathLike], max_size: int = MAX_AUT
     return size, "the images' own size" if size == side else f"the images' {side} px rounded to {size}"
 
 
-def resolve_image_size(root: str | os.PathLike, image_size: int | None) -> tuple[int, str]:
-    """``(image_size, "")`` when given, else :func:`infer_image_size` over the folder's images."""
+def resolve_image_size(root: str | os.PathLike, image_size: int | None) -> tuple[int, str, tuple | None]:
+    """``(image_size, note, listing)``: the size given (note "", listing None), else :func:`infer_image_size`
+    over the folder's images, with the :func:`list_files` result it walked, so callers need not walk again."""
     if image_size is not None:
-        return image_size, ""
-    return infer_image_size(list_files(root)[0])
+        return image_size, "", None
+    listing = list_files(root)
+    return (*infer_image_size(listing[0]), listing)
 
 
 def with_size_note(ds: ImageDataset, note: str) -> ImageDataset:
@@ -671,9 +673,9 @@ def load_folder(
     ``image_size`` None: the images' own size (:func:`infer_image_size`).
     """
     root = Path(root)
-    image_size, note = resolve_image_size(root, image_size)
+    image_size, note, listing = resolve_image_size(root, image_size)
     _check_size_channels(image_size, channels)
-    files, ignored, unreadable_folders = list_files(root)
+    files, ignored, unreadable_folders = listing or list_files(root)
     # Decoded straight into the final buffer (three planes when the channel count is still open).
     buffer = torch.empty((len(files), channels or 3, image_size, image_size), dtype=torch.uint8)
     reasons, gray = decode_into(files, buffer, channels, progress, max_pixels=max_pixels, workers=workers)

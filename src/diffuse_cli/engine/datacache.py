@@ -390,9 +390,12 @@ def _read_note(path: Path) -> dict:
     return {}
 
 
-def _check_or_build(path, root, image_size, channels, progress, max_pixels, workers) -> tuple[D.ImageDataset, str]:
-    """Under the lock: map a valid cache (its data checked) or decode a new one. Returns (dataset, fingerprint)."""
-    files, ignored, unreadable = D.list_files(root)
+def _check_or_build(
+    path, root, image_size, channels, progress, max_pixels, workers, listing=None
+) -> tuple[D.ImageDataset, str]:
+    """Under the lock: map a valid cache (its data checked) or decode a new one. Returns (dataset, fingerprint).
+    ``listing``: :func:`data.list_files` of ``root`` when the caller has just walked it."""
+    files, ignored, unreadable = listing or D.list_files(root)
     fp = fingerprint(root, files, image_size, channels, max_pixels, ignored, unreadable)
     src = D.display_path(root)
     try:
@@ -422,6 +425,7 @@ def cached_folder(
     cache_dir: str | os.PathLike | None = None,
     max_pixels: int = D.MAX_IMAGE_PIXELS,
     workers: int | None = None,
+    listing: tuple | None = None,
 ) -> D.ImageDataset:
     """The folder (or image file) ``root`` decoded as by :func:`data.load_folder`, via a cache file.
 
@@ -440,7 +444,7 @@ def cached_folder(
     if leader:
         with _locked(path):
             try:
-                ds, fp = _check_or_build(path, root, image_size, channels, progress, max_pixels, workers)
+                ds, fp = _check_or_build(path, root, image_size, channels, progress, max_pixels, workers, listing)
             except Exception as err:
                 if launch is not None:  # let the waiting ranks stop with the same message
                     msg = (
@@ -494,8 +498,9 @@ def load_dataset(
     root = Path(os.fsdecode(text)).expanduser()
     if not root.exists():  # the usual mistake: say it before reading any header
         D.list_files(root)
-    size, note = D.resolve_image_size(root, image_size)
-    return D.with_size_note(cached_folder(root, size, channels, progress, cache_dir=cache_dir, **folder_options), note)
+    size, note, listing = D.resolve_image_size(root, image_size)
+    ds = cached_folder(root, size, channels, progress, cache_dir=cache_dir, listing=listing, **folder_options)
+    return D.with_size_note(ds, note)
 
 
 def describe(ds: D.ImageDataset) -> str:
