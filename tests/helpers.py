@@ -8,6 +8,10 @@ from diffuse_cli.cli import app
 
 runner = CliRunner()
 
+# Every command of the app, in the order `diffuse --help` lists them: tests that promise something of
+# "every command" take this list, so a new command is covered without editing them.
+COMMANDS = [c.name or c.callback.__name__ for c in app.registered_commands]
+
 # A training run that finishes in about a second on one CPU thread: the tiny U-Net, a few steps.
 TINY_TRAIN = ["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--save-every", "2", "--sample-every", "0",
               "--device", "cpu"]  # fmt: skip
@@ -125,3 +129,21 @@ def resume_to_6(run) -> object:
         run,
         "--resume",
     )
+
+
+def fake_pytorch_fid(monkeypatch) -> None:
+    """A stand-in pytorch_fid whose weights download fails, as it does without a network."""
+    import types
+    import urllib.error
+
+    class InceptionV3:
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    package, module = types.ModuleType("pytorch_fid"), types.ModuleType("pytorch_fid.inception")
+    module.InceptionV3 = InceptionV3
+    package.inception = module
+    monkeypatch.setitem(sys.modules, "pytorch_fid", package)
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", module)

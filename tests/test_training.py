@@ -205,7 +205,7 @@ def test_compiled_and_eager_steps_agree(digits):
         torch.testing.assert_close(comp(k), eager(k), rtol=1e-5, atol=1e-6)  # the same losses
     fresh = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
     # Compare what the networks compute, not raw weights: where a gradient is zero in exact arithmetic
-    # (biases a GroupNorm removes) Adam turns rounding noise into full-size steps (see test_distributed.py).
+    # (biases a GroupNorm removes) Adam turns rounding noise into full-size steps (see test_system_distributed.py).
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.linspace(0, 99, 16).long()
     with torch.no_grad():
