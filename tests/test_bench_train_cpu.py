@@ -11,6 +11,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_cpu.py"
 
 
+@pytest.mark.slow  # a subprocess that imports torch and runs the script end to end (180-300 s timeout)
 def test_train_cpu_quick_replaces_its_markdown_section(tmp_path):
     pytest.importorskip("diffusers")
     md = tmp_path / "RESULTS.md"
