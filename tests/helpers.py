@@ -1,6 +1,15 @@
-"""Shared test helpers: one CLI runner and one tiny training run (pytest puts this folder on sys.path)."""
+"""Shared test helpers (pytest puts this folder on sys.path): one CLI runner, the list of commands, the tiny
+training options, and the system tests' tools. The session's shared trained runs are fixtures in conftest.py."""
 
 from __future__ import annotations
+
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -32,14 +41,6 @@ def one_line_error(r, code: int = 1) -> str:
 
 
 # --- the system tests' tools: real processes, stderr, temporaries -------------------------------------------
-import os  # noqa: E402
-import re  # noqa: E402
-import struct  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 # builtin:digits at 8x8 on the tiny U-Net (1M parameters): a training step takes milliseconds on one CPU thread.
 TINY_DIGITS = ["--preset", "tiny", "--batch-size", "8", "--device", "cpu", "-T", "50", "--kind", "cosine"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
