@@ -1,5 +1,6 @@
-"""Classifier-free guidance: the wrapper's algebra, the conditional U-Net and training step, and guided
-sampling of an analytic Gaussian mixture whose components are the classes (exact conditional eps known)."""
+"""Classifier-free guidance (engine/guidance.py): the wrapper's algebra on a conditional U-Net, and guided
+sampling of an analytic Gaussian mixture whose components are the classes (exact conditional eps known).
+The training step's label drops are in test_step.py, the conditional U-Net's layout in test_unet.py."""
 
 import math
 
@@ -74,22 +75,6 @@ def test_guidance_scale_must_be_a_finite_non_negative_number(unet):
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="--guidance"):
             guided(unet, torch.zeros(2, dtype=torch.long), bad)
-
-
-def test_unconditional_unet_keeps_its_layout_and_refuses_labels():
-    torch.manual_seed(0)
-    plain = UNet(UNetConfig.preset("tiny", 8, 1))
-    torch.manual_seed(0)
-    cond = UNet(CFG)
-    assert plain.class_emb is None and plain.null_class == 0
-    assert cond.class_emb.weight.shape == (K + 1, 4 * CFG.base_channels)  # K classes + the null class
-    shared = plain.state_dict()
-    # The embedding is created last, so the other weights of a seeded model are the unconditional ones.
-    assert all(torch.equal(v, cond.state_dict()[k]) for k, v in shared.items())
-    assert set(cond.state_dict()) - set(shared) == {"class_emb.weight"}
-    assert UNetConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "num_classes"}).num_classes == 0
-    with pytest.raises(ConfigError, match="num_classes"):
-        UNetConfig(num_classes=-1)
 
 
 # --- the training step ------------------------------------------------------------------------
