@@ -1,6 +1,7 @@
 """The `diffuse` app as a whole: help, version, usage errors, for every command (helpers.COMMANDS).
 Each command's own behaviour lives in test_cli_<command>.py."""
 
+import re
 import subprocess
 import sys
 
@@ -20,11 +21,7 @@ def test_help_lists_commands_and_is_fast():
         [sys.executable, "-X", "importtime", "-m", "diffuse_cli", "--help"], capture_output=True, text=True
     )
     assert r.returncode == 0
-    listed = [
-        line.split()[1]
-        for line in r.stdout.splitlines()
-        if line.strip() and line.split()[0] in "│|" and len(line.split()) > 1
-    ]
+    listed = re.findall(r"^[│|] (\w+) ", r.stdout, re.M)  # the first word of each row in the Commands box
     for cmd in COMMANDS:
         assert cmd in r.stdout
         assert cmd in listed, (cmd, r.stdout)
