@@ -41,7 +41,7 @@ def test_model_options_parse_their_lists():
         _plan(model={"channel_mults": "1,x"})
 
 
-def test_classes_none_trains_unconditionally(tmp_path):
+def test_classes_none_plans_an_unconditional_model(tmp_path):
     p = _plan(classes="none")
     assert p.model.num_classes == 0 and p.data.labels is None and p.data.classes == ()
     assert not any("classes" in text for _, text in p.notes)
@@ -57,7 +57,7 @@ def test_few_images_per_class_are_warned_about(tmp_path):
     assert ("warning", "warning: this class has fewer than 10 images and may not be learned: small (3)") in p.notes
 
 
-def test_time_without_steps_trains_until_the_budget():
+def test_time_without_steps_plans_unlimited_steps():
     p = _plan(train={"time_limit": "1m30s"})
     assert p.train.time_limit == 90 and p.train.steps == UNLIMITED_STEPS
     p = _plan(train={"time_limit": "2m", "steps": 40})

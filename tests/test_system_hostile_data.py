@@ -292,15 +292,15 @@ def _diffusers_like(src: Path, dst: Path) -> Path:
 
 DAMAGED = {  # name -> (make(model_path, tmp_dir) -> path, what the one line must say)
     "truncated-to-8-bytes": (
-        lambda s, d: _write(d / "m.safetensors", s.read_bytes()[:8]),
+        lambda s, d: _write_file(d / "m.safetensors", s.read_bytes()[:8]),
         "corrupt or truncated|not a",
     ),
     "truncated-half": (
-        lambda s, d: _write(d / "m.safetensors", s.read_bytes()[: s.stat().st_size // 2]),
+        lambda s, d: _write_file(d / "m.safetensors", s.read_bytes()[: s.stat().st_size // 2]),
         "corrupt or truncated",
     ),
-    "truncated-last-byte": (lambda s, d: _write(d / "m.safetensors", s.read_bytes()[:-1]), "corrupt or truncated"),
-    "zero-bytes": (lambda s, d: _write(d / "m.safetensors", b""), "only 0 bytes"),
+    "truncated-last-byte": (lambda s, d: _write_file(d / "m.safetensors", s.read_bytes()[:-1]), "corrupt or truncated"),
+    "zero-bytes": (lambda s, d: _write_file(d / "m.safetensors", b""), "only 0 bytes"),
     "flipped-length-byte": (lambda s, d: _flipped(s, d, 2), "corrupt or truncated"),
     "flipped-header-byte": (lambda s, d: _flipped(s, d, 8 + header_length(s) // 2), "corrupt or truncated"),
     "flipped-first-json-byte": (lambda s, d: _flipped(s, d, 8), "corrupt or truncated"),
@@ -348,24 +348,24 @@ DAMAGED = {  # name -> (make(model_path, tmp_dir) -> path, what the one line mus
         "checkpoint format '9'",
     ),
     "nan-weights": (_nan_weights, "NaN or infinity"),
-    "png-renamed": (lambda s, d: _write(d / "m.safetensors", _png(_noise_img())), "corrupt or truncated"),
+    "png-renamed": (lambda s, d: _write_file(d / "m.safetensors", _png(_noise_img())), "corrupt or truncated"),
     "folder-without-model": (lambda s, d: d, "has no model.safetensors"),
-    "pickle.pt": (lambda s, d: _write(d / "m.pt", pickle.dumps(_Armed(), protocol=2)), "unpickl"),
-    "pickle.ckpt": (lambda s, d: _write(d / "m.ckpt", pickle.dumps(_Armed(), protocol=4)), "unpickl"),
+    "pickle.pt": (lambda s, d: _write_file(d / "m.pt", pickle.dumps(_Armed(), protocol=2)), "unpickl"),
+    "pickle.ckpt": (lambda s, d: _write_file(d / "m.ckpt", pickle.dumps(_Armed(), protocol=4)), "unpickl"),
     "torch-save.pth": (lambda s, d: _torch_save(d / "m.pth"), "unpickl"),
     "pickle-renamed.safetensors": (
-        lambda s, d: _write(d / "m.safetensors", pickle.dumps(_Armed(), protocol=5)),
+        lambda s, d: _write_file(d / "m.safetensors", pickle.dumps(_Armed(), protocol=5)),
         "pickle",
     ),
     "old-pickle-renamed.safetensors": (
-        lambda s, d: _write(d / "m.safetensors", pickle.dumps(_Armed(), protocol=0)),
+        lambda s, d: _write_file(d / "m.safetensors", pickle.dumps(_Armed(), protocol=0)),
         "corrupt or truncated|pickle",
     ),
     "torch-save-renamed.safetensors": (lambda s, d: _torch_save(d / "m.safetensors"), "pickle"),
 }
 
 
-def _write(path: Path, payload: bytes) -> Path:
+def _write_file(path: Path, payload: bytes) -> Path:
     path.write_bytes(payload)
     return path
 
