@@ -30,21 +30,26 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import samplers
-from .config import FIXED_VARIANCES
+from .config import (
+    DEFAULT_INTERPOLATION_STRENGTH,
+    DEFAULT_JUMP_LENGTH,
+    DEFAULT_REPAINT_STEPS,
+    DEFAULT_RESAMPLINGS,
+    DEFAULT_STRENGTH,
+    FIXED_VARIANCES,
+    INTERPOLATIONS,
+)
 from .diffusion import Diffusion
 from .errors import ConfigError
 
+__all__ = [
+    "DEFAULT_INTERPOLATION_STRENGTH", "DEFAULT_JUMP_LENGTH", "DEFAULT_REPAINT_STEPS", "DEFAULT_RESAMPLINGS",
+    "DEFAULT_STRENGTH", "INTERPOLATIONS", "check_frames", "check_strength", "ddim_invert", "interpolate",
+    "jump_schedule", "repaint", "repaint_calls", "sdedit", "sdedit_start", "slerp",
+]  # fmt: skip
+
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
-
-# RePaint's defaults, chosen by measurement on held-out digits (`python benchmarks/inpaint.py`, the table
-# "Inpainting" in benchmarks/RESULTS.md): a respaced grid of 50 steps (RePaint itself uses 250) with jumps of 5
-# steps traversed 5 times costs about 5 x 50 model calls per image.
-DEFAULT_REPAINT_STEPS = 50
-DEFAULT_JUMP_LENGTH = 5
-DEFAULT_RESAMPLINGS = 5
-DEFAULT_INTERPOLATION_STRENGTH = 0.5  # Ho et al. 2020, fig. 8 mixes at t = 500 of T = 1000
-INTERPOLATIONS = ("ddim", "noise")
 
 
 # --- shared checks ------------------------------------------------------------------------
