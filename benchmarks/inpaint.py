@@ -88,9 +88,9 @@ def row(name: str, u8: torch.Tensor, labels: torch.Tensor, calls, x0=None, keep=
             "exact": exact}  # fmt: skip
 
 
-def quality(model, diffusion, pipe, x0, labels, n, log) -> list[dict]:
+def quality(model, diffusion, pipe, x0, labels, n, log, masks=MASKS) -> list[dict]:
     rows = []
-    for kind in MASKS:
+    for kind in masks:
         keep = keep_mask(kind, n, x0.shape[-1])
         log(f"[{kind}]")
         rows.append({**row("original (not masked)", from_model_range(x0), labels, 0), "mask": kind})
@@ -132,7 +132,9 @@ def timing(model, diffusion, pipe, x0, rounds: int, log) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def write_markdown(path: Path, rows: list[dict], times: dict | None, command: str, n: int, batch: int) -> None:
+def write_markdown(
+    path: Path, rows: list[dict], times: dict | None, command: str, n: int, batch: int, rounds: int
+) -> None:
     lines = [
         START,
         "## Inpainting held-out digits (`benchmarks/inpaint.py`, issue #21)",
@@ -161,7 +163,8 @@ def write_markdown(path: Path, rows: list[dict], times: dict | None, command: st
             "",
             f"Time per image, lower-half mask, the defaults ({editing.DEFAULT_REPAINT_STEPS} steps, j "
             f"{editing.DEFAULT_JUMP_LENGTH}, r {editing.DEFAULT_RESAMPLINGS}) on both sides, a batch of {batch}, "
-            "interleaved, median of 3 rounds, `torch.set_num_threads(1)`, under `flock /tmp/diffuse-timing.lock`:",
+            f"interleaved, median of {rounds} rounds, `torch.set_num_threads(1)`, under "
+            "`flock /tmp/diffuse-timing.lock`:",
             "",
             f"- ours: {times['ours'] * 1e3:.1f} ms/image; diffusers RePaintPipeline: {times['diffusers'] * 1e3:.1f} "
             f"ms/image; diffusers / ours = {ratio:.2f}",
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=100, help="held-out digits to inpaint per mask")
     p.add_argument("--time-batch", type=int, default=16, help="images in the timed batch")
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (each: ours, then diffusers)")
     p.add_argument("--model", default=MODEL, choices=sorted(SPECS), help="a model of _trained.py")
     p.add_argument("--markdown", type=Path, help="write/replace the inpainting section of this markdown file")
     args = p.parse_args(argv)
@@ -187,14 +192,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_diffusers:
             pipe = diffusers_pipe(ck.path, Path(tmp) / "export")
         with torch.no_grad():
-            rows = quality(model, diffusion, pipe, x0, labels, args.num, print)
-            times = timing(model, diffusion, pipe, x0[: args.time_batch], 3, print) if pipe is not None else None
+            rows = quality(model, diffusion, pipe, x0, labels, args.num, print, args.masks)
+            times = None
+            if pipe is not None and args.rounds > 0:
+                times = timing(model, diffusion, pipe, x0[: args.time_batch], args.rounds, print)
     for r in rows:
         print(r)
     print(times)
     if args.markdown:
         command = "flock /tmp/diffuse-timing.lock python benchmarks/inpaint.py " + " ".join(argv or sys.argv[1:])
-        write_markdown(args.markdown, rows, times, command, args.num, args.time_batch)
+        write_markdown(args.markdown, rows, times, command, args.num, args.time_batch, args.rounds)
         print(f"wrote {args.markdown}")
     return 0
 
