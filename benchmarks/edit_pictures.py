@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ STRENGTHS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
 def diffuse(*args) -> None:
     cmd = [sys.executable, "-m", "diffuse_cli", *map(str, args), "--device", "cpu"]
     print("$ diffuse", " ".join(map(str, args)))
-    subprocess.run(cmd, check=True)
+    # one thread: on a shared machine two spin-waiting OpenMP threads are many times slower than one
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def read(folder: Path, n: int) -> torch.Tensor:
