@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import sys
 import tempfile
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num", type=int, default=100, help="held-out digits to inpaint per mask")
     p.add_argument("--time-batch", type=int, default=16, help="images in the timed batch")
     p.add_argument("--no-diffusers", action="store_true")
-    p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    p.add_argument("--masks", nargs="*", default=list(MASKS), choices=MASKS, help="none: timing only")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (each: ours, then diffusers)")
     p.add_argument("--model", default=MODEL, choices=sorted(SPECS), help="a model of _trained.py")
     p.add_argument("--markdown", type=Path, help="write/replace the inpainting section of this markdown file")
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(r)
     print(times)
+    (cache_dir() / "inpaint-last.json").write_text(json.dumps({"rows": rows, "times": times}))
     if args.markdown:
         command = "flock /tmp/diffuse-timing.lock python benchmarks/inpaint.py " + " ".join(argv or sys.argv[1:])
         write_markdown(args.markdown, rows, times, command, args.num, args.time_batch, args.rounds)
