@@ -1,6 +1,6 @@
 """The README's editing pictures, made by real `diffuse` runs on the held-out digits model (issue #21).
 
-    python benchmarks/edit_pictures.py docs/
+    python -m benchmarks.edit_pictures docs/
 
 - ``inpaint.png``: `diffuse inpaint` of held-out digits with their lower half masked: input | hole | mask | 8 results.
 - ``sdedit.png``: `diffuse sample --init sketch.png --strength S` (DPM-Solver++), one row per S (0 ... 1).
@@ -20,13 +20,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine import images as img
 
-from _digits_quality import digits  # noqa: E402
-from _trained import SPECS, cache_dir  # noqa: E402
-
-from diffuse_cli.engine import images as img  # noqa: E402
+from ._digits_quality import digits
+from ._trained import SPECS, cache_dir
 
 MODEL = "digits16-eps-half"
 STRENGTHS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -46,7 +43,7 @@ def read(folder: Path, n: int) -> torch.Tensor:
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = cache_dir() / f"{SPECS[MODEL].key()}.safetensors"
-    assert model.exists(), f"train it first: python benchmarks/_trained.py {MODEL}"
+    assert model.exists(), f"train it first: python -m benchmarks._trained {MODEL}"
     held, _ = digits(16, "heldout")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -10,7 +10,7 @@ diffusers' ``RePaintPipeline`` runs on the same network, exported with ``diffuse
 same mask, steps, jump length and resamplings. Timing: both sides on the same batch, interleaved, one
 thread each, under ``flock /tmp/diffuse-timing.lock`` on a shared machine, so the ratio is the claim.
 
-    python benchmarks/inpaint.py --num 100 --markdown benchmarks/RESULTS.md
+    python -m benchmarks.inpaint --num 100 --markdown benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -26,17 +26,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine import editing, models
+from diffuse_cli.engine.data import from_model_range, to_model_range
+from diffuse_cli.engine.generate import image_generators
+from diffuse_cli.engine.samplers import noise_like
 
-from _common import cpu_name, replace_section  # noqa: E402
-from _digits_quality import digits, score  # noqa: E402
-from _trained import SPECS, cache_dir, trained_model  # noqa: E402
-
-from diffuse_cli.engine import editing, models  # noqa: E402
-from diffuse_cli.engine.data import from_model_range, to_model_range  # noqa: E402
-from diffuse_cli.engine.generate import image_generators  # noqa: E402
-from diffuse_cli.engine.samplers import noise_like  # noqa: E402
+from ._common import cpu_name, replace_section
+from ._digits_quality import digits, score
+from ._trained import SPECS, cache_dir, trained_model
 
 MODEL = "digits16-eps-half"
 MASKS = ("lower-half", "random-50%")
@@ -202,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(times)
     (cache_dir() / "inpaint-last.json").write_text(json.dumps({"rows": rows, "times": times}))
     if args.markdown:
-        command = "flock /tmp/diffuse-timing.lock python benchmarks/inpaint.py " + " ".join(argv or sys.argv[1:])
+        command = "flock /tmp/diffuse-timing.lock python -m benchmarks.inpaint " + " ".join(argv or sys.argv[1:])
         write_markdown(args.markdown, rows, times, command, args.num, args.time_batch, args.rounds)
         print(f"wrote {args.markdown}")
     return 0

@@ -46,6 +46,19 @@ GifOpt = Annotated[
 ]
 
 
+InitOpt = Annotated[
+    Path | None,
+    typer.Option("--init", help="Edit this picture instead of starting from noise (SDEdit).", show_default=False),
+]
+StrengthOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--strength",
+        help=f"With --init: how much to redraw, 0 = keep the picture, 1 = ignore it. {d(DEFAULT_STRENGTH)}",
+    ),
+]
+
+
 def sample(
     checkpoint: CheckpointArg,
     num: Annotated[int, typer.Option("--num", "-n", help="How many images (of each class, with --class).")] = 16,
@@ -70,17 +83,8 @@ def sample(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the images an earlier run left in --out.")
     ] = False,
-    init: Annotated[
-        Path | None,
-        typer.Option("--init", help="Edit this picture instead of starting from noise (SDEdit).", show_default=False),
-    ] = None,
-    strength: Annotated[
-        float | None,
-        typer.Option(
-            "--strength",
-            help=f"With --init: how much to redraw, 0 = keep the picture, 1 = ignore it. {d(DEFAULT_STRENGTH)}",
-        ),
-    ] = None,  # fmt: skip
+    init: InitOpt = None,
+    strength: StrengthOpt = None,
 ) -> None:
     """Generate images by running the learned reverse process from pure noise x_T ~ N(0, I).
 

@@ -44,7 +44,7 @@ EVAL_FEATURES = ("randconv", "inception")  # diffuse eval --features
 DEFAULT_GUIDANCE = 2.0
 
 # Editing (engine/editing.py; Lugmayr et al. 2022, Meng et al. 2022, Ho et al. 2020 fig. 8).
-# RePaint's defaults, chosen by measurement on held-out digits (`python benchmarks/inpaint.py`, the table
+# RePaint's defaults, chosen by measurement on held-out digits (`python -m benchmarks.inpaint`, the table
 # "Inpainting" in benchmarks/RESULTS.md): a respaced grid of 50 steps (RePaint itself uses 250) with jumps of 5
 # steps traversed 5 times costs about 5 x 50 model calls per image.
 DEFAULT_REPAINT_STEPS = 50
