@@ -59,9 +59,13 @@ class ModelSpec:
     batch_size: int = 32
     warmup: int = 0
     seed: int = 0
+    variance: str = "fixed"  # "learned": Improved DDPM's learned variance and L_hybrid (issue #22)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=list).encode()
+        d = asdict(self)
+        if d["variance"] == "fixed":  # keeps the keys (and cached models) of the specs from before the field
+            del d["variance"]
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
         return f"{self.name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
@@ -71,6 +75,9 @@ SPECS = {
         ModelSpec("digits16-eps"),  # the model of issue #16
         ModelSpec("digits16-v", prediction="v"),
         ModelSpec("digits16-x0", prediction="x0"),
+        ModelSpec("digits16-eps-learned", variance="learned"),  # issue #22: digits16-eps with a learned variance
+        ModelSpec("digits8-eps", image_size=8, steps=1200),
+        ModelSpec("digits8-eps-learned", image_size=8, steps=1200, variance="learned"),
     )
 }
 
@@ -81,7 +88,7 @@ def trained_model(spec: ModelSpec, log=print):
     if not path.exists():
         data = load_builtin("digits", image_size=spec.image_size)
         mcfg = UNetConfig(image_size=spec.image_size, in_channels=1, **spec.unet)
-        dcfg = DiffusionConfig(schedule=spec.schedule, prediction=spec.prediction)
+        dcfg = DiffusionConfig(schedule=spec.schedule, prediction=spec.prediction, variance=spec.variance)
         tcfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, warmup=spec.warmup, seed=spec.seed,
                            sample_every=0, save_every=spec.steps, log_every=100)  # fmt: skip
         log(f"training {spec.name} ({spec.steps} steps, cached as {path})")

@@ -1,0 +1,142 @@
+"""Issue #22: DDPM's fixed reverse variance against Improved DDPM's learned one, on the digits.
+
+Two pairs of models, each pair the same U-Net (1.6M parameters; the learned one has 2C output
+channels, +289 weights), the same data, seed and number of steps, trained by the engine
+(``benchmarks/_trained.py``, cached): the built-in 8x8 digits (1,200 steps) and the digits at
+16x16 (900 steps, issue #16's model), linear schedule, T = 1000, eps prediction. "fixed" is
+today's default (L_simple, reverse variance beta_t); "learned" is ``--variance learned``
+(L_hybrid with lambda = 0.001, Nichol & Dhariwal 2021, sec. 3.1; uniform t).
+
+For each model:
+
+- bits/dim of held-out real digits (the odd half, ``_digits_quality.digits``), the variational bound
+  of Ho et al. 2020 eq. 5 with the discretised decoder (eq. 13), ``--terms`` of the T - 1 KL steps
+  (stratified, unbiased), with its 95% interval over images. The fixed model uses beta_t (its default
+  in ``diffuse eval``), the learned one its own variance;
+- DDPM ancestral sampling (Algorithm 2) with 25, 50, 100 respaced steps (Nichol & Dhariwal sec. 4,
+  the sampler's default "logsnr" grid) and all T = 1000, from the same x_T and noise for both models;
+  Frechet distance in the digit classifier's features (``_digits_quality.score``) against the held-out half.
+
+    python benchmarks/learned_variance.py --size 8 --json /tmp/lv8.json      # one size per process
+    python benchmarks/learned_variance.py --size 16 --json /tmp/lv16.json
+    python benchmarks/learned_variance.py --report /tmp/lv8.json /tmp/lv16.json --markdown benchmarks/RESULTS.md
+
+Intermediate results are kept in the ``--json`` file, so a rerun continues where one stopped.
+Quality numbers only: no timings, so a shared machine changes nothing but the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import cpu_name  # noqa: E402
+from _digits_quality import digits, score  # noqa: E402
+from _trained import SPECS, trained_model  # noqa: E402
+
+from diffuse_cli.engine import evaluate, samplers  # noqa: E402
+from diffuse_cli.engine.data import from_model_range  # noqa: E402
+
+STEPS = (25, 50, 100, 1000)
+PAIRS = {8: ("digits8-eps", "digits8-eps-learned"), 16: ("digits16-eps", "digits16-eps-learned")}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save(path: Path, results: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def run(size: int, out: Path, num: int, nll_images: int, terms: int, log=print) -> dict:
+    results = _load(out)
+    held = digits(size, "heldout")[0]
+    for name in PAIRS[size]:
+        model, diffusion, _ = trained_model(SPECS[name], log=log)
+        r = results.setdefault(name, {"variance": diffusion.reverse_variance()})
+        if "nll" not in r:
+            res = evaluate.bits_per_dim(model, diffusion, held[:nll_images], batch_size=100, terms=terms,
+                                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+            r["nll"] = {"bits_per_dim": res.bits_per_dim, "ci95": list(res.ci95), "parts": res.parts,
+                        "images": res.images, "terms": res.terms}  # fmt: skip
+            log(f"{name}: {res.bits_per_dim:.3f} bits/dim {res.ci95}")
+            _save(out, results)
+        for steps in STEPS:
+            key = f"ddpm{steps}"
+            if key in r:
+                continue
+            x_T = torch.randn(num, 1, size, size, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                x0 = samplers.ddpm(model, diffusion, x_T, steps=steps, generator=torch.Generator().manual_seed(2))
+            r[key] = score(from_model_range(x0))
+            log(f"{name}: DDPM {steps} steps FD {r[key]['fd']:.2f}")
+            _save(out, results)
+    return results
+
+
+def markdown(files: list[Path], argv: str) -> str:
+    lines = [
+        "## Learned variance vs fixed (issue #22, Improved DDPM)",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; machine: {cpu_name()}, 2 cores shared with other jobs "
+        "(quality numbers only: load does not change them); torch threads 1",
+        f"- command: `python benchmarks/learned_variance.py {argv}` (per size, then `--report`)",
+        "- models (`benchmarks/_trained.py`): U-Net 32/64/64, 2 blocks per level, attention at 8x8, batch 32, "
+        "linear schedule, T = 1000, eps; 8x8: built-in digits, 1,200 steps; 16x16: the digits at 16x16, 900 steps. "
+        "fixed = L_simple (today's default), learned = L_hybrid, lambda = 0.001, uniform t",
+        "- bits/dim: held-out half of the digits, Ho et al. eq. 5 + eq. 13 decoder, stratified KL terms, 95% "
+        "interval over images; fixed uses beta_t (`diffuse eval`'s default), learned its own variance",
+        "- FD: Frechet distance in the digit classifier's features against the held-out half (lower is better); "
+        "DDPM (Algorithm 2) from the same x_T and noise for both models, respaced on the default logsnr grid",
+        "",
+        "| size | model | bits/dim (95% CI) | FD DDPM 25 | FD 50 | FD 100 | FD 1000 (full T) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for f in files:
+        results = _load(f)
+        for name, r in results.items():
+            size = SPECS[name].image_size
+            nll = r["nll"]
+            fds = " | ".join(f"{r[f'ddpm{s}']['fd']:.2f}" if f"ddpm{s}" in r else "-" for s in STEPS)
+            lines.append(f"| {size}x{size} | {name} ({r['variance']}) | {nll['bits_per_dim']:.3f} "
+                         f"({nll['ci95'][0]:.3f}-{nll['ci95'][1]:.3f}; {nll['images']} images, "
+                         f"{nll['terms']} terms) | {fds} |")  # fmt: skip
+        n = next(iter(results.values())).get(f"ddpm{STEPS[0]}", {}).get("n", 0) if results else 0
+        lines.append(f"| | ({n} samples per FD) | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, choices=sorted(PAIRS))
+    ap.add_argument("--json", type=Path, help="where results accumulate")
+    ap.add_argument("--num", type=int, default=300, help="samples per FD")
+    ap.add_argument("--nll-images", type=int, default=300)
+    ap.add_argument("--terms", type=int, default=100, help="KL terms of the bound (of T - 1)")
+    ap.add_argument("--report", type=Path, nargs="*", help="JSON files to turn into a RESULTS.md section")
+    ap.add_argument("--markdown", type=Path, help="append the section to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.report:
+        text = markdown(args.report, f"--size S --json FILE --num {args.num} --terms {args.terms}")
+        print(text)
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write("\n" + text)
+        return
+    run(args.size, args.json, args.num, args.nll_images, args.terms)
+
+
+if __name__ == "__main__":
+    main()
