@@ -260,3 +260,81 @@ def test_importance_sampler_is_uniform_until_every_t_has_its_history_then_follow
     fresh = ImportanceSampler(4, history=2)
     fresh.load_state_tensors(s.state_tensors())
     torch.testing.assert_close(fresh.probs(), s.probs())
+
+
+# --- diffusers: variance_type="learned_range", both directions, step by step ---------------------------
+def test_learned_variance_goes_to_diffusers_and_back_step_by_step(tmp_path):
+    """Export a learned-variance model (2C outputs, learned_range), load it in diffusers' DDPMPipeline and back
+    in diffuse; our DDPM on the re-imported folder and DDPMScheduler on diffusers' U-Net agree at every step."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffuse_cli.engine import checkpoint as ckpt
+    from diffuse_cli.engine import interop
+    from diffuse_cli.engine.unet import UNet
+
+    cfg = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(), dropout=0.0, learned_variance=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = UNet(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    src = ckpt.save(tmp_path / "m.safetensors", model.state_dict(), kind="model", model=cfg.to_dict(),
+                    diffusion=DiffusionConfig(timesteps=50, variance="learned").to_dict())  # fmt: skip
+    interop.export(src, tmp_path / "out")
+    pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.unet.config.out_channels == 2 and pipe.scheduler.config.variance_type == "learned_range"
+    ours, diffusion, _ = ckpt.load_for_sampling(tmp_path / "out")  # the diffusers folder, read back
+    assert diffusion.learned_variance and ours.config.learned_variance
+
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    grid = S.timestep_grid(diffusion, 10, "logsnr")  # ends at t = 0, where neither adds noise
+    frames = []
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x_T, 17).sample, model(x_T, torch.full((4,), 17)), rtol=1e-4, atol=1e-5)
+        out = S.ddpm(ours, diffusion, x_T, steps=10, spacing="logsnr", clip_x0=False,
+                     generator=torch.Generator().manual_seed(2), callback=lambda s: frames.append(s["x_t"]))  # fmt: skip
+        sched = diffusers.DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        sched.set_timesteps(timesteps=grid.tolist())
+        x, gen = x_T, torch.Generator().manual_seed(2)
+        for i, t in enumerate(sched.timesteps):
+            torch.testing.assert_close(x, frames[i], rtol=1e-4, atol=1e-4)
+            x = sched.step(pipe.unet(x, t).sample, t, x, generator=gen).prev_sample
+    torch.testing.assert_close(x, out, rtol=1e-4, atol=1e-4)
+    assert (frames[-1] - frames[0]).abs().max() > 0.1  # the samples moved
+
+
+# --- training ------------------------------------------------------------------------------------------
+def test_training_a_learned_variance_stores_it_and_resumes_bit_exactly(tmp_path):
+    """`train` with variance "learned" builds the 2C-output U-Net, stores the setting so loading needs no flags,
+    and with importance-sampled t (T = 4, so p_t leaves the uniform warm-up within the run) a resumed run
+    equals an uninterrupted one: the sampler's history travels in the training state."""
+    from diffuse_cli.engine import checkpoint as ckpt
+    from diffuse_cli.engine import training
+    from diffuse_cli.engine.data import load_dataset
+
+    digits = load_dataset("builtin:digits")
+    model_cfg = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                           attention_resolutions=(), dropout=0.0)  # fmt: skip
+    diff_cfg = DiffusionConfig(schedule="cosine", timesteps=4, variance="learned")
+
+    def run(out, steps, resume=False):
+        cfg = TrainConfig(steps=steps, batch_size=8, save_every=4, sample_every=0, log_every=1, warmup=2,
+                          timestep_sampling="importance")  # fmt: skip
+        return training.train(digits, out, None if resume else model_cfg, None if resume else diff_cfg, cfg,
+                              device="cpu", resume=resume)  # fmt: skip
+
+    run(tmp_path / "full", 8)
+    run(tmp_path / "half", 4)
+    run(tmp_path / "half", 8, resume=True)
+    a = ckpt.load(tmp_path / "full" / "checkpoints" / "state-00000008.safetensors")
+    b = ckpt.load(tmp_path / "half" / "checkpoints" / "state-00000008.safetensors")
+    assert int(a.tensors["importance.count"].min()) >= 10  # every t has its history: p_t is no longer uniform
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+    model, diffusion, ck = ckpt.load_for_sampling(tmp_path / "full")
+    assert ck.diffusion["variance"] == "learned" and ck.model["learned_variance"] and diffusion.learned_variance
+    assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 3])).shape == (2, 2, 8, 8)
+    x = S.ddpm(model, diffusion, torch.randn(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
