@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from diffuse_cli.engine import evaluate
+from diffuse_cli.engine import checkpoint as ckpt
+from diffuse_cli.engine import evaluate, models
 from diffuse_cli.engine import samplers as S
 from diffuse_cli.engine.analytic import GaussianData
 from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig
@@ -267,8 +268,6 @@ def test_learned_variance_goes_to_diffusers_and_back_step_by_step(tmp_path):
     """Export a learned-variance model (2C outputs, learned_range), load it in diffusers' DDPMPipeline and back
     in diffuse; our DDPM on the re-imported folder and DDPMScheduler on diffusers' U-Net agree at every step."""
     diffusers = pytest.importorskip("diffusers")
-    from diffuse_cli.engine import checkpoint as ckpt
-    from diffuse_cli.engine import interop
     from diffuse_cli.engine.unet import UNet
 
     cfg = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
@@ -281,10 +280,10 @@ def test_learned_variance_goes_to_diffusers_and_back_step_by_step(tmp_path):
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     src = ckpt.save(tmp_path / "m.safetensors", model.state_dict(), kind="model", model=cfg.to_dict(),
                     diffusion=DiffusionConfig(timesteps=50, variance="learned").to_dict())  # fmt: skip
-    interop.export(src, tmp_path / "out")
+    models.export(src, tmp_path / "out")
     pipe = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
     assert pipe.unet.config.out_channels == 2 and pipe.scheduler.config.variance_type == "learned_range"
-    ours, diffusion, _ = ckpt.load_for_sampling(tmp_path / "out")  # the diffusers folder, read back
+    ours, diffusion, _ = models.load_for_sampling(tmp_path / "out")  # the diffusers folder, read back
     assert diffusion.learned_variance and ours.config.learned_variance
 
     x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -309,7 +308,6 @@ def test_training_a_learned_variance_stores_it_and_resumes_bit_exactly(tmp_path)
     """`train` with variance "learned" builds the 2C-output U-Net, stores the setting so loading needs no flags,
     and with importance-sampled t (T = 4, so p_t leaves the uniform warm-up within the run) a resumed run
     equals an uninterrupted one: the sampler's history travels in the training state."""
-    from diffuse_cli.engine import checkpoint as ckpt
     from diffuse_cli.engine import training
     from diffuse_cli.engine.data import load_dataset
 
@@ -333,7 +331,7 @@ def test_training_a_learned_variance_stores_it_and_resumes_bit_exactly(tmp_path)
     assert a.tensors.keys() == b.tensors.keys()
     for k in a.tensors:
         assert torch.equal(a.tensors[k], b.tensors[k]), k
-    model, diffusion, ck = ckpt.load_for_sampling(tmp_path / "full")
+    model, diffusion, ck = models.load_for_sampling(tmp_path / "full")
     assert ck.diffusion["variance"] == "learned" and ck.model["learned_variance"] and diffusion.learned_variance
     assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 3])).shape == (2, 2, 8, 8)
     x = S.ddpm(model, diffusion, torch.randn(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))

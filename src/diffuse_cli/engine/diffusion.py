@@ -35,12 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from . import schedules
-from .config import DEFAULT_VLB_WEIGHT, PREDICTIONS, WEIGHTINGS, DiffusionConfig
+from .config import DEFAULT_VLB_WEIGHT, PREDICTIONS, REVERSE_VARIANCES, WEIGHTINGS, DiffusionConfig
 from .errors import ConfigError
 from .gaussians import _gaussian_log_density, discretized_gaussian_log_likelihood, normal_kl_log
-
-#: The reverse variances a DDPM step can use: beta_t, beta~_t, or the network's (a learned-variance model only).
-REVERSE_VARIANCES = ("beta", "posterior", "learned")
 
 
 def learned_log_variance(r: torch.Tensor, log_beta, log_beta_tilde) -> torch.Tensor:

@@ -33,14 +33,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .diffusion import REVERSE_VARIANCES, Diffusion, learned_log_variance, split_output, to_x0_eps
+from .diffusion import Diffusion, learned_log_variance, split_output, to_x0_eps
 from .errors import ConfigError
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 
 SPACINGS = ("uniform", "logsnr", "karras")
-VARIANCES = REVERSE_VARIANCES  # "learned" only for a model trained with a learned variance
 KARRAS_RHO = 7.0  # Karras et al. (2022), "Elucidating the Design Space", eq. 5
 KARRAS_SIGMA_MAX = 80.0  # ... and their sigma_max (Table 1)
 LOGSNR_KNEE = -3.0  # below log-SNR -3 the "logsnr" grid thins out; see timestep_grid
