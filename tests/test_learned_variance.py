@@ -8,6 +8,7 @@ fitting the variance with the hybrid loss must approach.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -22,6 +23,8 @@ from diffuse_cli.engine.diffusion import Diffusion, learned_log_variance
 from diffuse_cli.engine.errors import ConfigError
 from diffuse_cli.engine.guidance import guided
 from diffuse_cli.engine.importance import ImportanceSampler
+from helpers import TINY_TRAIN, one_line_error
+from helpers import invoke as run
 
 F64 = torch.float64
 GAUSS = GaussianData([0.4, -0.2, 0.1], [[0.3, 0.1, 0.0], [0.1, 0.2, 0.05], [0.0, 0.05, 0.1]])
@@ -336,3 +339,29 @@ def test_training_a_learned_variance_stores_it_and_resumes_bit_exactly(tmp_path)
     assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 3])).shape == (2, 2, 8, 8)
     x = S.ddpm(model, diffusion, torch.randn(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
+
+
+# --- the command line ------------------------------------------------------------------------------------
+def test_cli_trains_samples_evaluates_and_exports_a_learned_variance_without_further_flags(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "builtin:digits", "--out", out, *TINY_TRAIN, "--timesteps", 50, "--variance", "learned",
+            "--timestep-sampling", "importance", "--classes", "none")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = run("sample", out, "--sampler", "ddpm", "--steps", 5, "--num", 2, "--out", tmp_path / "imgs", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "imgs").glob("*.png"))) == 2
+    r = run("eval", out, "builtin:digits", "-n", 8, "--no-fd", "--terms", 3, "--format", "json", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["nll"]["variance"] == "learned"
+    r = run("export", out, tmp_path / "exported")
+    assert r.exit_code == 0, r.output
+    sched = json.loads((tmp_path / "exported" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["variance_type"] == "learned_range"
+    assert json.loads((tmp_path / "exported" / "unet" / "config.json").read_text())["out_channels"] == 2
+
+
+def test_cli_refuses_importance_sampling_without_a_learned_variance(tmp_path):
+    r = run("train", "builtin:digits", "--out", tmp_path / "r", *TINY_TRAIN, "--timestep-sampling", "importance")
+    assert "--variance learned" in one_line_error(r, 2)
+    r = run("eval", tmp_path / "none", "builtin:digits", "--variance", "wide")
+    assert "wide" in one_line_error(r, 2)

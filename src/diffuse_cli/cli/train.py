@@ -7,11 +7,22 @@ from typing import Annotated
 
 import typer
 
-from ..engine.config import PRECISIONS, PREDICTIONS, PRESETS, WEIGHTINGS, DiffusionConfig, TrainConfig
+from ..engine.config import (
+    PRECISIONS,
+    PREDICTIONS,
+    PRESETS,
+    TIMESTEP_SAMPLING,
+    VARIANCE_TYPES,
+    WEIGHTINGS,
+    DiffusionConfig,
+    TrainConfig,
+)
 from .app import DeviceOpt, Schedule, ZtsnrOpt, choices, console, d, duration, run
 
 Prediction = choices("Prediction", PREDICTIONS)
 Weighting = choices("Weighting", WEIGHTINGS)
+VarianceType = choices("VarianceType", VARIANCE_TYPES)
+TimestepSampling = choices("TimestepSampling", TIMESTEP_SAMPLING)
 Precision = choices("Precision", PRECISIONS)
 Preset = choices("Preset", ("auto", *PRESETS))
 Classes = choices("Classes", ("auto", "none"))
@@ -59,6 +70,23 @@ WeightingOpt = _opt(
     Weighting | None,
     "--loss-weighting",
     help=f"uniform (DDPM's L_simple) or min-snr (Hang et al. 2023). {d(_T.loss_weighting)}",
+)
+VarianceOpt = _opt(
+    VarianceType | None,
+    "--variance",
+    help="The reverse process's variance. fixed: DDPM's (beta_t, Ho et al. 2020 sec. 3.2). learned: Improved DDPM "
+    "(Nichol & Dhariwal 2021): the U-Net also outputs v, Sigma = exp(v log beta_t + (1 - v) log beta~_t) (their "
+    "eq. 15), trained with L_simple + lambda L_vlb (sec. 3.1); DDPM sampling then uses it, also with few --steps, "
+    f"and `diffuse eval` its bits/dim. {d(_D.variance)}",
+)
+VlbWeightOpt = _opt(
+    float | None, "--vlb-weight", help=f"lambda of the hybrid loss (--variance learned). {d(_T.vlb_weight)}"
+)
+TimestepSamplingOpt = _opt(
+    TimestepSampling | None,
+    "--timestep-sampling",
+    help="How t is drawn: uniform (DDPM), or importance: p_t ~ sqrt(E[L_t^2]) over the last 10 losses at each t "
+    f"(Nichol & Dhariwal 2021 sec. 3.3; --variance learned only). {d(_T.timestep_sampling)}",
 )
 FlipOpt = _opt(
     bool | None,
@@ -120,6 +148,9 @@ def train(
     zero_terminal_snr: ZtsnrOpt = False,
     prediction: PredictionOpt = None,
     loss_weighting: WeightingOpt = None,
+    variance: VarianceOpt = None,
+    vlb_weight: VlbWeightOpt = None,
+    timestep_sampling: TimestepSamplingOpt = None,
     ema_decay: _opt(
         float | None, "--ema-decay", help=f"EMA decay of the weights used for samples. {d(_T.ema_decay)}"
     ) = None,
@@ -158,6 +189,8 @@ def train(
 
         diffuse train builtin:digits --out runs/digits --steps 6000 --resume
 
+        diffuse train builtin:digits --out runs/digits-iddpm --variance learned    (Improved DDPM)
+
         torchrun --nproc_per_node 4 -m diffuse_cli train data/ --out runs/big --batch-size 256
     """
     value = lambda choice: choice.value if choice is not None else None  # noqa: E731
@@ -184,6 +217,8 @@ def train(
             seed=seed,
             hflip=flip,
             loss_weighting=value(loss_weighting),
+            vlb_weight=vlb_weight,
+            timestep_sampling=value(timestep_sampling),
             precision=precision.value,
             compile=compile,
             time_limit=time,
@@ -203,6 +238,7 @@ def train(
             beta_end=beta_end,
             zero_terminal_snr=zero_terminal_snr,
             prediction=value(prediction),
+            variance=value(variance),
         ),  # fmt: skip
     )
     run(_train, data, out, options)

@@ -358,7 +358,7 @@ def run(
     nll: bool = True,
     fd: bool = True,
     features: str = "randconv",
-    variance: str = "beta",
+    variance: str | None = None,
     terms: int | None = None,
     sampler: str = "dpmpp",
     steps: int | None = None,
