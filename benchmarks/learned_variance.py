@@ -20,6 +20,7 @@ For each model:
     python benchmarks/learned_variance.py --size 8 --json /tmp/lv8.json      # one size per process
     python benchmarks/learned_variance.py --size 16 --json /tmp/lv16.json
     python benchmarks/learned_variance.py --report /tmp/lv8.json /tmp/lv16.json --markdown benchmarks/RESULTS.md
+    python benchmarks/learned_variance.py --size 16 --picture docs/learned-variance.png   # the README's picture
 
 Intermediate results are kept in the ``--json`` file, so a rerun continues where one stopped.
 Quality numbers only: no timings, so a shared machine changes nothing but the wall time.
@@ -85,6 +86,21 @@ def run(size: int, out: Path, num: int, nll_images: int, terms: int, log=print) 
     return results
 
 
+def picture(size: int, path: Path, steps: int = 25, num: int = 24) -> None:
+    """The two models of a pair side by side: DDPM with ``steps`` respaced steps from the same x_T and noise."""
+    from diffuse_cli.engine import images
+
+    grids, labels = [], []
+    x_T = torch.randn(num, 1, size, size, generator=torch.Generator().manual_seed(1))
+    for name in PAIRS[size]:
+        model, diffusion, _ = trained_model(SPECS[name])
+        with torch.no_grad():
+            x0 = samplers.ddpm(model, diffusion, x_T, steps=steps, generator=torch.Generator().manual_seed(2))
+        grids.append(images.make_grid(x0, nrow=8))
+        labels.append(f"{diffusion.reverse_variance()} variance, DDPM {steps} steps")
+    images.save_image(images.labelled_strip(grids, labels, panel_size=320), path)
+
+
 def markdown(files: list[Path], argv: str) -> str:
     lines = [
         "## Learned variance vs fixed (issue #22, Improved DDPM)",
@@ -126,6 +142,7 @@ def main() -> None:
     ap.add_argument("--terms", type=int, default=100, help="KL terms of the bound (of T - 1)")
     ap.add_argument("--report", type=Path, nargs="*", help="JSON files to turn into a RESULTS.md section")
     ap.add_argument("--markdown", type=Path, help="append the section to this file")
+    ap.add_argument("--picture", type=Path, help="write the pair of --size side by side (DDPM, 25 steps) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.report:
@@ -134,6 +151,9 @@ def main() -> None:
         if args.markdown:
             with open(args.markdown, "a") as f:
                 f.write("\n" + text)
+        return
+    if args.picture:
+        picture(args.size, args.picture)
         return
     run(args.size, args.json, args.num, args.nll_images, args.terms)
 
