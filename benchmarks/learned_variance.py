@@ -60,10 +60,10 @@ def _save(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
-def run(size: int, out: Path, num: int, nll_images: int, terms: int, log=print) -> dict:
+def run(size: int, out: Path, num: int, nll_images: int, terms: int, only: str | None = None, log=print) -> dict:
     results = _load(out)
     held = digits(size, "heldout")[0]
-    for name in PAIRS[size]:
+    for name in [n for n in PAIRS[size] if only in (None, n)]:
         model, diffusion, _ = trained_model(SPECS[name], log=log)
         r = results.setdefault(name, {"variance": diffusion.reverse_variance()})
         if "nll" not in r:
@@ -137,6 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, choices=sorted(PAIRS))
     ap.add_argument("--json", type=Path, help="where results accumulate")
+    ap.add_argument("--only", help="one model of the pair (to run the two in parallel processes)")
     ap.add_argument("--num", type=int, default=300, help="samples per FD")
     ap.add_argument("--nll-images", type=int, default=300)
     ap.add_argument("--terms", type=int, default=100, help="KL terms of the bound (of T - 1)")
@@ -155,7 +156,7 @@ def main() -> None:
     if args.picture:
         picture(args.size, args.picture)
         return
-    run(args.size, args.json, args.num, args.nll_images, args.terms)
+    run(args.size, args.json, args.num, args.nll_images, args.terms, args.only)
 
 
 if __name__ == "__main__":
