@@ -257,8 +257,8 @@ def ddpm(
     q(x_s | x_t, x0) (DDPM eq. 7; for eps models it equals eq. 11) and var = beta ("beta", the
     default) or beta~ ("posterior"), or for a learned-variance model (the default there) its own,
     exp(v log beta + (1 - v) log beta~) with the respaced beta and beta~ of the step (Nichol &
-    Dhariwal 2021, eq. 15 and sec. 4: the learned v adapts to a shortened process); the last step adds no noise. With steps = T (the default)
-    s = t - 1 and this is DDPM's Algorithm 2 exactly; with fewer steps the betas are recomputed on the
+    Dhariwal 2021, eq. 15 and sec. 4: the learned v adapts to a shortened process); the last step
+    adds no noise. With steps = T (the default) s = t - 1 and this is DDPM's Algorithm 2 exactly; with fewer steps the betas are recomputed on the
     subsequence, beta_{t,s} = 1 - abar_t / abar_s (Nichol & Dhariwal 2021, "Improved DDPM", sec. 4).
 
     Ho et al. found both variances equally good with T steps; so does the benchmark (SW2 at
