@@ -86,6 +86,32 @@ def run(size: int, out: Path, num: int, nll_images: int, terms: int, only: str |
     return results
 
 
+def paired(size: int, out: Path, nll_images: int, terms: int, log=print) -> dict:
+    """Bits/dim of the same held-out images, with the same draws of t and noise, for the fixed model (beta_t) and
+    the learned one with its own variance and with beta_t: per-image differences give a tight interval, and the
+    learned model with beta_t separates what the variance does from what the hybrid loss did to the mean."""
+    results = _load(out)
+    held = digits(size, "heldout")[0][:nll_images]
+    fixed, learned = PAIRS[size]
+    per = {}
+    for name, variance in ((fixed, "beta"), (learned, "learned"), (learned, "beta")):
+        model, diffusion, _ = trained_model(SPECS[name], log=log)
+        res = evaluate.bits_per_dim(model, diffusion, held, batch_size=100, terms=terms, variance=variance,
+                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+        per[f"{name}/{variance}"] = res.per_image
+        log(f"{name} with {variance}: {res.bits_per_dim:.4f} bits/dim")
+    rows = {}
+    for key, values in per.items():
+        mean, ci = evaluate.mean_ci(values)
+        rows[key] = {"bits_per_dim": mean, "ci95": list(ci)}
+    for a, b in ((f"{learned}/learned", f"{fixed}/beta"), (f"{learned}/learned", f"{learned}/beta")):
+        mean, ci = evaluate.mean_ci(per[a] - per[b])
+        rows[f"{a} - {b}"] = {"bits_per_dim": mean, "ci95": list(ci)}
+    results["paired"] = {"images": int(held.shape[0]), "terms": terms, "rows": rows}
+    _save(out, results)
+    return results
+
+
 def picture(size: int, path: Path, steps: int = 25, num: int = 24) -> None:
     """The two models of a pair side by side: DDPM with ``steps`` respaced steps from the same x_T and noise."""
     from diffuse_cli.engine import images
@@ -122,6 +148,8 @@ def markdown(files: list[Path], argv: str) -> str:
     for f in files:
         results = _load(f)
         for name, r in results.items():
+            if name == "paired":
+                continue
             size = SPECS[name].image_size
             nll = r["nll"]
             fds = " | ".join(f"{r[f'ddpm{s}']['fd']:.2f}" if f"ddpm{s}" in r else "-" for s in STEPS)
@@ -143,6 +171,7 @@ def main() -> None:
     ap.add_argument("--terms", type=int, default=100, help="KL terms of the bound (of T - 1)")
     ap.add_argument("--report", type=Path, nargs="*", help="JSON files to turn into a RESULTS.md section")
     ap.add_argument("--markdown", type=Path, help="append the section to this file")
+    ap.add_argument("--paired", action="store_true", help="paired bits/dim of the pair of --size into --json")
     ap.add_argument("--picture", type=Path, help="write the pair of --size side by side (DDPM, 25 steps) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -155,6 +184,9 @@ def main() -> None:
         return
     if args.picture:
         picture(args.size, args.picture)
+        return
+    if args.paired:
+        paired(args.size, args.json, args.nll_images, args.terms)
         return
     run(args.size, args.json, args.num, args.nll_images, args.terms, args.only)
 
