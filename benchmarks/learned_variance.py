@@ -17,10 +17,10 @@ For each model:
   the sampler's default "logsnr" grid) and all T = 1000, from the same x_T and noise for both models;
   Frechet distance in the digit classifier's features (``_digits_quality.score``) against the held-out half.
 
-    python benchmarks/learned_variance.py --size 8 --json /tmp/lv8.json      # one size per process
-    python benchmarks/learned_variance.py --size 16 --json /tmp/lv16.json
-    python benchmarks/learned_variance.py --report /tmp/lv8.json /tmp/lv16.json --markdown benchmarks/RESULTS.md
-    python benchmarks/learned_variance.py --size 16 --picture docs/learned-variance.png   # the README's picture
+    python -m benchmarks.learned_variance --size 8 --json /tmp/lv8.json      # one size per process
+    python -m benchmarks.learned_variance --size 16 --json /tmp/lv16.json
+    python -m benchmarks.learned_variance --report /tmp/lv8.json /tmp/lv16.json --markdown benchmarks/RESULTS.md
+    python -m benchmarks.learned_variance --size 16 --picture docs/learned-variance.png   # the README's picture
 
 Intermediate results are kept in the ``--json`` file, so a rerun continues where one stopped.
 Quality numbers only: no timings, so a shared machine changes nothing but the wall time.
@@ -31,20 +31,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine import evaluate, samplers
+from diffuse_cli.engine.data import from_model_range
 
-from _common import cpu_name  # noqa: E402
-from _digits_quality import digits, score  # noqa: E402
-from _trained import SPECS, trained_model  # noqa: E402
-
-from diffuse_cli.engine import evaluate, samplers  # noqa: E402
-from diffuse_cli.engine.data import from_model_range  # noqa: E402
+from ._common import cpu_name
+from ._digits_quality import digits, score
+from ._trained import SPECS, trained_model
 
 STEPS = (25, 50, 100, 1000)
 PAIRS = {8: ("digits8-eps", "digits8-eps-learned"), 16: ("digits16-eps", "digits16-eps-learned")}
@@ -133,7 +129,7 @@ def markdown(files: list[Path], argv: str) -> str:
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {cpu_name()}, 2 cores shared with other jobs "
         "(quality numbers only: load does not change them); torch threads 1",
-        f"- command: `python benchmarks/learned_variance.py {argv}` (per size, then `--report`)",
+        f"- command: `python -m benchmarks.learned_variance {argv}` (per size, then `--report`)",
         "- models (`benchmarks/_trained.py`): U-Net 32/64/64, 2 blocks per level, attention at 8x8, batch 32, "
         "linear schedule, T = 1000, eps; 8x8: built-in digits, 1,200 steps; 16x16: the digits at 16x16, 900 steps. "
         "fixed = L_simple (today's default), learned = L_hybrid, lambda = 0.001, uniform t",
