@@ -38,7 +38,7 @@ import torch
 from diffuse_cli.engine import evaluate, samplers
 from diffuse_cli.engine.data import from_model_range
 
-from ._common import cpu_name
+from ._common import cpu_name, replace_section
 from ._digits_quality import digits, score
 from ._trained import SPECS, trained_model
 
@@ -123,37 +123,49 @@ def picture(size: int, path: Path, steps: int = 25, num: int = 24) -> None:
     images.save_image(images.labelled_strip(grids, labels, panel_size=320), path)
 
 
+SECTION = "## Learned variance vs fixed (issue #22, Improved DDPM)"
+SECTION_END = "<!-- end of the learned-variance section -->"
+
+
 def markdown(files: list[Path], argv: str) -> str:
+    """The RESULTS.md section from the ``--json`` files of the runs (any mix of sizes, models and ``--paired``)."""
     lines = [
-        "## Learned variance vs fixed (issue #22, Improved DDPM)",
+        SECTION,
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {cpu_name()}, 2 cores shared with other jobs "
         "(quality numbers only: load does not change them); torch threads 1",
-        f"- command: `python -m benchmarks.learned_variance {argv}` (per size, then `--report`)",
+        f"- commands: {argv}",
         "- models (`benchmarks/_trained.py`): U-Net 32/64/64, 2 blocks per level, attention at 8x8, batch 32, "
-        "linear schedule, T = 1000, eps; 8x8: built-in digits, 1,200 steps; 16x16: the digits at 16x16, 900 steps. "
-        "fixed = L_simple (today's default), learned = L_hybrid, lambda = 0.001, uniform t",
-        "- bits/dim: held-out half of the digits, Ho et al. eq. 5 + eq. 13 decoder, stratified KL terms, 95% "
-        "interval over images; fixed uses beta_t (`diffuse eval`'s default), learned its own variance",
+        "linear schedule, T = 1000, eps; 8x8: built-in digits, 1,200 steps; 16x16: the built-in digits resized "
+        "to 16x16 (`load_builtin(..., image_size=16)`, as issue #16's model), 900 steps. fixed = L_simple (today's "
+        "default), learned = L_hybrid, lambda = 0.001, uniform t; same seed, data order and step count",
+        "- bits/dim: held-out half of the digits, Ho et al. eq. 5 + eq. 13 decoder, stratified KL terms (unbiased), "
+        "95% interval over images; fixed uses beta_t (`diffuse eval`'s default), learned its own variance",
         "- FD: Frechet distance in the digit classifier's features against the held-out half (lower is better); "
         "DDPM (Algorithm 2) from the same x_T and noise for both models, respaced on the default logsnr grid",
         "",
-        "| size | model | bits/dim (95% CI) | FD DDPM 25 | FD 50 | FD 100 | FD 1000 (full T) |",
-        "|---|---|---|---|---|---|---|",
+        "| size | model (variance) | bits/dim (95% CI) | FD DDPM 25 | FD 50 | FD 100 | FD 1000 (full T) | samples |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    paired = []
     for f in files:
-        results = _load(f)
-        for name, r in results.items():
+        for name, r in _load(f).items():
             if name == "paired":
+                paired.append((f, r))
                 continue
             size = SPECS[name].image_size
             nll = r["nll"]
             fds = " | ".join(f"{r[f'ddpm{s}']['fd']:.2f}" if f"ddpm{s}" in r else "-" for s in STEPS)
+            n = r.get(f"ddpm{STEPS[0]}", {}).get("n", 0)
             lines.append(f"| {size}x{size} | {name} ({r['variance']}) | {nll['bits_per_dim']:.3f} "
-                         f"({nll['ci95'][0]:.3f}-{nll['ci95'][1]:.3f}; {nll['images']} images, "
-                         f"{nll['terms']} terms) | {fds} |")  # fmt: skip
-        n = next(iter(results.values())).get(f"ddpm{STEPS[0]}", {}).get("n", 0) if results else 0
-        lines.append(f"| | ({n} samples per FD) | | | | | |")
+                         f"({nll['ci95'][0]:.3f} to {nll['ci95'][1]:.3f}; {nll['images']} images, "
+                         f"{nll['terms']} terms) | {fds} | {n} |")  # fmt: skip
+    for _, p in paired:
+        lines += ["", f"Paired bits/dim: the same {p['images']} held-out images and the same draws of t and noise "
+                      f"for every row ({p['terms']} terms); a difference's interval is over per-image differences.",
+                  "", "| model / variance in the bound | bits/dim (95% CI) |", "|---|---|"]  # fmt: skip
+        for key, row in p["rows"].items():
+            lines.append(f"| {key} | {row['bits_per_dim']:+.4f} ({row['ci95'][0]:+.4f} to {row['ci95'][1]:+.4f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,17 +178,17 @@ def main() -> None:
     ap.add_argument("--nll-images", type=int, default=300)
     ap.add_argument("--terms", type=int, default=100, help="KL terms of the bound (of T - 1)")
     ap.add_argument("--report", type=Path, nargs="*", help="JSON files to turn into a RESULTS.md section")
-    ap.add_argument("--markdown", type=Path, help="append the section to this file")
+    ap.add_argument("--markdown", type=Path, help="write (or replace) the section in this file")
+    ap.add_argument("--commands", help="the commands that made the --report files, for the section")
     ap.add_argument("--paired", action="store_true", help="paired bits/dim of the pair of --size into --json")
     ap.add_argument("--picture", type=Path, help="write the pair of --size side by side (DDPM, 25 steps) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.report:
-        text = markdown(args.report, f"--size S --json FILE --num {args.num} --terms {args.terms}")
+        text = markdown(args.report, args.commands or "see the module docstring")
         print(text)
         if args.markdown:
-            with open(args.markdown, "a") as f:
-                f.write("\n" + text)
+            replace_section(args.markdown, text + SECTION_END, SECTION, SECTION_END)
         return
     if args.picture:
         picture(args.size, args.picture)
