@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EVAL_FEATURES
+from .config import EVAL_FEATURES, check_seed
 from .diffusion import Diffusion
 from .errors import ConfigError, Unsupported
 from .gaussians import _gaussian_log_density, _normal_kl, discretized_gaussian_log_likelihood  # noqa: F401
@@ -383,6 +383,7 @@ def run(
     from .models import load_for_sampling
 
     emit = callback or (lambda e: None)
+    check_seed(seed)  # before any work, as sample does
     if num_images < 2 or (fd and num_images <= PR_K):
         raise ConfigError(f"--num-images must be at least {PR_K + 1 if fd else 2} (got {num_images})")
     if not (nll or fd):
