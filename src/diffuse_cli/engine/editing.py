@@ -227,7 +227,7 @@ def repaint(
             continue
         t = int(grid[a])
         x_in = x
-        x, x0_pred, _ = samplers._denoise(model, diffusion, x, t, abars[a], clip)
+        x, x0_pred, _, _ = samplers._denoise(model, diffusion, x, t, abars[a], clip)
         samplers._report(callback, i, calls, t, x_in, x0_pred)
         i += 1
         unknown = samplers.ddpm_step(x, x0_pred, abars[a], abars[b], variance, generator)
@@ -281,10 +281,10 @@ def ddim_invert(
     for k in range(n):
         j = n - 1 - k  # the level this step reaches; it starts from level j + 1 (clean data for k = 0)
         if k == 0:
-            _, _, eps = samplers._denoise(model, diffusion, x, int(grid[-1]), abars[-1], "none")
+            _, _, eps, _ = samplers._denoise(model, diffusion, x, int(grid[-1]), abars[-1], "none")
             x0_pred = x0  # at the clean level x0 is known; only eps comes from the model
         else:
-            _, x0_pred, eps = samplers._denoise(model, diffusion, x, int(grid[j + 1]), abars[j + 1], "none")
+            _, x0_pred, eps, _ = samplers._denoise(model, diffusion, x, int(grid[j + 1]), abars[j + 1], "none")
         samplers._report(callback, k, n, int(grid[j]), x, x0_pred)
         x = math.sqrt(abars[j]) * x0_pred + math.sqrt(1.0 - abars[j]) * eps  # DDIM eq. 12, eta = 0
     return x
