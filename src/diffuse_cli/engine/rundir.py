@@ -44,6 +44,16 @@ class RunPaths:
     def samples(self) -> Path:
         return self.out / "samples"
 
+    @property
+    def best(self) -> Path:
+        """The EMA model at the step with the lowest in-training Frechet distance (engine/monitor.py)."""
+        return self.out / "best.safetensors"
+
+    @property
+    def report(self) -> Path:
+        """The training report picture (engine/report.py), redrawn at each save."""
+        return self.out / "report.png"
+
 
 def check_mode(resume: bool, overwrite: bool) -> None:
     """--resume continues a run, --overwrite starts it over: both at once is a contradiction."""

@@ -32,6 +32,7 @@ from .datacache import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
 from .fileio import atomic_write_text
+from .monitor import eval_due
 from .step import TrainStep, lr_at, make_train_step
 
 Callback = Callable[[dict], None]
@@ -41,14 +42,14 @@ FIRST_PREVIEW = 100  # previews at 100, 200, 400, ... steps until sample_every: 
 __all__ = ["TrainConfig", "train"]
 
 
-def preview_due(step: int, every: int) -> bool:
-    """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never)."""
+def preview_due(step: int, every: int, first: int = FIRST_PREVIEW) -> bool:
+    """Every ``every`` steps, and before that at ``first``, 2 ``first``, 4 ``first``, ... steps (``every`` = 0: never)."""
     if not every:
         return False
     if step % every == 0:
         return True
-    k = step // FIRST_PREVIEW
-    return step < every and step % FIRST_PREVIEW == 0 and k & (k - 1) == 0
+    k = step // first
+    return step < every and step % first == 0 and k & (k - 1) == 0
 
 
 def _save(ts: TrainStep, out: Path, step: int, meta: dict, keep: int, emit: Callback) -> None:
@@ -87,6 +88,34 @@ def _preview(ts: TrainStep, out: Path, step: int, config: TrainConfig, emit: Cal
     p = rundir.RunPaths(out).samples / f"step-{step:06d}.png"
     img.save_image(img.upscale(img.make_grid(x0, nrow=nrow), 256), p)
     emit({"event": "preview", "step": step, "path": str(p)})
+
+
+def _make_monitor(data, ts: TrainStep, config: TrainConfig, out: Path):
+    """The in-training evaluation (rank 0 only), with this run's earlier records on resume."""
+    from .monitor import Monitor, read_history, stats_location
+
+    store, key = stats_location(data)
+    return Monitor(data.images, samples=config.eval_samples, seed=config.seed, device=ts.device, amp=ts.amp,
+                   store=store, key=key, history=read_history(rundir.RunPaths(out).log))  # fmt: skip
+
+
+def _evaluate(ts: TrainStep, out: Path, step: int, meta: dict, monitor, emit: Callback) -> None:
+    """Run the monitor on the EMA model; log it, keep the best EMA model as best.safetensors, warn when copying."""
+    paths = rundir.RunPaths(out)
+    rec = monitor(ts.ema.model, ts.diffusion, step)
+    best, warn = rec.pop("best"), rec.pop("warn", None)
+    rundir.append_log(paths.log, rec)
+    if best:
+        ckpt.save(paths.best, ts.ema.model.state_dict(), kind="model", step=step, extra={"fd": rec["fd"]}, **meta)
+    emit({"event": "eval", **rec, "best": best, "path": str(paths.best)})
+    if warn:
+        emit({"event": "warning", "message": warn})
+
+
+def _draw_report(out: Path) -> None:
+    from .report import draw_report
+
+    draw_report([out], rundir.RunPaths(out).report)
 
 
 def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]:
@@ -227,6 +256,7 @@ def train(
     dist, dev = init_distributed(device)
     try:
         ts, start, meta = _set_up(data, out, model_config, diffusion_config, config, resume, overwrite, dist, dev, emit)
+        monitor = _make_monitor(data, ts, config, out) if config.eval_every and dist.is_main else None
 
         # --- the loop ----------------------------------------------------------------------
         loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, float("nan")
@@ -275,6 +305,12 @@ def train(
                     last_saved = step
                 if config.sample_every and config.num_preview > 0 and (done or preview_due(step, config.sample_every)):
                     dist.main_only(functools.partial(_preview, ts, out, step, config, emit), dev)
+                if eval_due(step, config.eval_every, done):
+                    t_eval = _clock()
+                    dist.main_only(functools.partial(_evaluate, ts, out, step, meta, monitor, emit), dev)
+                    t_log += _clock() - t_eval  # img/s counts training only
+                if want_save:
+                    dist.main_only(functools.partial(_draw_report, out), dev)
 
                 # stop requests, agreed on by all ranks so no one waits in a collective alone
                 if (not dist.enabled or want_log) and dist.any(stop.signal is not None, dev):
@@ -299,6 +335,10 @@ def train(
             "elapsed": _clock() - t0,
             "is_main": dist.is_main,
             "out_of_time": step < config.steps,
+            "best_step": monitor.best_step if monitor else None,
+            "best_fd": monitor.best_fd if monitor and monitor.best_step is not None else None,
+            "best": str(paths.best) if monitor and monitor.best_step is not None else None,
+            "report": str(paths.report),
         }
     finally:
         dist.close()
