@@ -46,6 +46,7 @@ from diffuse_cli.engine import datacache, evaluate  # noqa: E402
 from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig  # noqa: E402
 from diffuse_cli.engine.data import from_model_range, load_builtin  # noqa: E402
 from diffuse_cli.engine.generate import generate  # noqa: E402
+from diffuse_cli.engine.models import load_for_sampling  # noqa: E402
 from diffuse_cli.engine.monitor import Monitor, stats_location  # noqa: E402
 from diffuse_cli.engine.training import train  # noqa: E402
 
@@ -102,7 +103,7 @@ def rank_states(data, out: Path, log) -> dict:
     real = data.images[torch.randperm(data.images.shape[0], generator=gen)[:FINAL_NUM].sort().values]
     rows = []
     for path in ckpt.list_states(out):
-        model, diffusion, ck = ckpt.load_for_sampling(path, "cpu")
+        model, diffusion, ck = load_for_sampling(path, "cpu")
         m = mon(model, diffusion, ck.step)["fd"]
         fake = from_model_range(generate(model, diffusion, FINAL_NUM, tuple(data.images.shape[1:]), seed=1,
                                          batch_size=256, clip_x0=True))  # fmt: skip

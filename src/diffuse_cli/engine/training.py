@@ -31,7 +31,7 @@ from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
 from .datacache import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
-from .fileio import atomic_write_text
+from .fileio import append_jsonl, atomic_write_text
 from .monitor import eval_due
 from .step import TrainStep, lr_at, make_train_step
 
@@ -104,7 +104,7 @@ def _evaluate(ts: TrainStep, out: Path, step: int, meta: dict, monitor, emit: Ca
     paths = rundir.RunPaths(out)
     rec = monitor(ts.ema.model, ts.diffusion, step)
     best, warn = rec.pop("best"), rec.pop("warn", None)
-    rundir.append_log(paths.log, rec)
+    append_jsonl(paths.log, rec)
     if best:
         ckpt.save(paths.best, ts.ema.model.state_dict(), kind="model", step=step, extra={"fd": rec["fd"]}, **meta)
     emit({"event": "eval", **rec, "best": best, "path": str(paths.best)})
@@ -281,7 +281,7 @@ def train(
                     if not math.isfinite(last_loss):
                         raise TrainingDiverged(
                             f"the loss became {last_loss} near step {step}; stopped without saving, the last good "
-                            f"checkpoint (step {last_saved}) is kept; try a lower --lr or --grad-clip 1"
+                            f"checkpoint (step {last_saved}) is kept; try a lower --lr (half of it, say)"
                         )
                     now = _clock()
                     rec = {
@@ -294,7 +294,7 @@ def train(
                         "step_ms": 1e3 * (now - t_log) / loss_count,
                     }
                     ts.data_s = 0.0
-                    dist.main_only(functools.partial(rundir.append_log, paths.log, rec), dev)
+                    dist.main_only(functools.partial(append_jsonl, paths.log, rec), dev)
                     emit({"event": "log", **rec})
                     loss_sum.zero_()
                     loss_count, t_log = 0, now
