@@ -82,6 +82,14 @@ SampleEveryOpt = _opt(
     "--sample-every",
     help=f"Write a preview grid every N steps and at the end (0: never). {d(_T.sample_every)}",
 )
+EvalEveryOpt = _opt(
+    int | None,
+    "--eval-every",
+    help="Score the EMA model every N steps (also at 500 and at the end): Frechet distance and KID of fixed samples "
+    f"against the data, and the share that copy a training image; the best step is kept as best.safetensors "
+    f"(0: never). {d(_T.eval_every)}",
+)
+EvalSamplesOpt = _opt(int | None, "--eval-samples", help=f"Samples per in-training evaluation. {d(_T.eval_samples)}")
 ThreadsOpt = _opt(
     int | None, "--threads", help="CPU threads for torch. [default: the cores no other process keeps busy]"
 )
@@ -130,6 +138,8 @@ def train(
         int | None, "--save-every", help=f"Save a resumable state every N steps. {d(_T.save_every)}"
     ) = None,
     sample_every: SampleEveryOpt = None,
+    eval_every: EvalEveryOpt = None,
+    eval_samples: EvalSamplesOpt = None,
     keep: _opt(int | None, "--keep", help=f"How many periodic states to keep. {d(_T.keep)}") = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
@@ -180,6 +190,8 @@ def train(
             cond_drop=cond_drop,
             save_every=save_every,
             sample_every=sample_every,
+            eval_every=eval_every,
+            eval_samples=eval_samples,
             keep=keep,
             seed=seed,
             hflip=flip,
@@ -236,4 +248,8 @@ def _train(data_spec: str, out: Path | None, options: dict) -> None:
         )
         say(f"  model    {result['model']}")
         say(f"  previews {result['samples']}/")
+        if result.get("best_step") is not None:
+            say(f"  best     {result['best']} (step {result['best_step']}: the lowest Frechet distance, "
+                f"{result['best_fd']:.4g}, of the in-training evaluations)")  # fmt: skip
+        say(f"  report   {result['report']}  (diffuse report {result['out']} draws it again)")
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")

@@ -389,6 +389,24 @@ def _pick_real(images: torch.Tensor, num: int, gen: torch.Generator) -> torch.Te
     return images
 
 
+def _memorisation(fake: torch.Tensor, ds, picture: Path, seed: int, device) -> dict:
+    """Near-copies of the training images among the samples (:mod:`.memorisation`), and the picture of each
+    sample beside its nearest training images. Distances in features use the randconv features, whose real
+    statistics the in-training evaluation stores beside the data cache (:mod:`.monitor`)."""
+    from .images import save_image
+    from .memorisation import memorisation, nearest_picture
+    from .monitor import real_stats, stats_location
+
+    store, key = stats_location(ds)
+    stats = real_stats(ds.images, store=store, key=key, device=device)
+    every_row = stats.features.shape[0] == ds.images.shape[0]
+    mem = memorisation(fake, ds.images, sample_features=extract_features(fake, device=device) if every_row else None,
+                       train_features=stats.features if every_row else None,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    save_image(nearest_picture(fake, ds.images, mem), picture)
+    return {**mem.to_dict(), "picture": str(picture)}
+
+
 def run(
     checkpoint,
     data_spec: str,
@@ -467,6 +485,8 @@ def run(
         report["fd"] = {"value": q["frechet_distance"], "features": features, "is_fid": q["is_fid"],
                         "feature_dim": q["feature_dim"], "generated": n, "sampler": sampler, "steps": steps}  # fmt: skip
         report["precision"], report["recall"], report["pr_k"] = q["precision"], q["recall"], q["k"]
+        progress("memorisation", None)(0)
+        report["memorisation"] = _memorisation(fake, ds, log_path.with_name("nearest.png"), seed, dev)
     append_jsonl(log_path, report)
     return report, log_path
 

@@ -31,6 +31,8 @@ import torch
 
 NEAR_COPY_K = 50  # Carlini et al. 2023 normalise by the mean distance to the n = 50 nearest training images
 NEAR_COPY_RATIO = 1.0 / 3.0  # this project's threshold on d_1 / mean(d_1..d_k); see benchmarks/RESULTS.md
+COPY_WARN = 0.1  # a model "is copying" when at least this share of its samples are near-copies ...
+COPY_WARN_FACTOR = 3.0  # ... and that is at least this many times the real images' own share
 _CHUNK = 256  # query rows per distance block: bounded memory for large training sets
 
 
@@ -100,9 +102,14 @@ class Memorisation:
     k: int
     threshold: float
 
+    @property
+    def copying(self) -> bool:
+        """Whether this is a model copying its training images (COPY_WARN, COPY_WARN_FACTOR)."""
+        return self.near_copy_share >= COPY_WARN and self.near_copy_share >= COPY_WARN_FACTOR * self.reference_share
+
     def to_dict(self) -> dict:
         keys = ("near_copy_share", "reference_share", "pixel_distance", "reference_pixel_distance", "feature_distance",
-                "reference_feature_distance", "samples", "references", "k", "threshold")  # fmt: skip
+                "reference_feature_distance", "samples", "references", "k", "threshold", "copying")  # fmt: skip
         return {key: getattr(self, key) for key in keys}
 
 

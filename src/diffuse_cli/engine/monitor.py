@@ -42,8 +42,6 @@ FIRST_EVAL = 500  # evaluations at 500, 1000, 2000, ... steps until eval_every: 
 MAX_REAL_FEATURES = 10_000  # feature rows kept for KID, the floor and feature-space neighbours
 KID_REAL = 2000  # real feature rows KID compares with (its cost and memory grow with the square)
 FLOOR_DRAWS = 4  # real subsets averaged for the floor
-COPY_WARN = 0.1  # a run "starts copying" when at least this share of samples are near-copies ...
-COPY_WARN_FACTOR = 3.0  # ... and that is at least this many times the real images' own share
 STATS_VERSION = 1  # bump when the stored statistics change meaning
 FEATURES = "randconv"
 
@@ -214,7 +212,7 @@ class Monitor:
         best = fd < self.best_fd
         if best:
             self.best_fd, self.best_step = fd, step
-        copying = mem.near_copy_share >= COPY_WARN and mem.near_copy_share >= COPY_WARN_FACTOR * mem.reference_share
+        copying = mem.copying
         rec.update(best_step=self.best_step, copying=copying, eval_s=time.perf_counter() - t0)
         out = {**rec, "best": best}
         if copying and not self.warned:

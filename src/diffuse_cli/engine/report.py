@@ -168,3 +168,13 @@ def _headline(name: str, train: list[dict], evals: list[dict]) -> str:
         text += f", best FD {best['fd']:.3g} at step {best['step']} (floor {best.get('fd_floor', math.nan):.3g})"
         text += f", near-copies {evals[-1].get('near_copy', 0):.0%}"
     return text
+
+
+def write_report(runs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> dict:
+    """``diffuse report``: draw the report of ``runs`` into ``out`` (default: RUN/report.png for one run,
+    ./report.png for several); returns the path and a headline per run."""
+    if not runs:
+        raise ConfigError("give at least one run folder")
+    path = Path(out) if out is not None else (Path(runs[0]) / "report.png" if len(runs) == 1 else Path("report.png"))
+    image = draw_report(runs, path)
+    return {"path": str(path), "size": image.size, "runs": [_headline(str(r), *read_log(r)) for r in runs]}
