@@ -7,8 +7,8 @@ and a resumable state every 250 steps:
 
 1. ``digits16``: the 1,797 digits as a folder of 16x16 PNGs (benchmarks/defaults.py's folder);
 2. ``builtin``: ``builtin:digits`` at its 8x8;
-3. ``copy32``: the first 32 of those 16x16 PNGs as their own folder, flips off, trained long
-   enough to copy.
+3. ``copy32``: the first 32 digits as a folder of 8x8 PNGs, flips off (the default), trained
+   long enough to copy.
 
 Measured: the in-training FD at each default evaluation (does it fall?); the evaluation's share
 of the run's wall time (eval_s summed over elapsed); the near-copy share at the end. For the
@@ -63,10 +63,10 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
-def copy_folder(n: int = 32) -> Path:
-    """The first ``n`` digits of the 16x16 folder, as a folder of their own."""
-    src = digit_folder(16)
-    folder = cache_dir() / f"digits-16px-first{n}"
+def copy_folder(n: int = 32, size: int = 8) -> Path:
+    """The first ``n`` digits of the ``size`` px folder, as a folder of their own."""
+    src = digit_folder(size)
+    folder = cache_dir() / f"digits-{size}px-first{n}"
     if len(list(folder.glob("*.png"))) != n:
         folder.mkdir(parents=True, exist_ok=True)
         for p in sorted(src.glob("*.png"))[:n]:
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=cache_dir() / "monitor-runs")
     p.add_argument("--markdown", type=Path)
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--collect", action="store_true", help="only write the section from the runs' saved JSON")
     args = p.parse_args()
     torch.set_num_threads(1)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -164,6 +165,9 @@ def main() -> None:
     }
     results = []
     for name in args.only:
+        if args.collect:
+            results.append(json.loads((args.work / f"{name}.json").read_text()))
+            continue
         load, steps, ranked = plan[name]
         data = load()
         out = args.work / name
@@ -178,7 +182,7 @@ def main() -> None:
         if name == "digits16":
             args.docs.mkdir(exist_ok=True)
             shutil.copy(out / "report.png", args.docs / "report.png")
-    command = "python " + " ".join(sys.argv)
+    command = "python " + " ".join(a for a in sys.argv if a != "--collect")
     text = markdown(results, command, started)
     print(text)
     if args.markdown:

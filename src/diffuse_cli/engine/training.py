@@ -232,6 +232,16 @@ def _set_up(
     return ts, start, meta
 
 
+def _summary(out: Path, step: int, loss: float, elapsed: float, is_main: bool, out_of_time: bool, monitor) -> dict:
+    """What train() returns: the paths, the final step and loss, and the best evaluated step."""
+    paths = rundir.RunPaths(out)
+    best = monitor is not None and monitor.best_step is not None
+    return {"out": str(out), "model": str(paths.model), "step": step, "loss": loss, "samples": str(paths.samples),
+            "elapsed": elapsed, "is_main": is_main, "out_of_time": out_of_time,
+            "best_step": monitor.best_step if best else None, "best_fd": monitor.best_fd if best else None,
+            "best": str(paths.best) if best else None, "report": str(paths.report)}  # fmt: skip
+
+
 def train(
     data,  # data.ImageDataset
     out_dir: str | os.PathLike,
@@ -326,19 +336,6 @@ def train(
                 if done:
                     break
         emit({"event": "end", "step": step, "step_obj": ts, "dist": dist})
-        return {
-            "out": str(out),
-            "model": str(paths.model),
-            "step": step,
-            "loss": last_loss,
-            "samples": str(paths.samples),
-            "elapsed": _clock() - t0,
-            "is_main": dist.is_main,
-            "out_of_time": step < config.steps,
-            "best_step": monitor.best_step if monitor else None,
-            "best_fd": monitor.best_fd if monitor and monitor.best_step is not None else None,
-            "best": str(paths.best) if monitor and monitor.best_step is not None else None,
-            "report": str(paths.report),
-        }
+        return _summary(out, step, last_loss, _clock() - t0, dist.is_main, step < config.steps, monitor)
     finally:
         dist.close()
