@@ -42,12 +42,12 @@ from _trained import cache_dir  # noqa: E402
 from defaults import digit_folder  # noqa: E402
 
 from diffuse_cli.engine import checkpoint as ckpt  # noqa: E402
-from diffuse_cli.engine import datacache, evaluate  # noqa: E402
+from diffuse_cli.engine import datacache, evaluate, report  # noqa: E402
 from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig  # noqa: E402
 from diffuse_cli.engine.data import from_model_range, load_builtin  # noqa: E402
 from diffuse_cli.engine.generate import generate  # noqa: E402
 from diffuse_cli.engine.models import load_for_sampling  # noqa: E402
-from diffuse_cli.engine.monitor import Monitor, stats_location  # noqa: E402
+from diffuse_cli.engine.monitor import Monitor, eval_due, stats_location  # noqa: E402
 from diffuse_cli.engine.training import train  # noqa: E402
 
 MARK_START, MARK_END = "<!-- monitor:start -->", "<!-- monitor:end -->"
@@ -95,6 +95,14 @@ def run(name: str, data, out: Path, steps: int, log) -> dict:
             "warned": any(e["copying"] for e in evals)}  # fmt: skip
 
 
+def from_folder(name: str, out: Path, steps: int) -> dict:
+    """What :func:`run` returns, read back from a finished run's log.jsonl."""
+    train_recs, evals = report.read_log(out)
+    return {"name": name, "steps": steps, "elapsed": train_recs[-1]["elapsed"], "evals": evals,
+            "eval_s": sum(e["eval_s"] for e in evals), "best_step": min(evals, key=lambda e: e["fd"])["step"],
+            "warned": any(e["copying"] for e in evals)}  # fmt: skip
+
+
 def rank_states(data, out: Path, log) -> dict:
     """Each saved state scored by the monitor (256 fixed seeds) and as diffuse eval does (500 vs 500)."""
     store, key = stats_location(data)
@@ -111,6 +119,24 @@ def rank_states(data, out: Path, log) -> dict:
         rows.append({"step": ck.step, "monitor_fd": m, "eval_fd": final})
         log(f"  state {ck.step}: monitor FD {m:.3f}, eval FD ({FINAL_NUM}) {final:.3f}")
     return {"states": rows, "spearman": spearman([r["monitor_fd"] for r in rows], [r["eval_fd"] for r in rows])}
+
+
+def eval_in_steps(out: Path) -> list[float]:
+    """Each evaluation's time in training steps: eval_s over the median step time logged within 100 steps of it
+    (the two measured side by side in one process, so the ratio holds under any load)."""
+    train, evals = report.read_log(out)
+    ratios = []
+    for e in evals:
+        near = sorted(r["step_ms"] for r in train if abs(r["step"] - e["step"]) <= 100 and "step_ms" in r)
+        if near:
+            ratios.append(1e3 * e["eval_s"] / near[len(near) // 2])
+    return ratios
+
+
+def default_share(eval_steps: float, steps: int, every: int = TrainConfig().eval_every) -> float:
+    """The evaluation's share of a run's time with the default schedule, one evaluation costing ``eval_steps``."""
+    n = sum(eval_due(s, every, s == steps) for s in range(1, steps + 1))
+    return n * eval_steps / (steps + n * eval_steps)
 
 
 def markdown(results: list[dict], command: str, started: str) -> str:
@@ -133,6 +159,14 @@ def markdown(results: list[dict], command: str, started: str) -> str:
                      f"({last.get('near_copy_ref', 0):.1%}) | {r['best_step']} | {'yes' if r['warned'] else 'no'} |")  # fmt: skip
     lines.append("")
     for r in results:
+        ratios = r.get("eval_in_steps") or []
+        if ratios:
+            med = sorted(ratios)[len(ratios) // 2]
+            shares = ", ".join(f"{n} steps {default_share(med, n):.1%}" for n in (600, 1000, 1500, 2500, 5000))
+            lines.append(f"- {r['name']}: one evaluation costs {', '.join(f'{x:.0f}' for x in ratios)} training steps "
+                         f"(eval_s over the median step time logged within 100 steps of it); with the median, the "
+                         f"default schedule's share of a run of {shares}")  # fmt: skip
+    for r in results:
         if "ranking" in r:
             rk = r["ranking"]
             pairs = ", ".join(f"{s['step']}: {s['monitor_fd']:.3g} / {s['eval_fd']:.3g}" for s in rk["states"])
@@ -150,6 +184,7 @@ def main() -> None:
     p.add_argument("--markdown", type=Path)
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     p.add_argument("--collect", action="store_true", help="only write the section from the runs' saved JSON")
+    p.add_argument("--reuse", action="store_true", help="take a finished run from its folder; only rank its states")
     args = p.parse_args()
     torch.set_num_threads(1)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -167,6 +202,7 @@ def main() -> None:
     for name in args.only:
         if args.collect:
             results.append(json.loads((args.work / f"{name}.json").read_text()))
+            results[-1]["eval_in_steps"] = eval_in_steps(args.work / name)
             continue
         load, steps, ranked = plan[name]
         data = load()
@@ -174,7 +210,9 @@ def main() -> None:
         log(
             f"{name}: {data.images.shape[0]} images {tuple(data.images.shape[1:])}, {int(steps * args.steps_scale)} steps"
         )
-        r = run(name, data, out, max(STATE_EVERY, int(steps * args.steps_scale)), log)
+        steps = max(STATE_EVERY, int(steps * args.steps_scale))
+        r = from_folder(name, out, steps) if args.reuse else run(name, data, out, steps, log)
+        r["eval_in_steps"] = eval_in_steps(out)
         if ranked:
             r["ranking"] = rank_states(data, out, log)
         results.append(r)

@@ -97,13 +97,15 @@ def _previews(run: Path, width: int) -> Image.Image | None:
         return None
     count = min(PREVIEWS, len(files))
     pick = [files[round(i * (len(files) - 1) / max(1, count - 1))] for i in range(count)]
+    size = min(200, (width - 8) // len(pick) - 8)  # the strip fits the width of the plots
     panels = []
     for p in pick:
         with Image.open(p) as im:
-            panels.append(im.convert("RGB"))
+            panel = im.convert("RGB")
+        panel.thumbnail((size, size), Image.NEAREST)  # previews are saved at 256 px or more: shrink them
+        panels.append(panel)
     labels = [f"step {int(re.sub(r'[^0-9]', '', p.stem))}" for p in pick]
-    strip = labelled_strip(panels, labels, panel_size=min(200, (width - 8) // len(panels) - 8))
-    return strip
+    return labelled_strip(panels, labels, panel_size=size)
 
 
 def draw_report(runs: list[str | os.PathLike], path: str | os.PathLike | None = None) -> Image.Image:
