@@ -251,5 +251,6 @@ def _train(data_spec: str, out: Path | None, options: dict) -> None:
         if result.get("best_step") is not None:
             say(f"  best     {result['best']} (step {result['best_step']}: the lowest Frechet distance, "
                 f"{result['best_fd']:.4g}, of the in-training evaluations)")  # fmt: skip
-        say(f"  report   {result['report']}  (diffuse report {result['out']} draws it again)")
+        if result.get("report"):
+            say(f"  report   {result['report']}  (diffuse report {result['out']} draws it again)")
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")
