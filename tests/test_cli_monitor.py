@@ -4,23 +4,28 @@ import json
 
 from PIL import Image
 
+from diffuse_cli.engine.data import load_builtin
+from diffuse_cli.engine.datacache import default_cache_dir as _cache
 from helpers import TINY_TRAIN, invoke, one_line_error
 
 
 def test_train_eval_and_report_commands(tmp_path):
-    out = tmp_path / "run"
-    r = invoke("train", "builtin:digits", "--out", out, *TINY_TRAIN, "-T", "20", "--eval-every", "2",
-               "--eval-samples", "8")  # fmt: skip
+    folder, out = tmp_path / "digits", tmp_path / "run"
+    folder.mkdir()
+    for i, im in enumerate(load_builtin("digits").images[:60]):  # a small folder: quick real statistics
+        Image.fromarray(im[0].numpy(), "L").save(folder / f"{i}.png")
+    r = invoke("train", folder, "--out", out, *TINY_TRAIN, "-T", "20", "--eval-every", "2", "--eval-samples", "8")
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert "step 2: FD" in text and "real vs real at 8" in text and "near-copies" in text
     assert "best.safetensors (step" in text and "report.png" in text
     assert (out / "best.safetensors").exists() and (out / "report.png").exists()
 
-    r = invoke("eval", out, "builtin:digits", "-n", 16, "--steps", 3, "--no-nll", "--format", "json", "--device", "cpu")
+    assert list(tmp_path.glob("**/*.stats.safetensors")) or list(_cache().glob("*.stats.safetensors"))
+    r = invoke("eval", out, folder, "-n", 16, "--steps", 3, "--no-nll", "--format", "json", "--device", "cpu")
     assert r.exit_code == 0, r.output
     mem = json.loads(r.stdout.strip().splitlines()[-1])["memorisation"]
-    assert 0 <= mem["near_copy_share"] <= 1 and mem["samples"] == 16 and mem["k"] == 50
+    assert 0 <= mem["near_copy_share"] <= 1 and mem["samples"] == 16 and mem["k"] == 50 and mem["references"] == 60
     with Image.open(mem["picture"]) as im:  # each sample beside its 3 nearest training images
         assert im.width > 3 * im.height / 16
 
