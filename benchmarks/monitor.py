@@ -17,8 +17,8 @@ same 256 seeds) and as ``diffuse eval`` scores it (500 samples with another seed
 real images: ``evaluate.sample_quality``); the Spearman correlation of the two rankings says
 whether the cheap number picks the same checkpoints.
 
-    python benchmarks/monitor.py --markdown benchmarks/RESULTS.md        # ~40 min on one busy core
-    python benchmarks/monitor.py --only builtin --steps-scale 0.2         # smoke test
+    python -m benchmarks.monitor --markdown benchmarks/RESULTS.md        # ~40 min on one busy core
+    python -m benchmarks.monitor --only builtin --steps-scale 0.2         # smoke test
 """
 
 from __future__ import annotations
@@ -33,22 +33,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from diffuse_cli.engine import checkpoint as ckpt
+from diffuse_cli.engine import evaluate, report
+from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig
+from diffuse_cli.engine.data import from_model_range, load_builtin, load_dataset
+from diffuse_cli.engine.generate import generate
+from diffuse_cli.engine.models import load_for_sampling
+from diffuse_cli.engine.monitor import Monitor, eval_due, stats_location
+from diffuse_cli.engine.training import train
 
-from _common import cpu_name, replace_section  # noqa: E402
-from _trained import cache_dir  # noqa: E402
-from defaults import digit_folder  # noqa: E402
-
-from diffuse_cli.engine import checkpoint as ckpt  # noqa: E402
-from diffuse_cli.engine import datacache, evaluate, report  # noqa: E402
-from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig  # noqa: E402
-from diffuse_cli.engine.data import from_model_range, load_builtin  # noqa: E402
-from diffuse_cli.engine.generate import generate  # noqa: E402
-from diffuse_cli.engine.models import load_for_sampling  # noqa: E402
-from diffuse_cli.engine.monitor import Monitor, eval_due, stats_location  # noqa: E402
-from diffuse_cli.engine.training import train  # noqa: E402
+from ._common import cpu_name, replace_section
+from ._trained import cache_dir
+from .defaults import digit_folder
 
 MARK_START, MARK_END = "<!-- monitor:start -->", "<!-- monitor:end -->"
 STATE_EVERY = 250
@@ -182,7 +178,7 @@ def main() -> None:
     p.add_argument("--steps-scale", type=float, default=1.0)
     p.add_argument("--work", type=Path, default=cache_dir() / "monitor-runs")
     p.add_argument("--markdown", type=Path)
-    p.add_argument("--docs", type=Path, default=ROOT / "docs")
+    p.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     p.add_argument("--collect", action="store_true", help="only write the section from the runs' saved JSON")
     p.add_argument("--reuse", action="store_true", help="take a finished run from its folder; only rank its states")
     args = p.parse_args()
@@ -194,8 +190,8 @@ def main() -> None:
 
     cache = cache_dir() / "monitor-datacache"
     plan = {
-        "digits16": (lambda: datacache.load_dataset(digit_folder(16), cache_dir=cache), 1500, True),
-        "copy32": (lambda: datacache.load_dataset(copy_folder(32), cache_dir=cache), 1500, False),
+        "digits16": (lambda: load_dataset(digit_folder(16), cache_dir=cache), 1500, True),
+        "copy32": (lambda: load_dataset(copy_folder(32), cache_dir=cache), 1500, False),
         "builtin": (lambda: load_builtin("digits"), 2000, True),
     }
     results = []
@@ -220,7 +216,7 @@ def main() -> None:
         if name == "digits16":
             args.docs.mkdir(exist_ok=True)
             shutil.copy(out / "report.png", args.docs / "report.png")
-    command = "python " + " ".join(a for a in sys.argv if a != "--collect")
+    command = "python -m benchmarks.monitor " + " ".join(a for a in sys.argv[1:] if a != "--collect")
     text = markdown(results, command, started)
     print(text)
     if args.markdown:

@@ -5,7 +5,7 @@ import json
 from PIL import Image
 
 from diffuse_cli.engine.data import load_builtin
-from diffuse_cli.engine.datacache import default_cache_dir as _cache
+from diffuse_cli.engine.data.cache import default_cache_dir as _cache
 from helpers import TINY_TRAIN, invoke, one_line_error
 
 

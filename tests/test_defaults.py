@@ -43,7 +43,7 @@ def test_image_size_from_the_folder(tmp_path, sizes, want, note):
     if "capped" in why:
         assert "--image-size" in why
     ds = load_folder(root)  # no size given: the same choice, said in the summary
-    assert ds.image_size == want and ds.summary.size_note == why and note in ds.summary.headline()
+    assert ds.image_size == want and ds.summary.size_note == why and note in ds.summary.size_note
 
 
 def test_given_size_wins_and_says_nothing(tmp_path):

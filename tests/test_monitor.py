@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffuse_cli.engine import datacache, monitor
+from diffuse_cli.engine import monitor
 from diffuse_cli.engine.analytic import GaussianData, GaussianMixture
-from diffuse_cli.engine.data import load_builtin, to_model_range
+from diffuse_cli.engine.data import load_builtin, load_dataset, to_model_range
 from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
 
 N = 48  # training images (8x8 digits)
@@ -88,7 +88,7 @@ def test_stats_are_stored_beside_the_cache_and_keyed_by_it(tmp_path, monkeypatch
     rng = np.random.default_rng(0)
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(folder / f"{i}.png")
-    ds = datacache.load_dataset(folder, 8, cache_dir=tmp_path / "cache")
+    ds = load_dataset(folder, 8, cache_dir=tmp_path / "cache")
     store, key = monitor.stats_location(ds)
     assert store.name.endswith(".u8.stats.safetensors") and store.parent == tmp_path / "cache"
     first = monitor.real_stats(ds.images, store=store, key=key)

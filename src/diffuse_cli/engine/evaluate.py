@@ -389,19 +389,19 @@ def _pick_real(images: torch.Tensor, num: int, gen: torch.Generator) -> torch.Te
     return images
 
 
+MEMORISATION_FEATURES_MAX = 10_000  # training images whose features eval computes for the nearest distances
+
+
 def _memorisation(fake: torch.Tensor, ds, picture: Path, seed: int, device) -> dict:
     """Near-copies of the training images among the samples (:mod:`.memorisation`), and the picture of each
-    sample beside its nearest training images. Distances in features use the randconv features, whose real
-    statistics the in-training evaluation stores beside the data cache (:mod:`.monitor`)."""
+    sample beside its nearest training images. Distances in features (randconv) only for data sets of at most
+    MEMORISATION_FEATURES_MAX images; the near-copy criterion itself is in pixels."""
     from .images import save_image
     from .memorisation import memorisation, nearest_picture
-    from .monitor import real_stats, stats_location
 
-    store, key = stats_location(ds)
-    stats = real_stats(ds.images, store=store, key=key, device=device)
-    every_row = stats.features.shape[0] == ds.images.shape[0]
-    mem = memorisation(fake, ds.images, sample_features=extract_features(fake, device=device) if every_row else None,
-                       train_features=stats.features if every_row else None,
+    small = ds.images.shape[0] <= MEMORISATION_FEATURES_MAX
+    mem = memorisation(fake, ds.images, sample_features=extract_features(fake, device=device) if small else None,
+                       train_features=extract_features(ds.images, device=device) if small else None,
                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
     save_image(nearest_picture(fake, ds.images, mem), picture)
     return {**mem.to_dict(), "picture": str(picture)}
@@ -433,7 +433,7 @@ def run(
     import datetime
 
     from . import samplers
-    from .datacache import load_dataset
+    from .data import load_dataset
     from .device import resolve_device
     from .fileio import append_jsonl, check_appendable
     from .generate import generate

@@ -46,13 +46,23 @@ STATS_VERSION = 1  # bump when the stored statistics change meaning
 FEATURES = "randconv"
 
 
+def doubling_due(step: int, every: int, first: int) -> bool:
+    """Every ``every`` steps, and before that at ``first``, 2 ``first``, 4 ``first``, ... steps (``every`` = 0: never).
+
+    The schedule of the training previews and of the in-training evaluation: often early, when a run changes fast."""
+    if not every:
+        return False
+    if step % every == 0:
+        return True
+    k = step // first
+    return step < every and step % first == 0 and k & (k - 1) == 0
+
+
 def eval_due(step: int, every: int, done: bool = False) -> bool:
     """Every ``every`` steps, and before that at 500, 1000, 2000, ... steps; at the end (``done``) of a run
     that got that far (a few hundred steps have nothing worth measuring). ``every`` = 0: never."""
-    from .training import preview_due
-
     first = min(FIRST_EVAL, every)
-    return bool(every) and (preview_due(step, every, first) or (done and step >= first))
+    return bool(every) and (doubling_due(step, every, first) or (done and step >= first))
 
 
 # --- the real statistics, once per data set ---------------------------------------------------------
@@ -71,7 +81,7 @@ def stats_location(data) -> tuple[Path | None, str | None]:
     cache = getattr(data, "cache", None)
     if cache is None:
         return None, None
-    from .datacache import CacheInvalid, read_header
+    from .data.cache import CacheInvalid, read_header
 
     try:
         with open(cache.path, "rb") as f:

@@ -28,28 +28,24 @@ from . import checkpoint as ckpt
 from . import device as devices
 from . import rundir
 from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
-from .datacache import place_images
+from .data.placement import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
 from .fileio import append_jsonl, atomic_write_text
-from .monitor import eval_due
+from .monitor import doubling_due, eval_due
 from .step import TrainStep, lr_at, make_train_step
+from .unet import count_parameters
 
 Callback = Callable[[dict], None]
 _clock = time.perf_counter  # the loop's clock; tests replace it to check --time without waiting
 FIRST_PREVIEW = 100  # previews at 100, 200, 400, ... steps until sample_every: early feedback on a CPU
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["train"]
 
 
-def preview_due(step: int, every: int, first: int = FIRST_PREVIEW) -> bool:
-    """Every ``every`` steps, and before that at ``first``, 2 ``first``, 4 ``first``, ... steps (``every`` = 0: never)."""
-    if not every:
-        return False
-    if step % every == 0:
-        return True
-    k = step // first
-    return step < every and step % first == 0 and k & (k - 1) == 0
+def preview_due(step: int, every: int) -> bool:
+    """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never)."""
+    return doubling_due(step, every, FIRST_PREVIEW)
 
 
 def _save(ts: TrainStep, out: Path, step: int, meta: dict, keep: int, emit: Callback) -> None:
@@ -155,7 +151,7 @@ def _set_up(
 ) -> tuple[TrainStep, int, dict]:
     """Everything before the first step: the run folder, the configs (from the state on resume), the step
     (model, optimizer, EMA, data generator; restored on resume), config.json and the "start" event."""
-    from .unet import UNetConfig
+    from .config import UNetConfig
 
     paths = rundir.RunPaths(out)
     # --- the run folder and the configs ----------------------------------------------
@@ -219,7 +215,7 @@ def _set_up(
             "device": str(dev),
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
             "world_size": dist.world_size,
-            "parameters": sum(p.numel() for p in ts.model.parameters()),
+            "parameters": count_parameters(ts.model),
             "resumed": resume,
             "images": n,
             "local_batch": config.batch_size // dist.world_size,
