@@ -32,7 +32,7 @@ from .data.placement import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
 from .fileio import append_jsonl, atomic_write_text
-from .monitor import doubling_due, eval_due
+from .monitor import Monitor, doubling_due, eval_due, read_history, stats_location
 from .step import TrainStep, lr_at, make_train_step
 from .unet import count_parameters
 
@@ -88,8 +88,6 @@ def _preview(ts: TrainStep, out: Path, step: int, config: TrainConfig, emit: Cal
 
 def _make_monitor(data, ts: TrainStep, config: TrainConfig, out: Path):
     """The in-training evaluation (rank 0 only), with this run's earlier records on resume."""
-    from .monitor import Monitor, read_history, stats_location
-
     store, key = stats_location(data)
     return Monitor(data.images, samples=config.eval_samples, seed=config.seed, device=ts.device, amp=ts.amp,
                    store=store, key=key, history=read_history(rundir.RunPaths(out).log))  # fmt: skip
