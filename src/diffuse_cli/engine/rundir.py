@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from .errors import ConfigError, OutputError
 from .fileio import atomic_write_text, describe_os_error, ensure_dir, remove_stale_temporaries
 
-RUN_FILES = ("config.json", "log.jsonl", ckpt.MODEL_FILE, ckpt.STATE_DIR, "samples")
+RUN_FILES = ("config.json", "log.jsonl", ckpt.MODEL_FILE, ckpt.STATE_DIR, "samples", "best.safetensors", "report.png")
 
 
 @dataclass
