@@ -377,6 +377,14 @@ def _fuzz(name, make, n, place, tmp_path):
     run()
 
 
+def report_args(place, tmp, v: Values):
+    run = v.choice("run", wild=("photo", "folder", "missing", "empty", "model")).map(
+        lambda k: str(place.get(k, tmp / "missing")) if k != "empty" else ""
+    )
+    out = st.one_of(st.just([]), out_path(place, tmp, v, "report.png").map(lambda s: ["--out", s]))
+    return st.tuples(st.just(["report"]), run.map(lambda s: [s]), out)
+
+
 MAKERS = {
     "schedule": schedule_args,
     "noise": noise_args,
@@ -385,6 +393,7 @@ MAKERS = {
     "interpolate": interpolate_args,
     "export": export_args,
     "eval": eval_args,
+    "report": report_args,
 }
 
 
@@ -393,7 +402,8 @@ def test_every_command_is_fuzzed():
 
 
 @pytest.mark.parametrize("command, n", [("schedule", FAST), ("noise", FAST // 2), ("sample", FAST), ("export", FAST // 2),
-                                        ("eval", FAST // 2), ("inpaint", FAST // 2), ("interpolate", FAST // 2)])  # fmt: skip
+                                        ("eval", FAST // 2), ("inpaint", FAST // 2), ("interpolate", FAST // 2),
+                                        ("report", FAST // 2)])  # fmt: skip
 def test_fuzz_command(command, n, place, tmp_path, monkeypatch):
     if command == "eval":
         fake_pytorch_fid(monkeypatch)  # --features inception: no download, the network is not the test

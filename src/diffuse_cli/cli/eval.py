@@ -99,6 +99,11 @@ def eval_(
       download but its distance is not FID; `--features inception` is the standard FID
       (`pip install 'diffuse-cli[fid]'`). Like FID, the number depends on --num-images.
 
+    - **near-copies**: the share of samples whose nearest training image is much closer than the training
+      images around it (Carlini et al. 2023's relative distance), against the same share for real images
+      left out of the comparison; `nearest.png` beside eval.jsonl shows samples next to their nearest
+      training images (near-copies first, framed in red).
+
     The numbers are printed and appended to the run's eval.jsonl.
 
     **Examples**
@@ -124,6 +129,10 @@ def eval_(
         sys.stdout.write(json.dumps(report) + "\n")
         return
     console.print(_table(report, bars.T))
+    if report.get("memorisation", {}).get("copying"):
+        m = report["memorisation"]
+        console.print(f"[yellow]warning:[/] the model copies its training images: {m['near_copy_share']:.0%} of the "
+                      f"samples are near-copies (real images: {m['reference_share']:.0%}); see {m['picture']}")  # fmt: skip
     console.print(f"appended to [bold]{log_path}[/]")
 
 
@@ -185,5 +194,18 @@ def _table(report: dict, T: int) -> Table:
         )
         table.add_row(
             "recall", f"{report['recall']:.3f}", "real inside the generated manifold (Kynkaanniemi et al. 2019)"
+        )
+    if "memorisation" in report:
+        m = report["memorisation"]
+        table.add_row(
+            "near-copies",
+            f"{m['near_copy_share']:.1%}",
+            f"nearest training image < {m['threshold']:.2g} x the mean distance to the {m['k']} nearest "
+            f"(Carlini et al. 2023); real images left out: {m['reference_share']:.1%}; {m['picture']}",
+        )
+        table.add_row(
+            "nearest training image",
+            f"{m['pixel_distance']:.1f}",
+            f"median RMS pixel distance (0-255) of a sample; real images: {m['reference_pixel_distance']:.1f}",
         )
     return table

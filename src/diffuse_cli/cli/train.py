@@ -110,6 +110,14 @@ SampleEveryOpt = _opt(
     "--sample-every",
     help=f"Write a preview grid every N steps and at the end (0: never). {d(_T.sample_every)}",
 )
+EvalEveryOpt = _opt(
+    int | None,
+    "--eval-every",
+    help="Score the EMA model every N steps (also at 500 and at the end): Frechet distance and KID of fixed samples "
+    f"against the data, and the share that copy a training image; the best step is kept as best.safetensors "
+    f"(0: never). {d(_T.eval_every)}",
+)
+EvalSamplesOpt = _opt(int | None, "--eval-samples", help=f"Samples per in-training evaluation. {d(_T.eval_samples)}")
 ThreadsOpt = _opt(
     int | None, "--threads", help="CPU threads for torch. [default: the cores no other process keeps busy]"
 )
@@ -161,6 +169,8 @@ def train(
         int | None, "--save-every", help=f"Save a resumable state every N steps. {d(_T.save_every)}"
     ) = None,
     sample_every: SampleEveryOpt = None,
+    eval_every: EvalEveryOpt = None,
+    eval_samples: EvalSamplesOpt = None,
     keep: _opt(int | None, "--keep", help=f"How many periodic states to keep. {d(_T.keep)}") = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
@@ -203,8 +213,9 @@ def _options(given: dict) -> dict:
     return dict(
         pick("image_size", "channels", "preset", "classes", "device", "resume", "overwrite", "cache_dir"),
         cache=not g["no_cache"],
-        train=pick("steps", "batch_size", "lr", "warmup", "ema_decay", "cond_drop", "save_every", "sample_every", "keep",
-                   "seed", "loss_weighting", "vlb_weight", "timestep_sampling", "precision", "compile", "threads", hflip="flip", time_limit="time"),
+        train=pick("steps", "batch_size", "lr", "warmup", "ema_decay", "cond_drop", "save_every", "sample_every",
+                   "eval_every", "eval_samples", "keep", "seed", "loss_weighting", "vlb_weight", "timestep_sampling",
+                   "precision", "compile", "threads", hflip="flip", time_limit="time"),
         model=pick("base_channels", "channel_mults", "num_res_blocks", "dropout", attention_resolutions="attention_res"),
         diffusion=pick("beta_start", "beta_end", "zero_terminal_snr", "prediction", "timesteps", "variance", schedule="kind"),
     )  # fmt: skip
@@ -238,4 +249,9 @@ def _train(data_spec: str, out: Path | None, options: dict) -> None:
         )
         say(f"  model    {result['model']}")
         say(f"  previews {result['samples']}/")
+        if result.get("best_step") is not None:
+            say(f"  best     {result['best']} (step {result['best_step']}: the lowest Frechet distance, "
+                f"{result['best_fd']:.4g}, of the in-training evaluations)")  # fmt: skip
+        if result.get("report"):
+            say(f"  report   {result['report']}  (diffuse report {result['out']} draws it again)")
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")

@@ -258,6 +258,8 @@ class TrainConfig:
     log_every: int = 25  # host syncs happen only here
     num_preview: int = 16
     preview_steps: int = 50
+    eval_every: int = 1000  # in-training FD/KID/near-copy check (engine/monitor.py); also at 500 and the end
+    eval_samples: int = 256  # EMA samples per check: ~5% of a CPU run's time at 16x16 (benchmarks/RESULTS.md)
     seed: int = 0
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False
@@ -288,6 +290,8 @@ class TrainConfig:
             ),
             (self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})"),
             (self.sample_every >= 0, f"--sample-every must be >= 0 (got {self.sample_every})"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0 (got {self.eval_every})"),
+            (self.eval_samples >= 4, f"--eval-samples must be at least 4 (got {self.eval_samples})"),
             (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),
             (self.log_every >= 1, f"log interval must be at least 1 (got {self.log_every})"),
             (self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16 (got {self.precision})"),

@@ -350,6 +350,24 @@ def _pick_real(images: torch.Tensor, num: int, gen: torch.Generator) -> torch.Te
     return images
 
 
+MEMORISATION_FEATURES_MAX = 10_000  # training images whose features eval computes for the nearest distances
+
+
+def _memorisation(fake: torch.Tensor, ds, picture: Path, seed: int, device) -> dict:
+    """Near-copies of the training images among the samples (:mod:`.memorisation`), and the picture of each
+    sample beside its nearest training images. Distances in features (randconv) only for data sets of at most
+    MEMORISATION_FEATURES_MAX images; the near-copy criterion itself is in pixels."""
+    from .images import save_image
+    from .memorisation import memorisation, nearest_picture
+
+    small = ds.images.shape[0] <= MEMORISATION_FEATURES_MAX
+    mem = memorisation(fake, ds.images, sample_features=extract_features(fake, device=device) if small else None,
+                       train_features=extract_features(ds.images, device=device) if small else None,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    save_image(nearest_picture(fake, ds.images, mem), picture)
+    return {**mem.to_dict(), "picture": str(picture)}
+
+
 def run(
     checkpoint,
     data_spec: str,
@@ -429,5 +447,23 @@ def run(
         report["fd"] = {"value": q["frechet_distance"], "features": features, "is_fid": q["is_fid"],
                         "feature_dim": q["feature_dim"], "generated": n, "sampler": sampler, "steps": steps}  # fmt: skip
         report["precision"], report["recall"], report["pr_k"] = q["precision"], q["recall"], q["k"]
+        progress("memorisation", None)(0)
+        report["memorisation"] = _memorisation(fake, ds, log_path.with_name("nearest.png"), seed, dev)
     append_jsonl(log_path, report)
     return report, log_path
+
+
+def kernel_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
+    """Kernel (Inception) Distance, KID (Binkowski et al. 2018, "Demystifying MMD GANs", sec. 4): the unbiased
+    estimate of MMD^2 with the cubic kernel k(x, y) = (x.y / D + 1)^3 between two feature sets (N, D).
+
+    Unlike the Frechet distance it has no bias at small counts: its expectation is 0 when both sets
+    come from one distribution, whatever their sizes (it can then come out slightly negative).
+    """
+    x, y = feats1.to(torch.float64), feats2.to(torch.float64)
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    if m < 2 or n < 2:
+        raise ConfigError("the kernel distance needs at least 2 images in each set")
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    off = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1)) + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return float(off - 2.0 * k_xy.mean())
