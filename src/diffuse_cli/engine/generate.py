@@ -92,6 +92,13 @@ def generate(
             raise ConfigError("this model was trained without classes, so it cannot be asked for one")
         if bool(((classes < 0) | (classes >= null)).any()):
             raise ConfigError(f"class ids must be in 0..{null - 1}")
+    if not getattr(getattr(model, "config", None), "null_class", True):  # e.g. a diffusers num_class_embeds model
+        if classes is None:
+            raise ConfigError("this model has no unconditional (null) class: give a class for every image")
+        if guidance != 1.0:
+            raise ConfigError(
+                "this model has no null class, so it cannot be guided (Ho & Salimans 2022 need one); use --guidance 1"
+            )
 
     def net(x_t: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
