@@ -308,7 +308,8 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False
     time_limit: float | None = None  # seconds of training in this process (--time); None: until `steps`
-    threads: int | None = None  # CPU threads for torch; None: as many as are free (device.default_threads)
+    threads: int | None = None  # CPU threads for torch; None: as many as are free, re-checked (device.ThreadPolicy)
+    micro_batch: int | None = None  # images per forward/backward pass on each process (gradient accumulation)
 
     def __post_init__(self) -> None:
         checks = [
@@ -331,6 +332,10 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16 (got {self.precision})"),
             (self.time_limit is None or self.time_limit > 0, f"--time must be positive (got {self.time_limit})"),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})"),
+            (
+                self.micro_batch is None or self.micro_batch >= 1,
+                f"--micro-batch must be at least 1 (got {self.micro_batch})",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -343,16 +348,23 @@ class TrainConfig:
     def resumed(self, **given) -> TrainConfig:
         """This stored run's config with the options given again on the command line applied.
 
-        Everything but the device-side settings (precision, compile) survives a resume unless
-        given again; e.g. a larger ``steps`` continues the run further.
+        Everything but the settings of the machine survives a resume unless given again; e.g. a
+        larger ``steps`` continues the run further. Machine settings (:data:`MACHINE_SETTINGS`:
+        threads, micro-batch) describe the computer, not the run: they are what is given now, or
+        their defaults, never the stored run's.
         """
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+        machine = {k: given.get(k) for k in MACHINE_SETTINGS}
+        return dataclasses.replace(self, **{**{k: v for k, v in given.items() if v is not None}, **machine})
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+
+#: TrainConfig fields that describe the machine a run is on, not the run: --resume does not carry them over.
+#: (The update is the same for any micro-batch: it splits the batch, not the math.)
+MACHINE_SETTINGS = ("threads", "micro_batch")
 
 UNLIMITED_STEPS = 10**9  # --time without --steps: the budget ends the run
 
