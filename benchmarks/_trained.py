@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffuse_cli.engine import checkpoint as ckpt  # noqa: E402
+from diffuse_cli.engine import models  # noqa: E402
 from diffuse_cli.engine.data import load_builtin  # noqa: E402
 from diffuse_cli.engine.diffusion import DiffusionConfig  # noqa: E402
 from diffuse_cli.engine.training import TrainConfig, train  # noqa: E402
@@ -94,7 +94,7 @@ def trained_model(spec: ModelSpec, log=print):
             out = train(data, Path(tmp) / "run", mcfg, dcfg, tcfg, device="cpu", callback=progress)
             shutil.copyfile(out["model"], path.with_suffix(".tmp"))
             path.with_suffix(".tmp").replace(path)
-    model, diffusion, ck = ckpt.load_for_sampling(path, "cpu")
+    model, diffusion, ck = models.load_for_sampling(path, "cpu")
     return model, diffusion, ck
 
 

@@ -38,9 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import cpu_name, replace_section  # noqa: E402
 
-from diffuse_cli.engine import checkpoint as ckpt  # noqa: E402
+from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import data as data_mod  # noqa: E402
-from diffuse_cli.engine import training  # noqa: E402
+from diffuse_cli.engine import (
+    models,  # noqa: E402
+    training,  # noqa: E402
+)
 from diffuse_cli.engine.config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig, UNetConfig  # noqa: E402
 from diffuse_cli.engine.data import from_model_range  # noqa: E402
 from diffuse_cli.engine.generate import generate  # noqa: E402
@@ -83,8 +86,8 @@ def measure(run: Path, scales, per_class: int, batch_size: int, log=print) -> li
     """One row per guidance scale: accuracy (overall and worst digit), confidence, spread."""
     from _digit_classifier import classifier
 
-    model, diffusion, ck = ckpt.load_for_sampling(run, "cpu")
-    k = len(ckpt.class_names(ck))
+    model, diffusion, ck = models.load_for_sampling(run, "cpu")
+    k = len(models.class_names(ck))
     size = ck.model["image_size"]
     judge = classifier(size)
     real = data_mod.load_builtin("digits", image_size=size)
@@ -134,8 +137,8 @@ def picture(run: Path, path: Path, scales=(0.0, 1.0, 2.0, 3.0, 4.0), per_digit: 
 
     from diffuse_cli.engine import images as img
 
-    model, diffusion, ck = ckpt.load_for_sampling(run, "cpu")
-    size, k = ck.model["image_size"], len(ckpt.class_names(ck))
+    model, diffusion, ck = models.load_for_sampling(run, "cpu")
+    size, k = ck.model["image_size"], len(models.class_names(ck))
     asked = torch.arange(k).repeat(per_digit)  # 0..9, 0..9: the columns
     rows = []
     for w in scales:

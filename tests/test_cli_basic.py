@@ -36,7 +36,7 @@ def test_every_command_has_help_with_example(cmd):
     assert "Examples" in r.stdout and f"diffuse {cmd}" in r.stdout
 
 
-@pytest.mark.parametrize("kind", schedules.KINDS)
+@pytest.mark.parametrize("kind", schedules.SCHEDULES)
 def test_schedule_json_matches_formulas(kind):
     r = run("schedule", "--kind", kind, "--format", "json")
     assert r.exit_code == 0, r.output

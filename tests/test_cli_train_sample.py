@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from diffuse_cli.engine import checkpoint as ckpt
+from diffuse_cli.engine import models
 from helpers import TINY_TRAIN, one_line_error
 from helpers import invoke as run
 
@@ -219,8 +220,8 @@ def test_class_names_round_trip_through_checkpoint_config_and_resume(class_run, 
     data, out = class_run
     ck = ckpt.load(out / "model.safetensors")
     assert ck.model["num_classes"] == 2 and ck.dataset["classes"] == ["blue", "red"]
-    assert ckpt.class_names(ck) == ["blue", "red"]
-    assert ckpt.class_names(ckpt.load_for_sampling(out)[2]) == ["blue", "red"]
+    assert models.class_names(ck) == ["blue", "red"]
+    assert models.class_names(models.load_for_sampling(out)[2]) == ["blue", "red"]
     assert json.loads((out / "config.json").read_text())["dataset"]["classes"] == ["blue", "red"]
     resumed = tmp_path / "r"
     import shutil

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from diffuse_cli.engine import checkpoint as ckpt
+from diffuse_cli.engine import models
 
 # --warmup 0 and a large --lr move the outputs by ~0.3 per step, far above ATOL, so a rank
 # training on the wrong slice (or on a stale batch) cannot pass by accident.
@@ -64,7 +65,7 @@ def state(run: Path, step: int) -> ckpt.Checkpoint:
 
 def outputs(ck: ckpt.Checkpoint, prefix: str) -> torch.Tensor:
     """The network's prediction for fixed noisy digits at timesteps across [0, T)."""
-    net = ckpt.build_model(ck, prefix=prefix)
+    net = models.build_model(ck, prefix=prefix)
     x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny net: more threads only spin, badly so on a busy machine

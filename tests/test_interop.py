@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from diffuse_cli.engine import checkpoint as ckpt
-from diffuse_cli.engine import interop, samplers
+from diffuse_cli.engine import diffusers_io, models, samplers
 from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
 from diffuse_cli.engine.errors import CheckpointError, OutputError, Unsupported
 from diffuse_cli.engine.generate import image_generators
@@ -65,8 +65,8 @@ DDPM_AUTHORS = dict(flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, n
 def test_diffusers_folder_is_the_same_function(tmp_path, kw):
     theirs = unet2d(**kw)
     folder = save_pipeline(tmp_path / "pipe", theirs, num_train_timesteps=100)
-    ours, diffusion, ck = ckpt.load_for_sampling(folder)
-    assert isinstance(ours, interop.DiffusersUNet) == (kw is DDPM_AUTHORS)
+    ours, diffusion, ck = models.load_for_sampling(folder)
+    assert isinstance(ours, diffusers_io.DiffusersUNet) == (kw is DDPM_AUTHORS)
     c = theirs.config.in_channels
     x, t = torch.randn(3, c, 16, 16), torch.tensor([0, 37, 99])
     with torch.no_grad():
@@ -82,12 +82,12 @@ def test_native_layout_subclass_computes_unet_forward():
                      attention_resolutions=(4,), dropout=0.0)  # fmt: skip
     plain = UNet(cfg).eval()
     randomize(plain)
-    twin = interop.DiffusersUNet(cfg, interop.DiffusersLayout()).eval()
+    twin = diffusers_io.DiffusersUNet(cfg, diffusers_io.DiffusersLayout()).eval()
     twin.load_state_dict(plain.state_dict())
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 900])
     with torch.no_grad():
         torch.testing.assert_close(twin(x, t), plain(x, t), rtol=1e-6, atol=1e-6)
-    emb = interop.diffusers_timestep_embedding(t, 32, interop.DiffusersLayout())
+    emb = diffusers_io.diffusers_timestep_embedding(t, 32, diffusers_io.DiffusersLayout())
     torch.testing.assert_close(emb, timestep_embedding(t, 32), rtol=1e-6, atol=1e-5)
 
 
@@ -95,7 +95,7 @@ def test_state_dict_renaming_round_trips():
     cfg = UNetConfig(image_size=16, in_channels=3, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=2,
                      attention_resolutions=(8, 4), dropout=0.0, num_heads=2)  # fmt: skip
     state = UNet(cfg).state_dict()
-    back = convert_diffusers_state_dict(interop.to_diffusers_state_dict(state, cfg), cfg)
+    back = convert_diffusers_state_dict(diffusers_io.to_diffusers_state_dict(state, cfg), cfg)
     assert back.keys() == state.keys()
     for k in state:
         assert torch.equal(back[k], state[k]), k
@@ -134,7 +134,7 @@ def test_ddim_uniform_grid_matches_diffusers_trailing(tmp_path, prediction):
     theirs = unet2d()
     folder = save_pipeline(tmp_path / "pipe", theirs, num_train_timesteps=T, clip_sample=False,
                            prediction_type=prediction, beta_schedule="squaredcos_cap_v2")  # fmt: skip
-    model, diffusion, _ = ckpt.load_for_sampling(folder)
+    model, diffusion, _ = models.load_for_sampling(folder)
     x_T = torch.randn((num, 3, 16, 16), generator=torch.Generator().manual_seed(seed))
     ours = samplers.ddim(model, diffusion, x_T, steps=steps, eta=0.0, spacing="uniform", clip_x0=False)
     sched = diffusers.DDIMScheduler.from_pretrained(folder / "scheduler", timestep_spacing="trailing")
@@ -166,7 +166,7 @@ def test_exported_run_loads_in_ddpm_pipeline(tmp_path, trained_run):
         "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
         "scheduler/scheduler_config.json"}  # fmt: skip
     pipe = diffusers.DDPMPipeline.from_pretrained(out)
-    ours, diffusion, _ = ckpt.load_for_sampling(trained_run)
+    ours, diffusion, _ = models.load_for_sampling(trained_run)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn((3, 1, 8, 8), generator=g), torch.tensor([0, 17, 49])
     with torch.no_grad():
@@ -197,7 +197,7 @@ def test_exported_random_models_match(tmp_path):
         src = ckpt.save(tmp_path / f"m{i}.safetensors", model.state_dict(), kind="model", model=cfg.to_dict(),
                         diffusion=DiffusionConfig(schedule="sigmoid", timesteps=30, prediction="v").to_dict())  # fmt: skip
         out = tmp_path / f"out{i}"
-        interop.export(src, out)
+        models.export(src, out)
         theirs = diffusers.UNet2DModel.from_pretrained(out / "unet").eval()
         x, t = torch.randn(2, cfg.in_channels, cfg.image_size, cfg.image_size), torch.tensor([1, 29])
         with torch.no_grad():
@@ -211,8 +211,8 @@ def test_schedules_round_trip_to_identical_betas(kind, zero_terminal_snr):
     cfg = DiffusionConfig(schedule=kind, timesteps=200, beta_start=3e-4, beta_end=0.03,
                           zero_terminal_snr=zero_terminal_snr, prediction="x0")  # fmt: skip
     ours = Diffusion(cfg)
-    sched_cfg = json.loads(json.dumps(interop.scheduler_config(cfg.to_dict())))
-    back, back_dict = interop.diffusion_from_scheduler(sched_cfg)
+    sched_cfg = json.loads(json.dumps(diffusers_io.scheduler_config(cfg.to_dict())))
+    back, back_dict = diffusers_io.diffusion_from_scheduler(sched_cfg)
     assert back_dict == cfg.to_dict()
     assert torch.equal(back.betas, ours.betas)  # identical: the same config names the same betas
     theirs = diffusers.DDPMScheduler.from_config(sched_cfg)  # diffusers' own formulas, in float32
@@ -236,14 +236,14 @@ def test_diffusers_scheduler_configs_give_their_betas(tmp_path, schedule):
         s = cls(num_train_timesteps=300, beta_start=2e-4, beta_end=0.025, beta_schedule=schedule)
         s.save_config(tmp_path / cls.__name__)
         cfg = json.loads((tmp_path / cls.__name__ / "scheduler_config.json").read_text())
-        diffusion, _ = interop.diffusion_from_scheduler(cfg)
+        diffusion, _ = diffusers_io.diffusion_from_scheduler(cfg)
         torch.testing.assert_close(diffusion.betas, s.betas.double(), rtol=2e-6, atol=1e-9)
 
 
 # --- refusals --------------------------------------------------------------------------------------------
 def test_bin_only_folder_refused_without_unpickling(tmp_path, monkeypatch):
     folder = save_pipeline(tmp_path / "pipe", unet2d(), num_train_timesteps=10)
-    (folder / "unet" / interop.WEIGHTS).unlink()
+    (folder / "unet" / diffusers_io.WEIGHTS).unlink()
     marker = tmp_path / "unpickled"
 
     class Bomb:
@@ -277,12 +277,12 @@ def test_other_model_classes_are_refused_by_name(tmp_path):
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**sched, "_class_name": "PNDMScheduler"}))
     with pytest.raises(CheckpointError, match="DDPMScheduler and DDIMScheduler"):
-        ckpt.load_for_sampling(folder)
+        models.load_for_sampling(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "resnet_time_scale_shift": "spatial"}))
     with pytest.raises(CheckpointError, match="spatial"):
-        ckpt.load_for_sampling(folder)
+        models.load_for_sampling(folder)
 
 
 @pytest.mark.parametrize(
@@ -294,7 +294,7 @@ def test_export_refuses_what_unet2dmodel_cannot_express(tmp_path, kw, fragment):
     cfg = UNetConfig(**{**dict(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2),
                                num_res_blocks=1, attention_resolutions=(), dropout=0.0), **kw})  # fmt: skip
     with pytest.raises(Unsupported, match=fragment):
-        interop.unet_config(cfg)
+        diffusers_io.unet_config(cfg)
     src = ckpt.save(tmp_path / "m.safetensors", UNet(cfg).state_dict(), kind="model", model=cfg.to_dict(),
                     diffusion=DiffusionConfig(timesteps=10).to_dict())  # fmt: skip
     msg = one_line_error(run("export", src, tmp_path / "out"))
@@ -306,16 +306,16 @@ def test_export_will_not_fill_a_used_folder(tmp_path, trained_run):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="not empty"):
-        interop.export(trained_run, tmp_path / "busy")
-    interop.export(trained_run, tmp_path / "busy", overwrite=True)
+        models.export(trained_run, tmp_path / "busy")
+    models.export(trained_run, tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
 def test_runtime_never_imports_diffusers(tmp_path, trained_run):
     code = (
-        "import sys; from diffuse_cli.engine import interop, checkpoint as c; "
-        f"interop.export({str(trained_run)!r}, {str(tmp_path / 'out')!r}); "
-        f"c.load_for_sampling({str(tmp_path / 'out')!r}); "
+        "import sys; from diffuse_cli.engine import models, checkpoint as c; "
+        f"models.export({str(trained_run)!r}, {str(tmp_path / 'out')!r}); "
+        f"models.load_for_sampling({str(tmp_path / 'out')!r}); "
         "assert 'diffusers' not in sys.modules, 'diffusers was imported'"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -339,10 +339,10 @@ def test_trained_betas_round_trip_once_rescaled():
     """A scheduler with explicit betas (and zero terminal SNR) comes in as those betas and goes out unchanged."""
     cfg = {"_class_name": "DDPMScheduler", "num_train_timesteps": 40, "rescale_betas_zero_snr": True,
            "trained_betas": torch.linspace(1e-3, 0.05, 40, dtype=torch.float64).tolist()}  # fmt: skip
-    ours, as_dict = interop.diffusion_from_scheduler(cfg)
+    ours, as_dict = diffusers_io.diffusion_from_scheduler(cfg)
     assert as_dict["schedule"] == "trained_betas" and float(ours.alphas_cumprod[-1]) == 0.0
     theirs = diffusers.DDPMScheduler.from_config(cfg)
     torch.testing.assert_close(theirs.alphas_cumprod.double(), ours.alphas_cumprod, rtol=1e-5, atol=1e-7)
-    out = json.loads(json.dumps(interop.scheduler_config(as_dict, ours.betas)))
-    again, _ = interop.diffusion_from_scheduler(out)
+    out = json.loads(json.dumps(diffusers_io.scheduler_config(as_dict, ours.betas)))
+    again, _ = diffusers_io.diffusion_from_scheduler(out)
     assert torch.equal(again.betas, ours.betas)

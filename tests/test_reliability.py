@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from diffuse_cli.cli import app
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import data as data_mod
-from diffuse_cli.engine import fileio, rundir
+from diffuse_cli.engine import fileio, models, rundir
 from diffuse_cli.engine.unet import UNet, UNetConfig
 from helpers import runner
 
@@ -226,7 +226,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     model = run / "model.safetensors"
     ck = ckpt.load(model)
     assert ck.step == steps
-    ckpt.load_for_sampling(model)
+    models.load_for_sampling(model)
     log = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert log == sorted(set(log)) and log[-1] == steps, "the log repeats or skips back"
     assert state_steps(run) == [steps - every, steps]  # --keep 2
@@ -436,7 +436,7 @@ def test_run_file_write_fault_keeps_checkpoint(run_copy, disk, monkeypatch, what
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
             return real_open(path, mode, *a, **k)
 
-        monkeypatch.setattr(rundir, "open", open_, raising=False)  # the log is appended by rundir.append_log
+        monkeypatch.setattr(fileio, "open", open_, raising=False)  # the log is appended by fileio.append_jsonl
     r = invoke(
         "train",
         "builtin:digits",

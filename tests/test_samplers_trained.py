@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffuse_cli.engine import checkpoint as ckpt
+from diffuse_cli.engine import models
 from diffuse_cli.engine import samplers as S
 from diffuse_cli.engine.data import from_model_range
 
@@ -28,7 +28,7 @@ SPECKLE = 60.0  # mean |horizontal neighbour difference| on 0..255; real 16x16 d
 def trained():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    model, diffusion, _ = ckpt.load_for_sampling(CHECKPOINT)
+    model, diffusion, _ = models.load_for_sampling(CHECKPOINT)
 
     @torch.no_grad()
     def net(x, t):

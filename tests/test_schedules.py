@@ -55,7 +55,7 @@ def test_cosine_closed_form():
     assert torch.all(d.betas[1:] >= d.betas[:-1])
 
 
-@pytest.mark.parametrize("kind", schedules.KINDS)
+@pytest.mark.parametrize("kind", schedules.SCHEDULES)
 def test_zero_terminal_snr(kind):
     plain = Diffusion(DiffusionConfig(schedule=kind))
     d = Diffusion(DiffusionConfig(schedule=kind, zero_terminal_snr=True))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffuse_cli.engine import checkpoint as ckpt
-from diffuse_cli.engine import interop
+from diffuse_cli.engine import diffusers_io, models
 from diffuse_cli.engine.config import UNetConfig
 from diffuse_cli.engine.diffusion import DiffusionConfig
 from diffuse_cli.engine.errors import CheckpointError, ConfigError
@@ -63,12 +63,12 @@ PUBLIC = sorted(p.stem for p in CONFIGS.glob("*.json"))
 @pytest.mark.parametrize("name", PUBLIC)
 def test_public_ddpm_configs_load_and_match_diffusers(tmp_path, name):
     cfg = json.loads((CONFIGS / f"{name}.json").read_text())
-    full, _ = interop.unet_config_from_diffusers(cfg)  # the real size parses
+    full, _ = diffusers_io.unet_config_from_diffusers(cfg)  # the real size parses
     assert full.hw == (cfg["sample_size"],) * 2 and full.base_channels == cfg["block_out_channels"][0]
     torch.manual_seed(0)
     theirs = diffusers.UNet2DModel.from_config(shrunk(cfg)).eval()
     randomize(theirs)
-    ours, _, ck = ckpt.load_for_sampling(save_pipeline(tmp_path / "pipe", theirs))
+    ours, _, ck = models.load_for_sampling(save_pipeline(tmp_path / "pipe", theirs))
     same_function(theirs, ours)
 
 
@@ -96,13 +96,13 @@ def test_family_members_load_and_match_diffusers(tmp_path, kw):
     torch.manual_seed(0)
     theirs = diffusers.UNet2DModel(**{"sample_size": 16, **HELD_OUT, **kw}).eval()
     randomize(theirs)
-    ours, _, ck = ckpt.load_for_sampling(save_pipeline(tmp_path / "pipe", theirs))
+    ours, _, ck = models.load_for_sampling(save_pipeline(tmp_path / "pipe", theirs))
     labels = torch.tensor([4, 0]) if "num_class_embeds" in kw else None
     same_function(theirs, ours, labels)
     size = kw.get("sample_size", 16)
     assert ours.config.hw == (size if isinstance(size, tuple) else (size, size))
     # ... and exports again: diffusers reads our folder back as the same function
-    interop.export(tmp_path / "pipe", tmp_path / "again")
+    models.export(tmp_path / "pipe", tmp_path / "again")
     back = diffusers.UNet2DModel.from_pretrained(tmp_path / "again" / "unet").eval()
     same_function(back, ours, labels)
 
@@ -110,7 +110,7 @@ def test_family_members_load_and_match_diffusers(tmp_path, kw):
 def test_imported_classes_have_no_null_row_and_need_a_class(tmp_path):
     torch.manual_seed(0)
     theirs = diffusers.UNet2DModel(sample_size=16, num_class_embeds=3, **HELD_OUT).eval()
-    ours, diffusion, _ = ckpt.load_for_sampling(save_pipeline(tmp_path / "pipe", theirs))
+    ours, diffusion, _ = models.load_for_sampling(save_pipeline(tmp_path / "pipe", theirs))
     assert ours.config.num_classes == 3 and not ours.config.null_class and ours.class_emb.num_embeddings == 3
     from diffuse_cli.engine.generate import generate
 
@@ -129,11 +129,11 @@ def test_our_conditional_model_exports_with_its_null_class_and_comes_back(tmp_pa
     randomize(model)
     src = ckpt.save(tmp_path / "m.safetensors", model.state_dict(), kind="model", model=cfg.to_dict(),
                     diffusion=DiffusionConfig(timesteps=10).to_dict())  # fmt: skip
-    interop.export(src, tmp_path / "out")
+    models.export(src, tmp_path / "out")
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "out" / "unet").eval()
     assert theirs.config.num_class_embeds == 4
     same_function(theirs, model, torch.tensor([3, 1]))  # 3: the null class
-    back, _, _ = ckpt.load_for_sampling(tmp_path / "out")
+    back, _, _ = models.load_for_sampling(tmp_path / "out")
     assert back.config == cfg
 
 
@@ -147,7 +147,7 @@ def test_our_conditional_model_exports_with_its_null_class_and_comes_back(tmp_pa
 def test_what_is_outside_the_family_is_refused_by_name(kw, fragment):
     cfg = {"_class_name": "UNet2DModel", "sample_size": 16, **HELD_OUT, **kw}
     with pytest.raises(CheckpointError, match=fragment):
-        interop.unet_config_from_diffusers(cfg)
+        diffusers_io.unet_config_from_diffusers(cfg)
 
 
 # sum and sum of |.| of a randomised preset's output (below), computed by the U-Net as it was before the family

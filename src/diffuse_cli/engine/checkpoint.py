@@ -22,7 +22,6 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -35,7 +34,7 @@ STATE_DIR = "checkpoints"
 STATE_PATTERN = "state-*.safetensors"
 # A safetensors header is 8 bytes of little-endian length followed by that much JSON.
 MAX_HEADER = 100 * 1024 * 1024
-KINDS = ("model", "state")
+CHECKPOINT_KINDS = ("model", "state")
 
 
 @dataclass
@@ -88,9 +87,6 @@ def save(
     extra: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temp file, fsync, rename). Returns the path."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     meta = {
         "diffuse.format": FORMAT_VERSION,
         "diffuse.kind": kind,
@@ -108,16 +104,26 @@ def save(
     }
     meta["diffuse.crc32"] = _crc32(flat)
     path = Path(path)
+    write_safetensors(path, flat, meta, canonical=True)
+    return path
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict, *, canonical: bool = False) -> None:
+    """``save_file`` into a temporary file that replaces ``path`` only when complete (:func:`atomic_path`);
+    safetensors' own I/O errors (a full disk...) become OSErrors, which ``atomic_path`` words for a person."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         try:
-            save_file(flat, str(tmp), metadata=meta)
-        except SafetensorError as err:  # its I/O errors (a full disk...) are not OSErrors: make them one
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # not an OSError: make it one
             code = re.search(r"os error (\d+)", str(err))
             if code is None:
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
-        _canonical_header(tmp)
-    return path
+        if canonical:
+            _canonical_header(tmp)
 
 
 def _canonical_header(path: Path) -> None:
@@ -135,7 +141,7 @@ def _canonical_header(path: Path) -> None:
             f.write(text + b" " * (n - len(text)))
 
 
-def _sniff(path: Path) -> None:
+def sniff(path: Path) -> None:
     """Refuse pickles and obviously broken files before safetensors parses them."""
     try:
         with open(path, "rb") as f:
@@ -185,7 +191,7 @@ def load(
         path = path / MODEL_FILE
         if not path.exists():
             raise CheckpointError(f"{path.parent} has no {MODEL_FILE} (is it a diffuse run folder?)")
-    _sniff(path)
+    sniff(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
@@ -221,7 +227,7 @@ def load(
     for name in ("model", "diffusion", "train", "dataset", "extra"):
         if not isinstance(getattr(ck, name), dict):
             raise CheckpointError(f"{path} has damaged diffuse metadata ({name!r} is not a JSON object)")
-    if ck.kind not in KINDS:
+    if ck.kind not in CHECKPOINT_KINDS:
         raise CheckpointError(f"{path} has damaged diffuse metadata (unknown checkpoint kind {ck.kind!r})")
     if read_tensors and "diffuse.crc32" in meta and meta["diffuse.crc32"] != _crc32(tensors):
         raise CheckpointError(
@@ -265,68 +271,3 @@ def check_weights(own: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]
     bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise CheckpointError(f"weights in {path} contain NaN or infinity (e.g. {bad}); the checkpoint is damaged")
-
-
-def build_model(ck: Checkpoint, device: str | torch.device = "cpu", prefix: str = "") -> Any:
-    """The U-Net described by a checkpoint, with its weights loaded, in eval mode."""
-    from .errors import ConfigError
-    from .unet import UNet, UNetConfig
-
-    try:
-        cfg = UNetConfig.from_dict(ck.model)
-    except (ConfigError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{ck.path} has an invalid model config: {err}") from err
-    trained = (ck.dataset.get("channels"), ck.dataset.get("image_size"))
-    if trained != (None, None) and trained != (cfg.in_channels, cfg.image_size):
-        raise CheckpointError(
-            f"{ck.path} has an inconsistent model config: {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images, "
-            f"but it was trained on {trained[0]}x{trained[1]}x{trained[1]} (edited or damaged metadata)"
-        )
-    weights = {k: v.to("cpu") for k, v in (prefixed(ck.tensors, prefix) if prefix else ck.tensors).items()}
-    with torch.device("meta"):  # names and shapes only: a damaged config is refused before it allocates anything
-        skeleton = UNet(cfg)
-    check_weights(skeleton.state_dict(), weights, ck.path)
-    model = UNet(cfg)
-    model.load_state_dict(weights, strict=True)
-    return model.to(device).eval()
-
-
-def class_names(ck: Checkpoint) -> list[str]:
-    """The class names a checkpoint was trained with, label i first ([] for an unconditional model).
-
-    They live in the ``dataset`` metadata (``classes``); a conditional model without them (edited
-    metadata) gets its ids as names.
-    """
-    k = ck.model.get("num_classes") or 0
-    k = k if isinstance(k, int) and k > 0 else 0
-    names = ck.dataset.get("classes")
-    if isinstance(names, list) and len(names) == k:
-        return [str(n) for n in names]
-    return [str(i) for i in range(k)]
-
-
-def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load a model checkpoint (file, run folder or diffusers folder): returns (model, diffusion, checkpoint).
-
-    ``model`` is the U-Net (EMA weights) in eval mode on ``device``; ``diffusion`` is the
-    :class:`~.diffusion.Diffusion` it was trained with, on the same device. A diffusers pipeline
-    folder (UNet2DModel + DDPM/DDIM scheduler) is converted on load by :func:`.interop.load`. A class-conditional
-    model's class names are :func:`class_names` of the checkpoint.
-    """
-    from . import interop
-    from .diffusion import Diffusion, DiffusionConfig
-    from .errors import ConfigError
-
-    if interop.is_diffusers_folder(path):
-        return interop.load(path, device)
-    ck = load(path)
-    if ck.kind == "state":
-        prefix = "ema."
-    else:
-        prefix = ""
-    model = build_model(ck, device, prefix=prefix)
-    try:
-        diffusion = Diffusion(DiffusionConfig.from_dict(ck.diffusion)).to(device)
-    except (ConfigError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{ck.path} has an invalid diffusion config: {err}") from err
-    return model, diffusion, ck

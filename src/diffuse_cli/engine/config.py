@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-KINDS = ("linear", "quadratic", "cosine", "sigmoid")
+SCHEDULE_NAMES = ("linear", "quadratic", "cosine", "sigmoid")
 
 #: DDPM (Ho et al. 2020, sec. 4) used beta_1 = 1e-4 and beta_T = 0.02 with T = 1000.
 DEFAULT_BETA_START = 1e-4
@@ -33,6 +33,9 @@ PREDICTIONS = ("eps", "x0", "v")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp")  # samplers.SAMPLERS holds the functions
 PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHTINGS = ("uniform", "min-snr")
+# The reverse step's fixed variance sigma_t^2: beta_t or the posterior's beta~_t (Ho et al. 2020, sec. 3.2).
+FIXED_VARIANCES = ("beta", "posterior")
+EVAL_FEATURES = ("randconv", "inception")  # diffuse eval --features
 #: Classifier-free guidance scale w of ``diffuse sample --class`` (1 = the plain conditional model).
 #: Measured on the digits make demo trains (benchmarks/conditional.py, benchmarks/RESULTS.md): the
 #: asked-for digit is recognised in 90.8% of samples at w = 1, 99.3% at 2, 99.9% at 3, while the
@@ -55,8 +58,8 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-        if self.schedule not in KINDS:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(KINDS)}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULE_NAMES)}")
         if not isinstance(self.zero_terminal_snr, bool):
             raise ConfigError(f"zero_terminal_snr must be true or false (got {self.zero_terminal_snr!r})")
 
@@ -317,8 +320,8 @@ class TrainConfig:
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (math.isfinite(self.lr) and self.lr > 0, f"--lr must be a positive number (got {self.lr})"),
             (self.warmup >= 0, f"--warmup must be >= 0 (got {self.warmup})"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})"),
-            (self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay})"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0 (got {self.grad_clip})"),
             (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
             (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {', '.join(WEIGHTINGS)}"),
             (
@@ -389,3 +392,28 @@ def parse_duration(text: str) -> float:
     if not seconds > 0:
         raise ConfigError(f"--time must be positive (got {text!r})")
     return seconds
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    """``"0, 100,500"`` -> [0, 100, 500]; ConfigError naming the option ``name`` otherwise."""
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated integers (got {text!r})") from None
+    if not vals:
+        raise ConfigError(f"{name} is empty")
+    return vals
+
+
+def parse_positive_ints(text: str | None, name: str, allow_empty: bool = False) -> tuple[int, ...] | None:
+    """A comma-separated list of positive integers (None when not given; ``""``/``none`` = () if allowed)."""
+    if text is None:
+        return None
+    if text.strip() in ("", "none"):
+        if allow_empty:
+            return ()
+        raise ConfigError(f"{name} must not be empty")
+    vals = parse_ints(text, name)
+    if any(v < 1 for v in vals):
+        raise ConfigError(f"{name} values must be positive (got {text!r})")
+    return tuple(vals)

@@ -43,19 +43,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import EVAL_FEATURES, FIXED_VARIANCES
 from .diffusion import Diffusion
 from .errors import ConfigError, Unsupported
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 
-VARIANCES = ("beta", "posterior")
-FEATURES = ("randconv", "inception")
 PR_K = 3  # Kynkaanniemi et al. 2019 use k = 3
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 _LN2 = math.log(2.0)
@@ -116,8 +116,8 @@ def nll_bound(
     x0's dtype. Returns ``{"prior", "kl", "decoder", "total"}``. ``callback`` gets ``{"t"}``
     after each model call.
     """
-    if variance not in VARIANCES:
-        raise ConfigError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    if variance not in FIXED_VARIANCES:
+        raise ConfigError(f"unknown variance {variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
     T = diffusion.num_timesteps
     b = x0.shape[0]
     x0_64 = x0.to(torch.float64)
@@ -307,8 +307,8 @@ def _inception() -> nn.Module:
 def extract_features(images: torch.Tensor, features: str = "randconv", *, batch_size: int = 64,
                      device: torch.device | str = "cpu", net: nn.Module | None = None) -> torch.Tensor:  # fmt: skip
     """Features of uint8 images (N, C, H, W): (N, D) float64."""
-    if features not in FEATURES:
-        raise ConfigError(f"unknown features {features!r}; choose one of {', '.join(FEATURES)}")
+    if features not in EVAL_FEATURES:
+        raise ConfigError(f"unknown features {features!r}; choose one of {', '.join(EVAL_FEATURES)}")
     if net is None:
         net = RandConvFeatures() if features == "randconv" else _inception()
     net = net.to(device).eval()
@@ -380,3 +380,92 @@ def sample_quality(real: torch.Tensor, fake: torch.Tensor, *, features: str = "r
     return {"frechet_distance": frechet_distance(f_real, f_fake), "features": features,
             "is_fid": features == "inception", "feature_dim": int(f_real.shape[1]), "precision": precision,
             "recall": recall, "k": PR_K, "real": int(real.shape[0]), "generated": int(fake.shape[0])}  # fmt: skip
+
+
+def _pick_real(images: torch.Tensor, num: int, gen: torch.Generator) -> torch.Tensor:
+    """A random subset of ``num`` images (all of them if there are fewer), in their original order."""
+    if images.shape[0] > num:
+        images = images[torch.randperm(images.shape[0], generator=gen)[:num].sort().values]
+    return images
+
+
+def run(
+    checkpoint,
+    data_spec: str,
+    *,
+    num_images: int = 500,
+    nll: bool = True,
+    fd: bool = True,
+    features: str = "randconv",
+    variance: str = "beta",
+    terms: int | None = None,
+    sampler: str = "dpmpp",
+    steps: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+    log=None,
+    callback: Callback | None = None,
+) -> tuple[dict, Path]:
+    """``diffuse eval``: the report (a JSON-ready dict) for a model on real data, and the JSON-lines file
+    it was appended to (``log``; default: ``eval.jsonl`` in the run folder).
+
+    ``callback`` receives ``{"event": "info", ...}`` once the model and data are loaded and
+    ``{"event": "progress", "task": name, "done": k, "total": n}`` while the metrics are computed."""
+    import datetime
+
+    from . import samplers
+    from .datacache import load_dataset
+    from .device import resolve_device
+    from .fileio import append_jsonl, check_appendable
+    from .generate import generate
+    from .models import load_for_sampling
+
+    emit = callback or (lambda e: None)
+    if num_images < 2 or (fd and num_images <= PR_K):
+        raise ConfigError(f"--num-images must be at least {PR_K + 1 if fd else 2} (got {num_images})")
+    if not (nll or fd):
+        raise ConfigError("nothing to evaluate: --no-nll and --no-fd together leave no metric")
+    checkpoint = Path(checkpoint)
+    log_path = check_appendable(
+        Path(log) if log is not None else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.jsonl"
+    )
+    dev = resolve_device(device)
+    model, diffusion, ck = load_for_sampling(checkpoint, dev)
+    T = diffusion.num_timesteps
+    if fd:
+        steps = steps if steps is not None else samplers.default_steps(sampler, T)
+        samplers.timestep_grid(diffusion, steps)  # checks --steps before any work
+    c, s = ck.model["in_channels"], ck.model["image_size"]
+    ds = load_dataset(
+        data_spec, s, c, lambda done, total: emit({"event": "progress", "task": "decode", "done": done, "total": total})
+    )
+    gen = torch.Generator().manual_seed(seed)
+    real = _pick_real(ds.images, num_images, gen)
+    n = real.shape[0]
+    if n < 2 or (fd and n <= PR_K):
+        raise ConfigError(f"{data_spec} has {n} usable image(s); the metrics need at least {PR_K + 1}")
+    emit({"event": "info", "checkpoint": ck, "data": ds.summary.source, "images": n, "device": str(dev), "T": T})
+    report: dict = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "model": str(ck.path), "step": ck.step, "data": ds.summary.source, "images": n, "seed": seed}  # fmt: skip
+
+    def progress(task: str, total: int | None):
+        return lambda done, tot=total: emit({"event": "progress", "task": task, "done": done, "total": tot})
+
+    if nll:
+        bar = progress("bits/dim", None)
+        res = bits_per_dim(model, diffusion, real, batch_size=batch_size, variance=variance, terms=terms, generator=gen,
+                           device=dev, callback=lambda e: bar(e["done"], e["total"]))  # fmt: skip
+        report["nll"] = res.to_dict()
+    if fd:
+        from .data import from_model_range
+
+        fake = from_model_range(generate(model, diffusion, n, (c, s, s), sampler=sampler, steps=steps, seed=seed,
+                                         batch_size=batch_size, device=dev, clip_x0=True, progress=progress("generate", n)))  # fmt: skip
+        progress(f"features ({features})", None)(0)
+        q = sample_quality(real, fake, features=features, batch_size=batch_size, device=dev)
+        report["fd"] = {"value": q["frechet_distance"], "features": features, "is_fid": q["is_fid"],
+                        "feature_dim": q["feature_dim"], "generated": n, "sampler": sampler, "steps": steps}  # fmt: skip
+        report["precision"], report["recall"], report["pr_k"] = q["precision"], q["recall"], q["k"]
+    append_jsonl(log_path, report)
+    return report, log_path

@@ -108,3 +108,29 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> int:
                 p.unlink()
                 n += 1
     return n
+
+
+def check_appendable(path: Path) -> Path:
+    """``path`` if a JSON-lines record can be appended to it (its folder is created); OutputError otherwise."""
+    ensure_dir(path.parent if str(path.parent) else Path("."))
+    if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+        raise OutputError(f"cannot append to {path}; choose another file with --log")
+    return path
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append ``record`` as one JSON line."""
+    import json
+
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise OutputError(describe_os_error(err, path)) from err
+
+
+def safe_name(name: str) -> str:
+    """A name (e.g. a class's) as a piece of a file name."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "class"

@@ -167,15 +167,6 @@ def clean_stale(out: Path) -> None:
         remove_stale_temporaries(folder)
 
 
-def append_log(path: Path, record: dict) -> None:
-    """One JSON line per log point."""
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as err:
-        raise OutputError(describe_os_error(err, path)) from err
-
-
 def state_tensors(
     model: torch.nn.Module,
     ema_model: torch.nn.Module,

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .config import FIXED_VARIANCES
 from .diffusion import Diffusion, to_x0_eps
 from .errors import ConfigError
 
@@ -40,7 +41,6 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
 
 SPACINGS = ("uniform", "logsnr", "karras")
-VARIANCES = ("posterior", "beta")
 KARRAS_RHO = 7.0  # Karras et al. (2022), "Elucidating the Design Space", eq. 5
 KARRAS_SIGMA_MAX = 80.0  # ... and their sigma_max (Table 1)
 LOGSNR_KNEE = -3.0  # below log-SNR -3 the "logsnr" grid thins out; see timestep_grid
@@ -264,8 +264,8 @@ def ddpm(
     0.114 / 0.054 / 0.021), hence the default.
     """
     T = diffusion.num_timesteps
-    if variance not in VARIANCES:
-        raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    if variance not in FIXED_VARIANCES:
+        raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
     grid = timestep_grid(diffusion, T if steps is None else steps, spacing)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import DEFAULT_BETA_END, DEFAULT_BETA_START, DEFAULT_TIMESTEPS, KINDS  # noqa: F401 - re-exported
+from .config import DEFAULT_BETA_END, DEFAULT_BETA_START, DEFAULT_TIMESTEPS
 from .errors import ConfigError
 
 #: Nichol & Dhariwal (2021) eq. 17: the small offset s keeps beta_0 from being tiny.
@@ -125,7 +125,7 @@ def make_betas(
 ) -> torch.Tensor:
     """Look a schedule up by name and return its float64 betas, shape (T,)."""
     if kind not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
     betas = SCHEDULES[kind](timesteps, beta_start, beta_end)
     if zero_terminal_snr:
         if timesteps < 2:

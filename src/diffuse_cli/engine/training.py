@@ -31,7 +31,7 @@ from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
 from .datacache import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
-from .fileio import atomic_write_text
+from .fileio import append_jsonl, atomic_write_text
 from .step import TrainStep, lr_at, make_train_step
 
 Callback = Callable[[dict], None]
@@ -251,7 +251,7 @@ def train(
                     if not math.isfinite(last_loss):
                         raise TrainingDiverged(
                             f"the loss became {last_loss} near step {step}; stopped without saving, the last good "
-                            f"checkpoint (step {last_saved}) is kept; try a lower --lr or --grad-clip 1"
+                            f"checkpoint (step {last_saved}) is kept; try a lower --lr (half of it, say)"
                         )
                     now = _clock()
                     rec = {
@@ -264,7 +264,7 @@ def train(
                         "step_ms": 1e3 * (now - t_log) / loss_count,
                     }
                     ts.data_s = 0.0
-                    dist.main_only(functools.partial(rundir.append_log, paths.log, rec), dev)
+                    dist.main_only(functools.partial(append_jsonl, paths.log, rec), dev)
                     emit({"event": "log", **rec})
                     loss_sum.zero_()
                     loss_count, t_log = 0, now

@@ -7,7 +7,7 @@ A diffusers DDPM folder (``DDPMPipeline.save_pretrained`` or a downloaded snapsh
     unet/diffusion_pytorch_model.safetensors           its weights
     scheduler/scheduler_config.json                    DDPMScheduler (or DDIMScheduler) arguments
 
-:func:`export` writes such a folder from a diffuse model; :func:`load` reads one into our
+:func:`write_pipeline` writes such a folder from a diffuse model; :func:`load` reads one into our
 :class:`~.unet.UNet` (through :func:`~.unet.convert_diffusers_state_dict`) and a
 :class:`~.diffusion.Diffusion`. Only safetensors weights are read: a folder holding only
 ``.bin`` pickles is refused without opening them.
@@ -340,18 +340,15 @@ def model_index(scheduler_class: str = "DDPMScheduler") -> dict:
             "scheduler": ["diffusers", scheduler_class], "unet": ["diffusers", UNET_CLASS]}  # fmt: skip
 
 
-def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict:
-    """Write ``source`` (a diffuse run folder, model or state file, or a diffusers folder) as a DDPMPipeline folder.
+def write_pipeline(model, diffusion, ck, out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Write a loaded model (see :func:`models.load_for_sampling`) as a DDPMPipeline folder.
 
     Returns ``{"out", "files", "unet", "scheduler"}``. ``out_dir`` must be new or empty unless
     ``overwrite``, which replaces only the files written here.
     """
-    from safetensors.torch import save_file
+    from .checkpoint import write_safetensors
+    from .fileio import atomic_write_text, ensure_dir
 
-    from .checkpoint import load_for_sampling
-    from .fileio import atomic_path, atomic_write_text, ensure_dir
-
-    model, diffusion, ck = load_for_sampling(source, "cpu")
     cfg = model.config
     layout = getattr(model, "layout", None)
     unet_cfg = unet_config(cfg, layout)
@@ -374,8 +371,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: 
     }
     for name, obj in files.items():
         atomic_write_text(out / name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    with atomic_path(out / "unet" / WEIGHTS) as tmp:
-        save_file(weights, str(tmp), metadata=meta)
+    write_safetensors(out / "unet" / WEIGHTS, weights, meta, canonical=True)  # the same model, the same bytes
     return {"out": out, "files": [*files, f"unet/{WEIGHTS}"], "unet": unet_cfg, "scheduler": sched_cfg,
             "source": ck.path, "step": ck.step}  # fmt: skip
 
@@ -473,11 +469,11 @@ def _weights_files(unet_dir: Path) -> list[Path]:
 def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    from .checkpoint import _sniff
+    from .checkpoint import sniff
 
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        _sniff(path)
+        sniff(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for k in f.keys():  # noqa: SIM118 (safe_open has no iterator)
@@ -610,7 +606,7 @@ def diffusion_from_scheduler(cfg: dict, where: str = "scheduler/scheduler_config
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load a diffusers DDPM folder: (model, diffusion, checkpoint), as :func:`~.checkpoint.load_for_sampling`.
+    """Load a diffusers DDPM folder: (model, diffusion, checkpoint), as :func:`~.models.load_for_sampling`.
 
     The returned :class:`~.checkpoint.Checkpoint` has no tensors; its ``model`` and ``diffusion``
     dicts are our configs (``model["diffusers_layout"]`` holds a non-native layout).

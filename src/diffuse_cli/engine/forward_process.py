@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import data
-from .config import check_seed
+from .config import DiffusionConfig, check_seed
 from .diffusion import Diffusion
 from .errors import ConfigError, DataError
 from .images import to_uint8
@@ -72,3 +72,49 @@ def noise_image(
             )
         )
     return x0_u8, panels
+
+
+def save_pictures(
+    x0_u8: torch.Tensor,
+    panels: list[Panel],
+    out: Path,
+    *,
+    frames_dir: Path | None = None,
+    gif: Path | None = None,
+    size: int = 128,
+) -> None:
+    """Write the labelled strip (x_0, then x_t for each panel) to ``out``; optionally each panel as
+    ``frames_dir/t0123.png`` and an animation through t as ``gif``."""
+    from . import images as img
+    from .fileio import ensure_dir
+
+    pictures = [img.to_pil(x0_u8)] + [img.to_pil(p.image) for p in panels]
+    labels = ["original x_0"] + [f"t = {p.t}" for p in panels]
+    if frames_dir is not None:
+        ensure_dir(frames_dir)
+        for p, pil in zip(panels, pictures[1:], strict=True):
+            img.save_image(pil, Path(frames_dir) / f"t{p.t:04d}.png")
+    img.save_image(img.labelled_strip(pictures, labels, panel_size=max(96, min(size, 192))), out)
+    if gif is not None:
+        frames = [
+            img.labelled_strip([p], [lab], panel_size=max(128, size)) for p, lab in zip(pictures, labels, strict=True)
+        ]
+        img.save_gif(frames, gif, duration_ms=400)
+
+
+def show(
+    image: Path,
+    config: DiffusionConfig,
+    ts: list[int] | None,
+    size: int,
+    seed: int,
+    iterative: bool,
+    out: Path,
+    *,
+    frames_dir: Path | None = None,
+    gif: Path | None = None,
+) -> list[Panel]:
+    """``diffuse noise``: the panels of :func:`noise_image`, written by :func:`save_pictures`."""
+    x0_u8, panels = noise_image(image, Diffusion(config), ts, size, seed, iterative)
+    save_pictures(x0_u8, panels, out, frames_dir=frames_dir, gif=gif, size=size)
+    return panels

@@ -1,0 +1,239 @@
+"""`diffuse train DATA`: options -> the engine's training plan -> the training loop, drawn as it runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..engine.config import PRECISIONS, PREDICTIONS, PRESETS, WEIGHTINGS, DiffusionConfig, TrainConfig
+from .app import DeviceOpt, Schedule, ZtsnrOpt, choices, console, d, duration, run
+
+Prediction = choices("Prediction", PREDICTIONS)
+Weighting = choices("Weighting", WEIGHTINGS)
+Precision = choices("Precision", PRECISIONS)
+Preset = choices("Preset", ("auto", *PRESETS))
+Classes = choices("Classes", ("auto", "none"))
+_T, _D = TrainConfig(), DiffusionConfig()  # help texts read their defaults from the engine's configs
+
+
+def _opt(kind, *names, help: str, **kw):
+    return Annotated[kind, typer.Option(*names, help=help, **kw)]
+
+
+DataArg = Annotated[
+    str, typer.Argument(help="A folder of images (searched recursively) or builtin:digits.", show_default=False)
+]
+OutOpt = _opt(
+    Path | None, "--out", "-o", help="Run folder for checkpoints, samples and logs. Default: `runs/<data name>`."
+)
+StepsOpt = _opt(
+    int | None, "--steps", help=f"Optimizer steps to train (total, also when resuming). {d(_T.steps)}, none with --time"
+)
+TimeOpt = _opt(
+    str | None,
+    "--time",
+    help="Train for this long (90s, 5m, 2h; or until --steps, whichever comes first), then save as a normal finish does.",
+)
+BatchOpt = _opt(
+    int | None,
+    "--batch-size",
+    "-b",
+    help="GLOBAL batch size, split over all torchrun processes. [default: 32 on a CPU, 128 on a GPU]",
+)
+SizeOpt = _opt(
+    int | None,
+    "--image-size",
+    help="Resize + center-crop to this size. [default: the images' own size, at most 64; 8 for digits]",
+)
+ChannelsOpt = _opt(int | None, "--channels", help="1 (grayscale) or 3 (RGB). [default: from the data]")
+PresetOpt = _opt(Preset, "--preset", help="Model size; auto picks by image size.")
+AttnOpt = _opt(str | None, "--attention-res", help="Resolutions with self-attention, e.g. 16 or 16,8 ('' for none).")
+PredictionOpt = _opt(
+    Prediction | None,
+    "--prediction",
+    help=f"What the network predicts: eps (as in DDPM), x0 or v. {d(_D.prediction)}",
+)
+WeightingOpt = _opt(
+    Weighting | None,
+    "--loss-weighting",
+    help=f"uniform (DDPM's L_simple) or min-snr (Hang et al. 2023). {d(_T.loss_weighting)}",
+)
+FlipOpt = _opt(
+    bool | None,
+    "--flip/--no-flip",
+    help="Random horizontal flips, for pictures that mean the same mirrored (not digits or text). [default: off]",
+)
+ClassesOpt = _opt(
+    Classes,
+    "--classes",
+    help="auto: learn classes from the labels (one sub-folder per class, or the digit of builtin:digits), "
+    "so `diffuse sample --class` can choose; none: unconditional.",
+)
+CondDropOpt = _opt(
+    float | None,
+    "--cond-drop",
+    help="With classes: how often a label is replaced by 'no class', so one network also learns the "
+    f"unconditional model that guidance needs (Ho & Salimans 2022). {d(_T.cond_drop)}",
+)
+SampleEveryOpt = _opt(
+    int | None,
+    "--sample-every",
+    help=f"Write a preview grid every N steps and at the end (0: never). {d(_T.sample_every)}",
+)
+ThreadsOpt = _opt(
+    int | None, "--threads", help="CPU threads for torch. [default: the cores no other process keeps busy]"
+)
+CompileOpt = _opt(bool, "--compile", help="torch.compile the forward pass and loss (faster on GPU after a warm-up).")
+CacheDirOpt = _opt(
+    Path | None,
+    "--cache-dir",
+    help="Where decoded folders are cached (one uint8 file per folder, size and channels). "
+    "[default: $DIFFUSE_CACHE_DIR, else ~/.cache/diffuse]",
+)
+NoCacheOpt = _opt(
+    bool, "--no-cache", help="Decode the folder into memory in every process; read and write no cache file."
+)
+
+
+def train(
+    data: DataArg,
+    out: OutOpt = None,
+    steps: StepsOpt = None,
+    time: TimeOpt = None,
+    batch_size: BatchOpt = None,
+    lr: _opt(float | None, "--lr", help=f"AdamW learning rate. {d(_T.lr)}") = None,
+    warmup: _opt(int | None, "--warmup", help=f"Linear learning-rate warmup steps. {d(_T.warmup)}") = None,
+    image_size: SizeOpt = None,
+    channels: ChannelsOpt = None,
+    preset: PresetOpt = Preset("auto"),
+    base_channels: _opt(int | None, "--base-channels", help="Width of the first U-Net level.") = None,
+    channel_mults: _opt(str | None, "--channel-mults", help="Width multiplier per level, e.g. 1,2,2,2.") = None,
+    num_res_blocks: _opt(int | None, "--num-res-blocks", help="Residual blocks per level.") = None,
+    attention_res: AttnOpt = None,
+    dropout: _opt(float | None, "--dropout", help="Dropout in residual blocks.") = None,
+    kind: _opt(Schedule | None, "--kind", "-k", help=f"Beta schedule. {d(_D.schedule)}") = None,
+    timesteps: _opt(int | None, "--timesteps", "-T", help=f"Diffusion steps T. {d(_D.timesteps)}") = None,
+    beta_start: _opt(float | None, "--beta-start", help=d(_D.beta_start)) = None,
+    beta_end: _opt(float | None, "--beta-end", help=d(_D.beta_end)) = None,
+    zero_terminal_snr: ZtsnrOpt = False,
+    prediction: PredictionOpt = None,
+    loss_weighting: WeightingOpt = None,
+    ema_decay: _opt(
+        float | None, "--ema-decay", help=f"EMA decay of the weights used for samples. {d(_T.ema_decay)}"
+    ) = None,
+    flip: FlipOpt = None,
+    classes: ClassesOpt = Classes("auto"),
+    cond_drop: CondDropOpt = None,
+    save_every: _opt(
+        int | None, "--save-every", help=f"Save a resumable state every N steps. {d(_T.save_every)}"
+    ) = None,
+    sample_every: SampleEveryOpt = None,
+    keep: _opt(int | None, "--keep", help=f"How many periodic states to keep. {d(_T.keep)}") = None,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    precision: _opt(Precision, "--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.") = Precision("auto"),
+    compile: CompileOpt = False,
+    seed: _opt(int | None, "--seed", help=f"Random seed (0 or more): same seed, same run. {d(_T.seed)}") = None,
+    resume: _opt(bool, "--resume", help="Continue the run in --out from its newest state.") = False,
+    overwrite: _opt(bool, "--overwrite", help="Start over in an --out that holds another run.") = False,
+    cache_dir: CacheDirOpt = None,
+    no_cache: NoCacheOpt = False,
+) -> None:
+    """Train a U-Net to predict the noise eps in x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+
+    Each step draws images x_0, timesteps t ~ Uniform{0..T-1} and noise eps ~ N(0, I), and minimises
+    ||eps - eps_theta(x_t, t)||^2 (DDPM Algorithm 1). The folder --out receives model.safetensors (EMA
+    weights + config: all `diffuse sample` needs), resumable states in checkpoints/, preview grids in
+    samples/, log.jsonl and config.json. Multi-GPU: launch the same command with torchrun.
+
+    **Examples**
+
+        diffuse train builtin:digits --out runs/digits --steps 3000
+
+        diffuse train ~/pictures/pets --image-size 32 --out runs/pets    (pets/cat/*.jpg, pets/dog/*.jpg: 2 classes)
+
+        diffuse train ~/pictures/faces --image-size 32 --out runs/faces --classes none
+
+        diffuse train builtin:digits --out runs/digits --steps 6000 --resume
+
+        torchrun --nproc_per_node 4 -m diffuse_cli train data/ --out runs/big --batch-size 256
+    """
+    value = lambda choice: choice.value if choice is not None else None  # noqa: E731
+    options = dict(
+        image_size=image_size,
+        channels=channels,
+        preset=preset.value,
+        classes=classes.value,
+        device=device,
+        resume=resume,
+        overwrite=overwrite,
+        cache=not no_cache,
+        cache_dir=cache_dir,
+        train=dict(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup=warmup,
+            ema_decay=ema_decay,
+            cond_drop=cond_drop,
+            save_every=save_every,
+            sample_every=sample_every,
+            keep=keep,
+            seed=seed,
+            hflip=flip,
+            loss_weighting=value(loss_weighting),
+            precision=precision.value,
+            compile=compile,
+            time_limit=time,
+            threads=threads,
+        ),  # fmt: skip
+        model=dict(
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_res,
+            dropout=dropout,
+        ),  # fmt: skip
+        diffusion=dict(
+            schedule=value(kind),
+            timesteps=timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            zero_terminal_snr=zero_terminal_snr,
+            prediction=value(prediction),
+        ),  # fmt: skip
+    )
+    run(_train, data, out, options)
+
+
+def _train(data_spec: str, out: Path | None, options: dict) -> None:
+    from ..engine import training
+    from ..engine.distributed import launched_rank
+    from ..engine.plan import plan_training
+    from .progress import DecodeProgress, TrainProgress
+
+    is_main = launched_rank() == 0
+    say = console.print if is_main else (lambda *a, **k: None)
+    with DecodeProgress(console, enabled=is_main) as decoding:
+        plan = plan_training(data_spec, out, progress=decoding.advance, **options)
+    say(f"[bold]data[/]  {plan.data_line}")
+    for level, line in plan.notes:
+        say(f"  [yellow]{line}[/]" if level else f"  {line}")
+    progress = TrainProgress(plan.train, plan.diffusion, say, is_main)
+    try:
+        result = training.train(
+            plan.data, plan.out, plan.model, plan.diffusion, plan.train,
+            device=options["device"], resume=plan.resume, overwrite=plan.overwrite, callback=progress.on_event,
+        )  # fmt: skip
+    finally:
+        progress.bar.stop()
+    if result["is_main"]:
+        why = " (the --time budget is spent; continue with --resume)" if result.get("out_of_time") else ""
+        say(
+            f"[bold green]done[/] {result['step']} steps in {duration(result['elapsed'])}{why}, final loss {result['loss']:.4f}"
+        )
+        say(f"  model    {result['model']}")
+        say(f"  previews {result['samples']}/")
+        say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")

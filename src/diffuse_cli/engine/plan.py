@@ -1,0 +1,144 @@
+"""The training plan: the configs a `diffuse train` run uses, from the options given and the run in --out.
+
+New runs take each setting from its option, else from the preset and the data (image size, channels,
+classes, device). ``--resume`` keeps the stored run's model, diffusion and class settings and applies only
+the training options given again (a larger ``--steps``, a new ``--time``); see ``TrainConfig.resumed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import datacache, rundir
+from .config import (
+    UNLIMITED_STEPS,
+    DiffusionConfig,
+    TrainConfig,
+    UNetConfig,
+    default_batch_size,
+    parse_duration,
+    parse_positive_ints,
+)
+from .data import ImageDataset, Progress
+
+MIN_CLASS_IMAGES = 10  # a class with fewer training images gets a warning
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    out: Path
+    data: ImageDataset
+    model: UNetConfig
+    diffusion: DiffusionConfig | None  # None on --resume: training takes it from the stored state
+    train: TrainConfig
+    resume: bool
+    overwrite: bool
+    data_line: str  # "builtin:digits: 1797 images used, 1x8x8, decoded into memory in 0.0s"
+    notes: tuple[tuple[str, str], ...]  # (level, text), level "" or "warning": the data's skips, classes, ...
+
+
+def class_notes(data: ImageDataset) -> list[tuple[str, str]]:
+    """Lines about the data's classes: their count and images per class; a warning for classes too small
+    to be learned."""
+    import torch
+
+    if data.labels is None:
+        return [("warning", note) for note in data.notes]
+    counts = torch.bincount(data.labels, minlength=len(data.classes)).tolist()
+    per = ", ".join(f"{name} {n}" for name, n in zip(data.classes, counts, strict=True))
+    lines = [("", f"{len(data.classes)} classes, images per class: {per}")]
+    few = [f"{name} ({n})" for name, n in zip(data.classes, counts, strict=True) if n < MIN_CLASS_IMAGES]
+    if few:
+        which = "these classes have" if len(few) > 1 else "this class has"
+        lines.append(
+            (
+                "warning",
+                f"warning: {which} fewer than {MIN_CLASS_IMAGES} images and may not be learned: {', '.join(few)}",
+            )
+        )
+    return lines
+
+
+def _configs(stored, data: ImageDataset, preset: str, device_type: str, train: dict, model: dict, diffusion: dict):
+    """(model, diffusion, train) configs: from the options for a new run, from the stored run on resume."""
+    if train.get("time_limit") is not None:
+        train = {**train, "time_limit": parse_duration(train["time_limit"])}
+        if train.get("steps") is None and stored is None:
+            train["steps"] = UNLIMITED_STEPS
+    if stored is not None:
+        return UNetConfig.from_dict(stored.model), None, TrainConfig.from_dict(stored.train).resumed(**train)
+    model = {
+        **model,
+        "channel_mults": parse_positive_ints(model.get("channel_mults"), "--channel-mults"),
+        "attention_resolutions": parse_positive_ints(
+            model.get("attention_resolutions"), "--attention-res", allow_empty=True
+        ),
+    }
+    c, s = data.images.shape[1], data.images.shape[-1]
+    model_config = UNetConfig.preset(preset, s, c, device_type, num_classes=len(data.classes), **model)
+    diffusion_config = DiffusionConfig(**{k: v for k, v in diffusion.items() if v is not None})
+    train = {**train, "batch_size": train.get("batch_size") or default_batch_size(device_type)}
+    return model_config, diffusion_config, TrainConfig(**{k: v for k, v in train.items() if v is not None})
+
+
+def plan_training(
+    data_spec: str,
+    out: str | os.PathLike | None = None,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    preset: str = "auto",
+    classes: str = "auto",
+    train: dict | None = None,
+    model: dict | None = None,
+    diffusion: dict | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> TrainPlan:
+    """Load the data (through the cache) and decide every config of the run.
+
+    ``train``, ``model`` and ``diffusion`` map config field names to the options given (None = not given;
+    ``time_limit`` is a duration text such as ``"5m"``, ``channel_mults``/``attention_resolutions``
+    comma-separated text). ``classes`` is ``auto`` (learn the data's labels) or ``none``.
+    """
+    from .device import resolve_device
+
+    rundir.check_mode(resume, overwrite)
+    out = Path(out) if out is not None else rundir.default_out(data_spec)
+    stored = rundir.newest_state(out, tensors=False) if resume else None  # metadata only: training reads tensors
+    if stored is not None:
+        image_size = image_size or stored.model.get("image_size")
+        channels = channels or stored.model.get("in_channels")
+    t0 = time.perf_counter()
+    data = datacache.load_dataset(data_spec, image_size, channels, progress, cache=cache, cache_dir=cache_dir)
+    n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
+    size_note = f" ({data.summary.size_note})" if data.summary.size_note else ""
+    data_line = (
+        f"{data.summary.source}: {n} images used, {c}x{s}x{s}{size_note}, {datacache.describe(data)} "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
+    notes = [("warning", line) for line in data.summary.lines()]
+    conditional = stored.model.get("num_classes") if stored is not None else classes != "none"
+    if not conditional:
+        data = dataclasses.replace(
+            data, labels=None, classes=(), notes=()
+        )  # unconditional, as asked (or as the run was)
+    if stored is not None and classes == "none" and conditional:
+        notes.append(
+            ("warning", "--classes none does not apply to --resume: the run keeps the classes it was started with")
+        )
+    notes += class_notes(data)
+    model_config, diffusion_config, train_config = _configs(
+        stored, data, preset, resolve_device(device).type, train or {}, model or {}, diffusion or {}
+    )
+    return TrainPlan(
+        out, data, model_config, diffusion_config, train_config, resume, overwrite, data_line, tuple(notes)
+    )
