@@ -473,9 +473,14 @@ def test_errors(tmp_path):
 
 
 def test_load_dataset_folder_default_size(tmp_path):
-    _write(tmp_path, "a.jpg", _encoded(_noise((50, 40)), "JPEG"))
-    ds = D.load_dataset(tmp_path, None, None)  # the images' own size: the shorter side, 40
-    assert ds.images.shape == (1, 3, 40, 40) and ds.labels is None and ds.summary.size_note == "the images' own size"
+    _write(tmp_path, "a.jpg", _encoded(_noise((48, 40)), "JPEG"))
+    _write(tmp_path, "b.jpg", _encoded(_noise((40, 48)), "JPEG"))
+    ds = D.load_dataset(tmp_path, None, None)  # two aspect ratios: the shorter side, 40, square
+    assert ds.images.shape == (2, 3, 40, 40) and ds.labels is None and ds.summary.size_note == "the images' own size"
+    (tmp_path / "b.jpg").unlink()
+    ds = D.load_dataset(tmp_path, None, None)  # one aspect ratio: kept, 40 high and 48 wide
+    assert ds.images.shape == (1, 3, 40, 48) and ds.summary.size_note == "the images' own size"
+    assert ds.image_size == (40, 48) and "as 40x48 RGB" in ds.summary.headline()
 
 
 # --------------------------------------------------------------------------- value ranges and flips

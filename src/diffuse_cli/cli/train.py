@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..engine.config import PRECISIONS, PREDICTIONS, PRESETS, WEIGHTINGS, DiffusionConfig, TrainConfig
-from .app import DeviceOpt, Schedule, ZtsnrOpt, choices, console, d, duration, run
+from .app import DeviceOpt, Schedule, ThreadsOpt, ZtsnrOpt, choices, console, d, duration, run
 
 Prediction = choices("Prediction", PREDICTIONS)
 Weighting = choices("Weighting", WEIGHTINGS)
@@ -43,9 +43,11 @@ BatchOpt = _opt(
     help="GLOBAL batch size, split over all torchrun processes. [default: 32 on a CPU, 128 on a GPU]",
 )
 SizeOpt = _opt(
-    int | None,
+    str | None,
     "--image-size",
-    help="Resize + center-crop to this size. [default: the images' own size, at most 64; 8 for digits]",
+    help="Resize + center-crop to this size: 32, or HxW such as 24x40 (height x width). [default: the images' own "
+    "size, at most 64 on the shorter side, HxW when they share an aspect ratio; 8 for digits]",
+    metavar="N|HxW",
 )
 ChannelsOpt = _opt(int | None, "--channels", help="1 (grayscale) or 3 (RGB). [default: from the data]")
 PresetOpt = _opt(Preset, "--preset", help="Model size; auto picks by image size.")
@@ -82,8 +84,11 @@ SampleEveryOpt = _opt(
     "--sample-every",
     help=f"Write a preview grid every N steps and at the end (0: never). {d(_T.sample_every)}",
 )
-ThreadsOpt = _opt(
-    int | None, "--threads", help="CPU threads for torch. [default: the cores no other process keeps busy]"
+MicroBatchOpt = _opt(
+    int | None,
+    "--micro-batch",
+    help="Images per forward/backward pass on each process: the batch is split and its gradients accumulated "
+    "(the same update, less memory; a setting of this machine, not kept by --resume). [default: the whole batch]",
 )
 CompileOpt = _opt(bool, "--compile", help="torch.compile the forward pass and loss (faster on GPU after a warm-up).")
 CacheDirOpt = _opt(
@@ -133,6 +138,7 @@ def train(
     keep: _opt(int | None, "--keep", help=f"How many periodic states to keep. {d(_T.keep)}") = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    micro_batch: MicroBatchOpt = None,
     precision: _opt(Precision, "--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.") = Precision("auto"),
     compile: CompileOpt = False,
     seed: _opt(int | None, "--seed", help=f"Random seed (0 or more): same seed, same run. {d(_T.seed)}") = None,
@@ -188,6 +194,7 @@ def train(
             compile=compile,
             time_limit=time,
             threads=threads,
+            micro_batch=micro_batch,
         ),  # fmt: skip
         model=dict(
             base_channels=base_channels,

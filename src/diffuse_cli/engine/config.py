@@ -95,7 +95,7 @@ class UNetConfig:
         # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
-        object.__setattr__(self, "image_size", _size(self.image_size))
+        object.__setattr__(self, "image_size", normalize_size(self.image_size))
         for name in ("base_channels", "num_res_blocks", "num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -216,7 +216,7 @@ class UNetConfig:
         """
         if name not in PRESETS and name != "auto":
             raise ConfigError(f"unknown preset {name!r}; choose auto or one of {', '.join(PRESETS)}")
-        image_size = _size(image_size)
+        image_size = normalize_size(image_size)
         hw = (image_size, image_size) if isinstance(image_size, int) else image_size
         side = min(hw)  # levels are counted on the shorter side (see resolutions)
         if name == "auto":
@@ -235,7 +235,7 @@ class UNetConfig:
         return cls(**kw, image_size=image_size, in_channels=in_channels)
 
 
-def _size(size) -> int | tuple[int, int]:
+def normalize_size(size) -> int | tuple[int, int]:
     """An image size as UNetConfig keeps it: a side for squares, (height, width) otherwise; else ConfigError."""
     if isinstance(size, (list, tuple)) and len(size) == 2:
         h, w = size
@@ -259,7 +259,7 @@ def parse_size(text: str) -> int | tuple[int, int]:
     if not m:
         raise ConfigError(f"--image-size must be a size like 32 or HxW like 24x40 (got {text!r})")
     h, w = int(m[1]), int(m[2] or m[1])
-    return _size((h, w))
+    return normalize_size((h, w))
 
 
 def auto_preset(image_size: int, device: str = "cpu") -> str:

@@ -66,6 +66,7 @@ def generate(
     trajectory: Trajectory | None = None,
     classes: torch.Tensor | None = None,
     guidance: float = 1.0,
+    threads=None,
     **options,
 ) -> torch.Tensor:
     """``num`` samples of ``shape`` (C, H, W) from ``model``, float32 on the CPU in [-1, 1] (clipped
@@ -74,7 +75,9 @@ def generate(
 
     ``classes`` (``num``,) int64 asks a class-conditional ``model(x_t, t, y)`` for one class per
     image, guided with scale ``guidance`` (:func:`guidance.guided`; 1 = the plain conditional model).
-    A conditional model given no ``classes`` samples its unconditional (null-class) model."""
+    A conditional model given no ``classes`` samples its unconditional (null-class) model.
+    ``threads`` (a :class:`~.device.ThreadPolicy`) sets torch's CPU threads first and is re-checked
+    between batches, so a long run follows the machine's load."""
     check_seed(seed)
     if num < 1:
         raise ConfigError(f"--num must be at least 1 (got {num})")
@@ -104,6 +107,8 @@ def generate(
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return model(x_t, t, *y).float()
 
+    if threads is not None:
+        threads.start()
     out = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
@@ -121,6 +126,8 @@ def generate(
             **options,
         )
         out.append(x0.float().cpu())
+        if threads is not None:
+            threads.update()
         if progress is not None:
             progress(start + b)
     return torch.cat(out)

@@ -82,6 +82,7 @@ class TrainStep:
     net: nn.Module | None = None  # what is called: the model, DDP-wrapped on several processes
     loss_fn: object = None  # net + loss, possibly compiled
     labels: torch.Tensor | None = None  # int64 (N,) on the training device: only for a class-conditional model
+    threads: object = None  # the run's device.ThreadPolicy: the training loop re-checks it when it logs
 
     def __post_init__(self) -> None:
         self.dist = self.dist or Dist()

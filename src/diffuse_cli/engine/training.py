@@ -131,19 +131,17 @@ def _set_up(
     paths = rundir.RunPaths(out)
     # --- the run folder and the configs ----------------------------------------------
     devices.enable_tf32(dev)
-    threads = devices.set_threads(config.threads, dev)
+    threads = devices.ThreadPolicy(config.threads, dev)  # decided once set-up is done, then re-checked
     dist.main_only(functools.partial(rundir.prepare_out_dir, out, resume=resume, overwrite=overwrite), dev)
     dist.main_only(functools.partial(rundir.clean_stale, out), dev)
     state = rundir.newest_state(out) if resume else None
     if state is not None:
         model_config = UNetConfig.from_dict(state.model)
         diffusion_config = DiffusionConfig.from_dict(state.diffusion)
-    n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
-    if (model_config.in_channels, model_config.image_size) != (c, s):
+    n, c, h, w = data.images.shape
+    if (model_config.in_channels, model_config.hw) != (c, (h, w)):
         m = model_config
-        raise ConfigError(
-            f"the data are {c}x{s}x{s} but the model expects {m.in_channels}x{m.image_size}x{m.image_size}"
-        )
+        raise ConfigError(f"the data are {c}x{h}x{w} but the model expects {m.in_channels}x{m.hw[0]}x{m.hw[1]}")
     if config.batch_size % dist.world_size:
         raise ConfigError(
             f"--batch-size {config.batch_size} (global) must be divisible by the {dist.world_size} processes"
@@ -195,11 +193,12 @@ def _set_up(
             "images": n,
             "local_batch": config.batch_size // dist.world_size,
             "is_main": dist.is_main,
-            "threads": threads,
+            "threads": threads.start(),
             "time_limit": config.time_limit,
             "data": images.where,
         }
     )
+    ts.threads = threads
     return ts, start, meta
 
 
@@ -266,6 +265,8 @@ def train(
                     ts.data_s = 0.0
                     dist.main_only(functools.partial(append_jsonl, paths.log, rec), dev)
                     emit({"event": "log", **rec})
+                    if (n := ts.threads.update()) is not None:  # the machine's load changed: follow it
+                        emit({"event": "threads", "step": step, "threads": n})
                     loss_sum.zero_()
                     loss_count, t_log = 0, now
 
