@@ -274,7 +274,10 @@ def train(
                 if want_save:
                     dist.main_only(functools.partial(_save, ts, out, step, meta, config.keep, emit), dev)
                     last_saved = step
-                if config.sample_every and config.num_preview > 0 and (done or preview_due(step, config.sample_every)):
+                # A run's last preview too, unless it is shorter than the first (its samples are still noise, and a
+                # 16-image preview costs a 1-step run most of its time).
+                last = done and step >= FIRST_PREVIEW
+                if config.sample_every and config.num_preview > 0 and (last or preview_due(step, config.sample_every)):
                     dist.main_only(functools.partial(_preview, ts, out, step, config, emit), dev)
 
                 # stop requests, agreed on by all ranks so no one waits in a collective alone

@@ -1,0 +1,188 @@
+"""Start-up of `diffuse train FOLDER --steps 1`: the first run (decoding into the cache) vs later runs (cache warm).
+
+A flat folder of ``--images`` 32x32 RGB PNGs (default 20,000; the pictures of ``data_startup.py``) is made once
+under ``--folder``. Each round runs, as fresh processes, the first run (an empty cache directory: the folder is
+decoded into the cache) and then a warm run (the cache file exists), and measures each from the command to its
+exit (wall clock) and the CPU time it used. ``--before SRC`` runs the same rounds with another checkout's
+``src/`` (e.g. ``git archive main src | tar -x -C /tmp/before``), interleaved, so both see the same load.
+
+The breakdown is one warm run in this process under cProfile with a CPU-time clock (so other processes'
+load does not change it): python and the CLI, ``import torch``, the data (walk, fingerprint, mapping the
+cache), the optimizer (whose first step imports ``torch._dynamo``), the model and EMA, the first step,
+the checkpoint writes and the final preview.
+
+    python benchmarks/train_startup.py --rounds 3                                   # prints the table
+    flock /tmp/diffuse-timing.lock python benchmarks/train_startup.py --before /tmp/before/src --markdown x.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import replace_section  # noqa: E402
+
+MARK_START, MARK_END = "<!-- startup:start -->", "<!-- startup:end -->"
+SIZE = 32
+
+
+def _write(args: tuple[str, int, int]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder, start, stop = args
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        c0, cx, cy = rng.uniform(0, 255, (3, 3))
+        img = c0 + cx * x[..., None] * 0.5 + cy * y[..., None] * 0.5 + rng.normal(0, 12, (SIZE, SIZE, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(Path(folder) / f"{i:06d}.png")
+
+
+def make_folder(folder: Path, n: int) -> None:
+    done = folder / f".complete-{n}"
+    if done.exists():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_write, [(str(folder), s, min(n, s + 500)) for s in range(0, n, 500)]))
+    done.write_text("ok\n")
+
+
+def timed(src: Path, folder: Path, cache: Path, out: Path, threads: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one `diffuse train FOLDER --steps 1` as a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    env.pop("OMP_NUM_THREADS", None)
+    cmd = [sys.executable, "-m", "diffuse_cli", "train", str(folder), "--steps", "1", "--out", str(out),
+           "--cache-dir", str(cache), "--overwrite", "--threads", str(threads), "--device", "cpu"]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=folder.parent)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode:
+        raise SystemExit(f"{cmd} failed:\n{r.stdout}\n{r.stderr}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def rounds(versions: dict[str, Path], folder: Path, work: Path, n: int, threads: int) -> dict:
+    res = {name: {"cold": [], "warm": []} for name in versions}
+    for k in range(n):
+        for name, src in versions.items():  # interleaved: both versions see the same load
+            cache = work / f"cache-{name}-{k}"
+            for kind in ("cold", "warm"):
+                res[name][kind].append(timed(src, folder, cache, work / f"run-{name}", threads))
+            shutil.rmtree(cache, ignore_errors=True)
+    return res
+
+
+# Phases of the breakdown: (label, file, function); a phase's time is that function's cumulative CPU time.
+PHASES = [
+    ("import torch (with numpy, safetensors)", "diffuse_cli/engine/training.py", "<module>"),
+    ("data: walk, fingerprint, cache check and mapping", "diffuse_cli/engine/plan.py", "plan_training"),
+    ("set-up: run folder, model, EMA, optimizer", "diffuse_cli/engine/training.py", "_set_up"),
+    ("  of which the optimizer (its import of torch._dynamo)", "diffuse_cli/engine/device.py", "make_optimizer"),
+    ("first training step (forward, backward, AdamW, EMA)", "diffuse_cli/engine/step.py", "__call__"),
+    ("checkpoint writes (state, model)", "diffuse_cli/engine/training.py", "_save"),
+    ("final preview (16 images, 50 DPM++ steps)", "diffuse_cli/engine/training.py", "_preview"),
+]
+
+
+def breakdown(src: Path, folder: Path, work: Path, threads: int) -> list[tuple[str, float]]:
+    """CPU seconds per phase of one warm run in this process (cProfile, process_time clock)."""
+    sys.path.insert(0, str(src))
+    cache = work / "cache-profile"
+    timed(src, folder, cache, work / "run-profile", threads)  # make the cache warm
+    argv = ["diffuse", "train", str(folder), "--steps", "1", "--out", str(work / "run-profile"),
+            "--cache-dir", str(cache), "--overwrite", "--threads", str(threads), "--device", "cpu"]  # fmt: skip
+    old, sys.argv = sys.argv, argv
+    prof = cProfile.Profile(time.process_time)
+    t0 = time.process_time()
+    prof.enable()
+    try:
+        from diffuse_cli.cli import main
+
+        main()
+    except SystemExit as e:
+        assert not e.code, e.code
+    finally:
+        prof.disable()
+        sys.argv = old
+    total = time.process_time() - t0
+    stats = pstats.Stats(prof).stats
+    out = []
+    for label, file, fn in PHASES:
+        cum = [ct for (f, _, name), (_, _, _, ct, _) in stats.items() if f.endswith(file) and name == fn]
+        out.append((label, max(cum, default=0.0)))
+    top = sum(c for label, c in out if not label.startswith("  "))
+    out.append(("the rest: python, the CLI, typer and rich, logging", total - top))
+    out.append(("total", total))
+    return out
+
+
+def markdown(res: dict, parts: list, meta: dict) -> str:
+    lines = ["| code | first run (cold cache): wall / CPU | cache warm: wall / CPU | cold / warm (wall) |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name, r in res.items():
+        cw, cc = statistics.median(w for w, _ in r["cold"]), statistics.median(c for _, c in r["cold"])
+        ww, wc = statistics.median(w for w, _ in r["warm"]), statistics.median(c for _, c in r["warm"])
+        lines.append(f"| {name} | {cw:.1f} s / {cc:.1f} s | {ww:.1f} s / {wc:.1f} s | {cw / ww:.1f}x |")
+    lines += ["", "Breakdown of one warm run (CPU seconds in this process, cProfile with a CPU clock):", "",
+              "| phase | CPU s |", "|---|---|"]  # fmt: skip
+    lines += [f"| {label} | {c:.2f} |" for label, c in parts]
+    return (
+        "\n".join(lines) + "\n\n" + f"Machine: {meta['machine']}. Date: {meta['date']}. Command: `{meta['command']}`.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=20_000)
+    p.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "diffuse-startup-pngs")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="--threads for every run (the same for both versions)")
+    p.add_argument("--before", type=Path, help="another checkout's src/ to compare with")
+    p.add_argument("--markdown", type=Path, help="append or replace this benchmark's section in this file")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    make_folder(args.folder, args.images)
+    work = Path(tempfile.mkdtemp(prefix="diffuse-startup-"))
+    try:
+        versions = {"this branch": ROOT / "src"}
+        if args.before:
+            versions = {"before (main)": args.before, **versions}
+        res = rounds(versions, args.folder, work, args.rounds, args.threads)
+        parts = breakdown(ROOT / "src", args.folder, work, args.threads)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other "
+                       f"work: load average {os.getloadavg()[0]:.1f} at the end)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": "python benchmarks/train_startup.py " + " ".join(argv or sys.argv[1:])}  # fmt: skip
+    text = markdown(res, parts, meta)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": res, "breakdown": parts, **meta}, indent=1))
+    if args.markdown:
+        replace_section(args.markdown, MARK_START, MARK_END, "## `diffuse train FOLDER --steps 1`: start-up\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
