@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"rounds": res, "breakdown": parts, **meta}, indent=1))
     if args.markdown:
-        replace_section(args.markdown, MARK_START, MARK_END, "## `diffuse train FOLDER --steps 1`: start-up\n\n" + text)
+        title = "## Start-up of `diffuse train FOLDER --steps 1` (`benchmarks/train_startup.py`)"
+        replace_section(args.markdown, f"{MARK_START}\n{title}\n\n{text}{MARK_END}", MARK_START, MARK_END)
     return 0
 
 

@@ -53,6 +53,18 @@ def test_folder_size_and_aspect_are_kept(wide_run):
     assert ck.train["micro_batch"] == 3
 
 
+def test_resume_keeps_the_shape(wide_run, wide, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "r"
+    shutil.copytree(wide_run, run_dir)
+    r = run("train", wide, "--out", run_dir, *TINY_TRAIN[:2], "--steps", "6", "--batch-size", "4", "--resume",
+            "--sample-every", "0", "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ck = ckpt.load(run_dir / "model.safetensors")
+    assert ck.step == 6 and ck.model["image_size"] == [24, 40] and ck.train["micro_batch"] is None  # not kept
+
+
 def test_samples_and_grids_are_24x40(wide_run, tmp_path):
     r = run("sample", wide_run, "--num", "2", "--class", "tall", "--steps", "3", "--out", tmp_path / "s",
             "--grid", tmp_path / "g.png", "--device", "cpu")  # fmt: skip

@@ -7,7 +7,9 @@
   cuDNN on recent GPUs work in NHWC natively, so no layout reorder per conv);
 * :func:`make_optimizer` builds AdamW with the fused single-kernel update when
   this torch build has it for the device, else the default implementation;
-* :func:`to_device` copies data through pinned memory without blocking the host on CUDA.
+* :func:`to_device` copies data through pinned memory without blocking the host on CUDA;
+* :class:`ThreadPolicy` sets torch's CPU threads to the cores other processes leave free, and
+  re-decides now and then as their load changes (:class:`OtherLoad` reads it without sleeping).
 
 Two more trade a little for speed and say so: :func:`enable_tf32` (CUDA only:
 fp32 matmuls and convs on TF32 tensor cores) and :func:`compile_model` (an
@@ -207,15 +209,6 @@ def default_threads() -> int:
     with the other core busy (see benchmarks/RESULTS.md). Leaving busy cores alone avoids that.
     """
     return threads_for(busy_cores(), _usable_cores())
-
-
-def set_threads(n: int | None, device: torch.device) -> int:
-    """Set torch's intra-op threads for a CPU run (``None``: :func:`default_threads`); returns the count."""
-    if device.type != "cpu":
-        return torch.get_num_threads()
-    n = n or default_threads()
-    torch.set_num_threads(n)
-    return n
 
 
 class OtherLoad:
