@@ -242,5 +242,6 @@ def _train(data_spec: str, out: Path | None, options: dict) -> None:
             f"[bold green]done[/] {result['step']} steps in {duration(result['elapsed'])}{why}, final loss {result['loss']:.4f}"
         )
         say(f"  model    {result['model']}")
-        say(f"  previews {result['samples']}/")
+        if any(Path(result["samples"]).glob("*.png")):  # a run under 100 steps writes none
+            say(f"  previews {result['samples']}/")
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")
