@@ -12,7 +12,7 @@ DEMO_STEPS ?= 3000
 DEMO_MODEL ?= --preset tiny --batch-size 64
 DEMO_CLASSES := $(foreach d,0 1 2 3 4 5 6 7 8 9,--class $(d))
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,18 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
 
+# Every CPU benchmark, each rewriting only its own section of benchmarks/RESULTS.md (about an hour on 2 idle
+# cores; measure with nothing else running). bench-gpu is the GPU script (on a machine with CUDA).
+RESULTS := --markdown benchmarks/RESULTS.md
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_cpu.py --markdown benchmarks/RESULTS.md
-	$(BIN)/python benchmarks/samplers.py --markdown benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.train_cpu --threads 1 --compile --bf16 $(RESULTS)
+	$(BIN)/python -m benchmarks.samplers $(RESULTS)
+	$(BIN)/python -m benchmarks.data_startup $(RESULTS)
+	$(BIN)/python -m benchmarks.conditional $(RESULTS) --picture docs/guidance.png
+	$(BIN)/python -m benchmarks.defaults --budget 5m --threads-check --reuse-ours $(RESULTS)
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu --device cuda:0 $(RESULTS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

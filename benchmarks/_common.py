@@ -29,15 +29,9 @@ def cpu_name() -> str:
 
 
 def diffusers_model(cfg):
-    """diffusers' UNet2DModel with the layout of our ``UNetConfig`` ``cfg`` (the same function; see tests/test_unet.py)."""
+    """diffusers' UNet2DModel with the layout of our ``UNetConfig`` ``cfg``: the config ``diffuse export`` writes."""
     from diffusers import UNet2DModel
 
-    res = cfg.resolutions
-    return UNet2DModel(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mults), layers_per_block=cfg.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if r in cfg.attention_resolutions else "DownBlock2D" for r in res),
-        up_block_types=tuple("AttnUpBlock2D" if r in cfg.attention_resolutions else "UpBlock2D" for r in reversed(res)),
-        attention_head_dim=None,  # one head of the full width, as in DDPM and in our config
-        dropout=cfg.dropout,
-    )  # fmt: skip
+    from diffuse_cli.engine.diffusers_io import unet_config
+
+    return UNet2DModel.from_config(unet_config(cfg))

@@ -1,4 +1,4 @@
-"""Sample quality for generated digits: a small CNN classifier and a Frechet distance in its features.
+"""The one digit judge of the benchmarks: a small CNN classifier and a Frechet distance in its features.
 
 For models trained on the built-in digits (``builtin:digits``, 1,797 UCI 8x8 digits, at any
 image size). The classifier is trained deterministically on one half of the digits (even
@@ -14,7 +14,8 @@ indices) at the size being scored and cached under the benchmark cache dir; the 
 
 - ``fd``: Frechet distance between Gaussians fitted to the classifier's penultimate features
   (64-d) of the images and of the held-out real digits (Heusel et al. 2017, "GANs Trained by a
-  Two Time-Scale Update Rule", the FID formula, here in a digit classifier's features).
+  Two Time-Scale Update Rule", the FID formula, here in a digit classifier's features; the engine's
+  ``evaluate.frechet_distance``).
   Lower is better; :func:`floor` is the same distance for the training half of the real data.
 - ``confident``: fraction of images classified with probability > 0.9.
 - ``speckled``: fraction whose mean absolute horizontal neighbour difference exceeds 60 on
@@ -25,20 +26,15 @@ indices) at the size being scored and cached under the benchmark cache dir; the 
 
 from __future__ import annotations
 
-import sys
 from functools import cache
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine.data import load_builtin
+from diffuse_cli.engine.evaluate import frechet_distance
 
-from _trained import cache_dir  # noqa: E402
-
-from diffuse_cli.engine.data import load_builtin  # noqa: E402
+from ._trained import cache_dir
 
 CONFIDENT = 0.9
 SPECKLE_THRESHOLD = 60.0  # mean |x[.., j+1] - x[.., j]| on 0..255
@@ -117,7 +113,7 @@ def _fit(net: DigitNet, images: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _features_and_probs(images_u8: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+def _features_and_probs(images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if images_u8.dtype != torch.uint8 or images_u8.ndim != 4 or images_u8.shape[1] != 1:
         raise ValueError(f"expected uint8 images (N, 1, S, S), got {images_u8.dtype} {tuple(images_u8.shape)}")
     net = classifier(images_u8.shape[-1])
@@ -126,7 +122,7 @@ def _features_and_probs(images_u8: torch.Tensor) -> tuple[np.ndarray, torch.Tens
         f = net.features(chunk)
         feats.append(f.double())
         probs.append(net.head(f).softmax(-1))
-    return torch.cat(feats).numpy(), torch.cat(probs)
+    return torch.cat(feats), torch.cat(probs)
 
 
 def predict(images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,18 +132,8 @@ def predict(images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, conf
 
 
-def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) between Gaussians fitted to two feature sets."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    w, v = np.linalg.eigh(s1)
-    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2, symmetric
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()  # tr (S1^1/2 S2 S1^1/2)^1/2
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * cross)
-
-
 @cache
-def _reference_features(image_size: int) -> np.ndarray:
+def _reference_features(image_size: int) -> torch.Tensor:
     return _features_and_probs(digits(image_size, "heldout")[0])[0]
 
 
@@ -172,10 +158,15 @@ def score(images_u8: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     return out
 
 
+def heldout_accuracy(image_size: int = 16) -> float:
+    """How often the classifier reads the held-out real digits right: the judge's own error rate."""
+    held, held_labels = digits(image_size, "heldout")
+    return float((predict(held)[0] == held_labels).float().mean())
+
+
 def floor(image_size: int = 16) -> dict:
     """:func:`score` of the real training half, plus the classifier's held-out accuracy: the best a model can do."""
     images, _ = digits(image_size, "train")
     out = score(images)
-    held, held_labels = digits(image_size, "heldout")
-    out["heldout_accuracy"] = float((predict(held)[0] == held_labels).float().mean())
+    out["heldout_accuracy"] = heldout_accuracy(image_size)
     return out

@@ -14,19 +14,15 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine import samplers as S
+from diffuse_cli.engine.data import from_model_range
+from diffuse_cli.engine.diffusion import Diffusion
 
-import _digits_quality as Q  # noqa: E402
-from _trained import ModelSpec, trained_model  # noqa: E402
-
-from diffuse_cli.engine import samplers as S  # noqa: E402
-from diffuse_cli.engine.data import from_model_range  # noqa: E402
-from diffuse_cli.engine.diffusion import Diffusion  # noqa: E402
+from . import _digits_quality as Q
+from ._trained import ModelSpec, trained_model
 
 Run = Callable[[Callable, Diffusion, torch.Tensor], torch.Tensor]
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -121,7 +117,7 @@ QUICK = ModelSpec("digits8-quick", image_size=8, steps=40, batch_size=16,
 
 def run_all(models: list[str], n: int, variants: bool = False, quick: bool = False, log=print) -> dict:
     """{model name: run_trained result}; ``quick`` swaps in a tiny 8x8 model and 32 samples."""
-    import _trained
+    from . import _trained
 
     specs = [QUICK] if quick else [_trained.SPECS[m] for m in models]
     out = {}
@@ -193,7 +189,7 @@ def markdown(table: str, lines: list[str], command: str, elapsed: float, n: int,
 
 
 if __name__ == "__main__":
-    import _trained
+    from . import _trained
 
     torch.set_num_threads(1)
     names = sys.argv[1:] or ["digits16-eps"]

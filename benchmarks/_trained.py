@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from diffuse_cli.engine import models  # noqa: E402
-from diffuse_cli.engine.data import load_builtin  # noqa: E402
-from diffuse_cli.engine.diffusion import DiffusionConfig  # noqa: E402
-from diffuse_cli.engine.training import TrainConfig, train  # noqa: E402
-from diffuse_cli.engine.unet import UNetConfig  # noqa: E402
+from diffuse_cli.engine import models
+from diffuse_cli.engine.config import (
+    DiffusionConfig,
+    TrainConfig,
+    UNetConfig,
+)
+from diffuse_cli.engine.data import load_builtin
+from diffuse_cli.engine.training import train
 
 
 def cache_dir() -> Path:

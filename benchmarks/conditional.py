@@ -7,15 +7,15 @@
 2. Sample ``--per-class`` images of every digit at each guidance scale w with the CLI's defaults
    (DPM-Solver++, 20 steps, clipped x0). Image i uses the same random stream at every w, so
    the columns differ only by guidance (Ho & Salimans 2022, Algorithm 2).
-3. Label every sample with the small CNN of ``_digit_classifier.py``, trained on one half of
+3. Label every sample with the small CNN of ``_digits_quality.py``, trained on one half of
    the 1,797 digits (and checked on the other half), and count how often it says the digit
    that was asked for. Mean confidence and the per-pixel spread across samples of a digit
    (diversity: guidance narrows it) are reported too.
 
-    python benchmarks/conditional.py                              # prints the table
-    python benchmarks/conditional.py --markdown benchmarks/RESULTS.md
-    python benchmarks/conditional.py --train-only                 # just fill the cache
-    python benchmarks/conditional.py --picture docs/guidance.png  # + one row per guidance scale
+    python -m benchmarks.conditional                              # prints the table
+    python -m benchmarks.conditional --markdown benchmarks/RESULTS.md
+    python -m benchmarks.conditional --train-only                 # just fill the cache
+    python -m benchmarks.conditional --picture docs/guidance.png  # + one row per guidance scale
 """
 
 from __future__ import annotations
@@ -32,21 +32,19 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import cpu_name, replace_section  # noqa: E402
-
 from diffuse_cli.engine import checkpoint as ckpt
-from diffuse_cli.engine import data as data_mod  # noqa: E402
+from diffuse_cli.engine import data as data_mod
 from diffuse_cli.engine import (
-    models,  # noqa: E402
-    training,  # noqa: E402
+    models,
+    training,
 )
-from diffuse_cli.engine.config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig, UNetConfig  # noqa: E402
-from diffuse_cli.engine.data import from_model_range  # noqa: E402
-from diffuse_cli.engine.generate import generate  # noqa: E402
+from diffuse_cli.engine.config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig, UNetConfig
+from diffuse_cli.engine.data import from_model_range
+from diffuse_cli.engine.generate import generate
+
+from ._common import cpu_name, replace_section
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CACHE = ROOT / "benchmarks" / ".cache"
 MARK_START, MARK_END = "<!-- conditional:start -->", "<!-- conditional:end -->"
@@ -84,12 +82,11 @@ def _spread(u8: torch.Tensor, labels: torch.Tensor) -> float:
 
 def measure(run: Path, scales, per_class: int, batch_size: int, log=print) -> list[dict]:
     """One row per guidance scale: accuracy (overall and worst digit), confidence, spread."""
-    from _digit_classifier import classifier
+    from ._digits_quality import predict
 
     model, diffusion, ck = models.load_for_sampling(run, "cpu")
     k = len(models.class_names(ck))
     size = ck.model["image_size"]
-    judge = classifier(size)
     real = data_mod.load_builtin("digits", image_size=size)
     real_spread = _spread(real.images, real.labels)
     asked = torch.arange(k).repeat_interleave(per_class)
@@ -108,7 +105,7 @@ def measure(run: Path, scales, per_class: int, batch_size: int, log=print) -> li
             clip_x0=True,
         )
         u8 = from_model_range(x)
-        said, conf = judge.predict(u8)
+        said, conf = predict(u8)
         hit = (said == asked).float()
         per_digit = torch.stack([hit[asked == d].mean() for d in range(k)])
         rows.append(
@@ -199,7 +196,7 @@ def write_markdown(path: Path, rows: list[dict], command: str, per_class: int, h
         "10 classes, labels dropped with probability 0.1), EMA weights",
         f"- samples: {per_class} per digit at each w, DPM-Solver++ 20 steps (the `diffuse sample` defaults), the same "
         "random stream per image at every w",
-        f"- judge: a small CNN (`benchmarks/_digit_classifier.py`) trained on one half of the 1,797 digits; it reads "
+        f"- judge: a small CNN (`benchmarks/_digits_quality.py`) trained on one half of the 1,797 digits; it reads "
         f"{100 * held_out:.1f}% of the other half right",
         "- spread: per-pixel standard deviation across the samples of one digit, averaged, divided by the same for the "
         "real digits (1 = as varied as the data; guidance trades it for recognisability)",
@@ -238,19 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.picture:
         picture(run, args.picture)
         print(f"wrote {args.picture}")
-    from _digit_classifier import classifier
+    from ._digits_quality import heldout_accuracy
 
     rows = measure(run, args.scales, args.per_class, args.batch_size)
     print(table(rows))
     print(f"({time.perf_counter() - t0:.0f}s)")
     if args.markdown:
-        command = "python benchmarks/conditional.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = "python -m benchmarks.conditional " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         write_markdown(
             args.markdown,
             rows,
             command.strip(),
             args.per_class,
-            classifier(ckpt.load(run, tensors=False).model["image_size"]).held_out_accuracy,
+            heldout_accuracy(ckpt.load(run, tensors=False).model["image_size"]),
             train_s,
         )
         print(f"wrote {args.markdown}")

@@ -19,9 +19,9 @@ resident memory split into anonymous (private) and file-backed (page cache, shar
 and the proportional set size (PSS: each shared page divided among the processes
 mapping it). Summed over the ranks, PSS says how many copies of the data the job holds.
 
-    python benchmarks/data_startup.py                                  # 50,000 images, prints the table
-    python benchmarks/data_startup.py --images 300 --nproc 1           # seconds: smoke test
-    python benchmarks/data_startup.py --markdown benchmarks/RESULTS.md
+    python -m benchmarks.data_startup                                  # 50,000 images, prints the table
+    python -m benchmarks.data_startup --images 300 --nproc 1           # seconds: smoke test
+    python -m benchmarks.data_startup --markdown benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -30,19 +30,18 @@ import time
 
 T_START = time.time()  # before the heavy imports: start-up includes `import torch`
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse  # noqa: E402 - after T_START
+import json  # noqa: E402 - after T_START
+import os  # noqa: E402 - after T_START
+import platform  # noqa: E402 - after T_START
+import shutil  # noqa: E402 - after T_START
+import subprocess  # noqa: E402 - after T_START
+import sys  # noqa: E402 - after T_START
+import tempfile  # noqa: E402 - after T_START
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402 - after T_START
+from pathlib import Path  # noqa: E402 - after T_START
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import replace_section  # noqa: E402
+from ._common import replace_section  # noqa: E402 - after T_START
 
 MARK_START, MARK_END = "<!-- data:start -->", "<!-- data:end -->"
 SIZE = 32
@@ -116,15 +115,16 @@ def _mapping_pss(suffix: str) -> int:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from diffuse_cli.engine import datacache
+    from diffuse_cli.engine import data
+    from diffuse_cli.engine.data.placement import place_images
 
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     t0 = time.time()
-    ds = datacache.load_dataset(str(args.folder), SIZE, None, cache=args.mode != "decode", cache_dir=args.cache_dir)
+    ds = data.load_dataset(str(args.folder), SIZE, None, cache=args.mode != "decode", cache_dir=args.cache_dir)
     t_ready = time.time()
     at_ready = _proc_status()
-    images = datacache.place_images(ds, torch.device("cpu"))
+    images = place_images(ds, torch.device("cpu"))
     n = len(images)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     checksum = 0
@@ -232,7 +232,7 @@ def table(results: list[dict]) -> tuple[str, list[str]]:
 def baseline_pss(args, work: Path) -> int:
     """Pss_Anon of one process that imports torch and the engine but loads no data (subtracted per rank)."""
     code = (
-        "import json, torch; from diffuse_cli.engine import datacache; torch.set_num_threads(1); "
+        "import json, torch; from diffuse_cli.engine import data; torch.set_num_threads(1); "
         "print(json.dumps({'Pss_Anon': [int(l.split()[1]) * 1024 for l in open('/proc/self/smaps_rollup') "
         "if l.startswith('Pss_Anon:')][0]}))"
     )
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mem": f"{mem / 2**30:.0f} GiB", "torch": torch.__version__, "images": args.images,
                 "load_before": load_before,
                 "load_after": " ".join(Path("/proc/loadavg").read_text().split()[:3])}  # fmt: skip
-        command = "python benchmarks/data_startup.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.data_startup " + " ".join(argv if argv is not None else sys.argv[1:])
         write_markdown(args.markdown, table_md, lines, command.strip(), meta)
         print(f"wrote {args.markdown}")
     return 0

@@ -15,9 +15,9 @@ small digit classifier trained on the other half of the digits, and the fraction
 confidently. ``--threads-check`` also times ``diffuse train`` for a minute while another process keeps
 one core busy, with the default thread count and with ``--threads 2``.
 
-    python benchmarks/defaults.py                                   # about 13 minutes on 2 cores
-    python benchmarks/defaults.py --budget 5m --threads-check --markdown benchmarks/RESULTS.md
-    python benchmarks/defaults.py --budget 20s --num 16             # smoke test
+    python -m benchmarks.defaults                                   # about 13 minutes on 2 cores
+    python -m benchmarks.defaults --budget 5m --threads-check --markdown benchmarks/RESULTS.md
+    python -m benchmarks.defaults --budget 20s --num 16             # smoke test
 """
 
 from __future__ import annotations
@@ -35,16 +35,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffuse_cli.engine.config import parse_duration
+from diffuse_cli.engine.data import load_builtin
+from diffuse_cli.engine.unet import count_parameters
+
+from ._common import cpu_name, replace_section
+from ._digits_quality import score
+from ._trained import cache_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from _common import cpu_name, replace_section  # noqa: E402
-from _digits_quality import score  # noqa: E402
-from _trained import cache_dir  # noqa: E402
-
-from diffuse_cli.engine.config import parse_duration  # noqa: E402
-from diffuse_cli.engine.data import load_builtin  # noqa: E402
 
 MARK_START, MARK_END = "<!-- defaults:start -->", "<!-- defaults:end -->"
 
@@ -137,7 +136,7 @@ def reference(folder: Path, work: Path, budget_s: float, num: int) -> dict:
             out.append(x)
     images = torch.cat(out).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
     save_grid(images, work / "diffusers-grid.png")
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     return {"name": "diffusers UNet2DModel, same minutes, DDIM 50", "images": images, "steps": steps, "train_s": train_s,
             "setup": f"{params / 1e6:.2f}M parameters, batch 32, {torch.get_num_threads()} threads", "grid": work / "diffusers-grid.png"}  # fmt: skip
 
@@ -209,7 +208,7 @@ def main() -> None:
     threads = threads_check(folder, work) if args.threads_check else None
     for label, ips in threads or []:
         print(f"one core busy, {label}: {ips:.0f} img/s")
-    text = markdown(results, args.budget, threads, "python benchmarks/defaults.py " + " ".join(sys.argv[1:]), load)
+    text = markdown(results, args.budget, threads, "python -m benchmarks.defaults " + " ".join(sys.argv[1:]), load)
     if args.markdown:
         import shutil
 

@@ -22,9 +22,9 @@ eager fp32 and bf16, and bf16 with the model call replayed from a CUDA graph.
 MFU = (matmul, conv and attention FLOPs of a forward + backward, counted once by
 ``torch.utils.flop_counter``) x steps/s / the card's dense peak for the precision.
 
-    python benchmarks/gpu.py                                   # on a GPU: everything, < 5 minutes
-    python benchmarks/gpu.py --markdown benchmarks/RESULTS.md  # ... and record it
-    python benchmarks/gpu.py --tiny                            # tiny model on the CPU: a smoke test
+    python -m benchmarks.gpu                                   # on a GPU: everything, < 5 minutes
+    python -m benchmarks.gpu --markdown benchmarks/RESULTS.md  # ... and record it
+    python -m benchmarks.gpu --tiny                            # tiny model on the CPU: a smoke test
 """
 
 from __future__ import annotations
@@ -45,17 +45,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine import device as perf
+from diffuse_cli.engine import samplers
+from diffuse_cli.engine.config import (
+    DiffusionConfig,
+    TrainConfig,
+    UNetConfig,
+)
+from diffuse_cli.engine.diffusion import Diffusion
+from diffuse_cli.engine.step import EMA, make_train_step
+from diffuse_cli.engine.unet import UNet, count_parameters
 
-from _common import diffusers_model, replace_section  # noqa: E402
-
-from diffuse_cli.engine import device as perf  # noqa: E402
-from diffuse_cli.engine import samplers  # noqa: E402
-from diffuse_cli.engine.config import TrainConfig  # noqa: E402
-from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig  # noqa: E402
-from diffuse_cli.engine.step import EMA, make_train_step  # noqa: E402
-from diffuse_cli.engine.unet import UNet, UNetConfig, count_parameters  # noqa: E402
+from ._common import diffusers_model, replace_section
 
 MARK_START, MARK_END = "<!-- gpu:start -->", "<!-- gpu:end -->"
 TARGET_IMG_S = 5000  # ours in bf16 on one H100

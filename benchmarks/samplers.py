@@ -24,11 +24,11 @@ the best diffusers configuration on each schedule; at 20 NFE, within the noise f
 "the solver error is below the floor", i.e. the sampler's deviation from the exact ODE is
 smaller than the difference between two exact sample sets of this size.
 
-    python benchmarks/samplers.py                        # full run (~15 minutes on 2 cores, once trained)
-    python benchmarks/samplers.py --quick                # seconds: smoke test
-    python benchmarks/samplers.py --part trained --models digits16-eps digits16-v
-    python benchmarks/samplers.py --markdown benchmarks/RESULTS.md
-    python benchmarks/samplers.py --variants --schedules linear quadratic cosine sigmoid   # tuning view
+    python -m benchmarks.samplers                        # full run (~15 minutes on 2 cores, once trained)
+    python -m benchmarks.samplers --quick                # seconds: smoke test
+    python -m benchmarks.samplers --part trained --models digits16-eps digits16-v
+    python -m benchmarks.samplers --markdown benchmarks/RESULTS.md
+    python -m benchmarks.samplers --variants --schedules linear quadratic cosine sigmoid   # tuning view
 """
 
 from __future__ import annotations
@@ -45,16 +45,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine import samplers as S
+from diffuse_cli.engine.analytic import GaussianMixture
+from diffuse_cli.engine.config import DiffusionConfig
+from diffuse_cli.engine.diffusion import Diffusion
 
-from _common import cpu_name, replace_section  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from diffuse_cli.engine import samplers as S  # noqa: E402
-from diffuse_cli.engine.analytic import GaussianMixture  # noqa: E402
-from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from ._common import cpu_name, replace_section
 
 MARK_START, MARK_END = "<!-- samplers:start -->", "<!-- samplers:end -->"
 TRAINED_START, TRAINED_END = "<!-- samplers-trained:start -->", "<!-- samplers-trained:end -->"
@@ -327,7 +323,7 @@ def write_markdown(path: Path, tables: str, lines: list[str], command: str, n: i
         "- SW2: sliced W2 over 128 fixed random directions to exact samples (lower is better; a perfect sampler "
         "scores about the floor, and the exact ODE row is what a perfect deterministic sampler scores from this "
         "x_T). Solver error: SW2 to that exact ODE solution; no sampling noise.",
-        "- the defaults were chosen with `python benchmarks/samplers.py --variants --schedules linear quadratic "
+        "- the defaults were chosen with `python -m benchmarks.samplers --variants --schedules linear quadratic "
         "cosine sigmoid` and on trained networks (the next section); see \"Sampler tuning notes\" below.",
         "",
         tables,
@@ -369,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n, args.nfe, args.schedules, ode_steps = 2000, [10], ["linear"], 200
     if not have_diffusers():
         print("diffusers is not installed: only our samplers run (pip install diffusers)")
-    command = "python benchmarks/samplers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.samplers " + " ".join(argv if argv is not None else sys.argv[1:])
     ok = True
     if args.part in ("all", "analytic"):
         t0 = time.perf_counter()
@@ -386,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             write_markdown(args.markdown, tables, lines, command.strip(), args.n, elapsed)
             print(f"wrote {args.markdown}")
     if args.part in ("all", "trained"):
-        import _samplers_trained as TR
+        from . import _samplers_trained as TR
 
         t0 = time.perf_counter()
         res_t = TR.run_all(args.models, args.trained_n, variants=args.variants, quick=args.quick)

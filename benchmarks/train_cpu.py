@@ -20,9 +20,9 @@ time, and of the CPU time of the whole process (all threads), which is the stead
 figure when other jobs share the machine: then run with ``--threads 1``, and the verdict
 lines compare CPU times instead of wall-clock times.
 
-    python benchmarks/train_cpu.py                           # full run, prints the table
-    python benchmarks/train_cpu.py --quick                   # seconds: smoke test
-    python benchmarks/train_cpu.py --compile --bf16 --markdown benchmarks/RESULTS.md
+    python -m benchmarks.train_cpu                           # full run, prints the table
+    python -m benchmarks.train_cpu --quick                   # seconds: smoke test
+    python -m benchmarks.train_cpu --compile --bf16 --markdown benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -42,13 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffuse_cli.engine import device as perf
+from diffuse_cli.engine.config import UNetConfig
+from diffuse_cli.engine.unet import UNet, count_parameters
 
-from _common import cpu_name, diffusers_model, replace_section  # noqa: E402
-
-from diffuse_cli.engine import device as perf  # noqa: E402
-from diffuse_cli.engine.unet import UNet, UNetConfig, count_parameters  # noqa: E402
+from ._common import cpu_name, diffusers_model, replace_section
 
 MARK_START, MARK_END = "<!-- train_cpu:start -->", "<!-- train_cpu:end -->"
 TARGET_RATIO = 1.5  # ours at least 1.5x diffusers' img/s

@@ -12,8 +12,8 @@ load does not change it): python and the CLI, ``import torch``, the data (walk, 
 cache), the optimizer (whose first step imports ``torch._dynamo``), the model and EMA, the first step,
 the checkpoint writes and the final preview.
 
-    python benchmarks/train_startup.py --rounds 3                                   # prints the table
-    flock /tmp/diffuse-timing.lock python benchmarks/train_startup.py --before /tmp/before/src --markdown x.md
+    python -m benchmarks.train_startup --rounds 3                                   # prints the table
+    flock /tmp/diffuse-timing.lock python -m benchmarks.train_startup --before /tmp/before/src --markdown x.md
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ._common import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import replace_section  # noqa: E402
 
 MARK_START, MARK_END = "<!-- startup:start -->", "<!-- startup:end -->"
 SIZE = 32
@@ -119,8 +119,7 @@ PHASES = [
 
 
 def breakdown(src: Path, folder: Path, work: Path, threads: int) -> list[tuple[str, float]]:
-    """CPU seconds per phase of one warm run in this process (cProfile, process_time clock)."""
-    sys.path.insert(0, str(src))
+    """CPU seconds per phase of one warm run in this process (cProfile, process_time clock): this checkout's code."""
     cache = work / "cache-profile"
     timed(src, folder, cache, work / "run-profile", threads)  # make the cache warm
     argv = ["diffuse", "train", str(folder), "--steps", "1", "--out", str(work / "run-profile"),
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other "
                        f"work: load average {os.getloadavg()[0]:.1f} at the end)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": "python benchmarks/train_startup.py " + " ".join(argv or sys.argv[1:])}  # fmt: skip
+            "command": "python -m benchmarks.train_startup " + " ".join(argv or sys.argv[1:])}  # fmt: skip
     text = markdown(res, parts, meta)
     print(text)
     if args.json:

@@ -13,19 +13,20 @@ weights (and so the measured numbers the tests print), not what the tests check.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from diffuse_cli.engine.config import (
+    DiffusionConfig,
+    TrainConfig,
+    UNetConfig,
+)
+from diffuse_cli.engine.data import load_builtin
+from diffuse_cli.engine.training import train
 
-from diffuse_cli.engine.data import load_builtin  # noqa: E402
-from diffuse_cli.engine.diffusion import DiffusionConfig  # noqa: E402
-from diffuse_cli.engine.training import TrainConfig, train  # noqa: E402
-from diffuse_cli.engine.unet import UNetConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "tests" / "data" / "digits16-tiny-eps.safetensors"
 MODEL = UNetConfig(image_size=16, in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,

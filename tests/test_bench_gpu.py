@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+SCRIPT = "benchmarks.gpu"  # run as a module of the benchmarks package, from the repository root
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_benchmark_tiny_on_cpu_replaces_its_markdown_section(tmp_path):
@@ -17,9 +18,9 @@ def test_gpu_benchmark_tiny_on_cpu_replaces_its_markdown_section(tmp_path):
         "# Benchmark results\n\n<!-- train_cpu:start -->\nkeep me\n<!-- train_cpu:end -->\n\n"
         "<!-- gpu:start -->\nstale numbers\n<!-- gpu:end -->\n\ntrailer\n"
     )
-    cmd = [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--markdown", str(md)]
+    cmd = [sys.executable, "-m", SCRIPT, "--tiny", "--device", "cpu", "--markdown", str(md)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # numbers do not matter here; stay quick on a busy machine
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     for row in ("| ours | fp32 |", "| ours | bf16 |", "| ours + compile | bf16 |"):
@@ -39,11 +40,9 @@ def test_gpu_benchmark_tiny_on_cpu_replaces_its_markdown_section(tmp_path):
 
 
 def _load_gpu_module():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    import importlib
+
+    return importlib.import_module(SCRIPT)
 
 
 def test_gpu_benchmark_picks_cuda_without_device_flag(monkeypatch):

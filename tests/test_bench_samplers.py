@@ -20,8 +20,13 @@ def test_quick_benchmark_runs_and_rewrites_only_its_sections(tmp_path):
         "<!-- samplers-trained:start -->\nstale\n<!-- samplers-trained:end -->\n\n"
         "<!-- samplers-tuning:start -->\nnotes\n<!-- samplers-tuning:end -->\n\ntail\n"
     )
-    env = {**os.environ, "DIFFUSE_BENCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "samplers.py"), "--quick", "--markdown", str(results)],
+    env = {
+        **os.environ,
+        "DIFFUSE_BENCH_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.samplers", "--quick", "--markdown", str(results)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ours dpmpp (defaults)" in proc.stdout and "diffusers DPM++ 2M lu" in proc.stdout

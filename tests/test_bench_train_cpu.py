@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_cpu.py"
+SCRIPT = "benchmarks.train_cpu"  # run as a module of the benchmarks package, from the repository root
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_cpu_quick_replaces_its_markdown_section(tmp_path):
@@ -19,8 +20,8 @@ def test_train_cpu_quick_replaces_its_markdown_section(tmp_path):
         "<!-- train_cpu:start -->\nstale numbers\n<!-- train_cpu:end -->\n\ntrailer\n"
     )
     # One thread: the numbers do not matter here, and it stays quick on a busy machine.
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--markdown", str(md)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    cmd = [sys.executable, "-m", SCRIPT, "--quick", "--threads", "1", "--markdown", str(md)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "ours (eager) / diffusers throughput" in proc.stdout
     text = md.read_text()

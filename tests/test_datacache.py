@@ -1,4 +1,4 @@
-"""Tests for diffuse_cli.engine.datacache: the decoded-dataset cache, its checks, concurrent openers, placement."""
+"""Tests for diffuse_cli.engine.data (cache, sharing, placement): the decoded-dataset cache, its checks, concurrent openers, placement."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from diffuse_cli.engine import data as D
-from diffuse_cli.engine import datacache as C
+from diffuse_cli.engine.config import TrainConfig
+from diffuse_cli.engine.data import cache as C
+from diffuse_cli.engine.data import placement
 from diffuse_cli.engine.errors import DataError, OutputError
 
 SIZE = 8
@@ -41,7 +43,7 @@ def folder(tmp_path):
 
 
 def _load(folder, cache_dir, **kw) -> D.ImageDataset:
-    return C.load_dataset(str(folder), SIZE, cache_dir=cache_dir, **kw)
+    return D.load_dataset(str(folder), SIZE, cache_dir=cache_dir, **kw)
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -204,7 +206,7 @@ def test_a_cache_larger_than_memory_maps_and_reads(folder, tmp_path):
         f.write(bytes(range(256)) * (row // 256))  # the last row
     ds = C.open_cache(big, head["fingerprint"])  # the quick checks only: the CRC would read it all
     assert ds.images.shape == (n, 3, 64, 64) and ds.images.numel() > _memory_limit()
-    placed = C.place_images(ds, torch.device("cpu"))
+    placed = placement.place_images(ds, torch.device("cpu"))
     batch = placed[torch.tensor([n - 1, 0, n // 2])]
     assert batch[0].flatten()[:256].tolist() == list(range(256)) and int(batch[1:].sum()) == 0
 
@@ -212,15 +214,15 @@ def test_a_cache_larger_than_memory_maps_and_reads(folder, tmp_path):
 def test_size_channels_and_folder_each_get_their_own_file(folder, tmp_path):
     cache = tmp_path / "cache"
     a = _load(folder, cache)
-    b = C.load_dataset(str(folder), SIZE * 2, cache_dir=cache)
-    c = C.load_dataset(str(folder), SIZE, 1, cache_dir=cache)
+    b = D.load_dataset(str(folder), SIZE * 2, cache_dir=cache)
+    c = D.load_dataset(str(folder), SIZE, 1, cache_dir=cache)
     other = _make_folder(tmp_path / "other" / "imgs", n=3, seed=1)  # same base name, other folder
-    d = C.load_dataset(str(other), SIZE, cache_dir=cache)
+    d = D.load_dataset(str(other), SIZE, cache_dir=cache)
     assert len({a.cache.path, b.cache.path, c.cache.path, d.cache.path}) == 4
     assert b.images.shape[-1] == 2 * SIZE and c.images.shape[1] == 1 and len(d) == 3
     # The same folder spelled differently (relative, trailing slash) is the same cache.
     rel = os.path.relpath(folder) + os.sep
-    e = C.load_dataset(rel, SIZE, cache_dir=cache)
+    e = D.load_dataset(rel, SIZE, cache_dir=cache)
     assert e.cache.path == a.cache.path and e.cache.status == "hit"
     assert e.summary.source == D.display_path(Path(rel))  # the data line shows the folder as given
 
@@ -231,7 +233,7 @@ def test_grayscale_folder_with_skips_is_compacted_like_the_in_memory_decode(tmp_
     for i in (0, 17, 39):
         (d / f"img{i:03d}.png").write_bytes(b"garbage")
     ref = D.load_folder(d, 16)
-    ds = C.load_dataset(str(d), 16, cache_dir=tmp_path / "cache")
+    ds = D.load_dataset(str(d), 16, cache_dir=tmp_path / "cache")
     assert ds.images.shape == ref.images.shape == (37, 1, 16, 16)
     assert torch.equal(ds.images, ref.images) and ds.summary == ref.summary
     assert torch.equal(C.open_cache(ds.cache.path, verify_data=True).images, ref.images)
@@ -239,22 +241,22 @@ def test_grayscale_folder_with_skips_is_compacted_like_the_in_memory_decode(tmp_
 
 def test_builtin_and_no_cache_write_nothing(folder, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUSE_CACHE_DIR", str(tmp_path / "cache"))
-    assert C.load_dataset("builtin:digits").cache is None
-    ds = C.load_dataset(str(folder), SIZE, cache=False)
+    assert D.load_dataset("builtin:digits").cache is None
+    ds = D.load_dataset(str(folder), SIZE, cache=False)
     assert ds.cache is None and torch.equal(ds.images, D.load_folder(folder, SIZE).images)
     assert not (tmp_path / "cache").exists()
 
 
 def test_bad_input_is_a_one_line_error_and_leaves_no_file(tmp_path):
     with pytest.raises(DataError, match="no such file or folder"):
-        C.load_dataset(str(tmp_path / "nowhere"), SIZE, cache_dir=tmp_path / "cache")
+        D.load_dataset(str(tmp_path / "nowhere"), SIZE, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.png").write_bytes(b"junk")
     (bad / "b.png").write_bytes(b"junk")
     with pytest.raises(DataError, match="none of the 2 images"):
-        C.load_dataset(str(bad), SIZE, cache_dir=tmp_path / "cache")
+        D.load_dataset(str(bad), SIZE, cache_dir=tmp_path / "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -290,7 +292,7 @@ def test_memory_mapped_dataset_yields_the_same_batches_as_in_memory(folder, tmp_
     mapped = _load(folder, tmp_path / "cache")
     mapped = _load(folder, tmp_path / "cache")  # a hit: straight from the file
     assert mapped.cache.status == "hit"
-    a, b = C.place_images(ram, torch.device("cpu")), C.place_images(mapped, torch.device("cpu"))
+    a, b = placement.place_images(ram, torch.device("cpu")), placement.place_images(mapped, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         idx = torch.randint(0, len(ram), (7,), generator=gen)
@@ -303,13 +305,14 @@ def test_training_on_the_cache_is_bit_identical_to_training_in_memory(folder, tm
     from safetensors.torch import load_file
 
     from diffuse_cli.engine import training
-    from diffuse_cli.engine.diffusion import DiffusionConfig
-    from diffuse_cli.engine.unet import UNetConfig
+    from diffuse_cli.engine.config import DiffusionConfig, UNetConfig
 
     ucfg = UNetConfig(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
                       image_size=SIZE, in_channels=3, dropout=0.0)  # fmt: skip
     dcfg = DiffusionConfig(timesteps=50)
-    cfg = training.TrainConfig(steps=3, batch_size=4, warmup=0, lr=1e-3, save_every=3, sample_every=0, hflip=True)
+    cfg = TrainConfig(
+        steps=3, batch_size=4, warmup=0, lr=1e-3, save_every=3, sample_every=0, hflip=True, threads=1
+    )  # the same threads in both runs, whatever the load: the same sums
     events = []
     for name, ds in (("ram", D.load_folder(folder, SIZE)), ("map", _load(folder, tmp_path / "cache"))):
         training.train(ds, tmp_path / name, ucfg, dcfg, cfg, device="cpu", callback=events.append)
@@ -332,7 +335,7 @@ def _opener(folder, cache_dir, env, delay, slow, go, out):
         go.wait()
         time.sleep(delay)
         progress = (lambda done, total: time.sleep(0.01)) if slow else None
-        ds = C.load_dataset(str(folder), SIZE, progress=progress, cache_dir=cache_dir)
+        ds = D.load_dataset(str(folder), SIZE, progress=progress, cache_dir=cache_dir)
         out.put((env.get("LOCAL_RANK", "-"), ds.cache.status, _digest(ds.images), time.time()))
     except Exception as err:  # noqa: BLE001 - reported to the test
         out.put((env.get("LOCAL_RANK", "-"), "error", f"{type(err).__name__}: {err}", traceback.format_exc()))
@@ -412,7 +415,7 @@ def test_a_note_left_by_an_earlier_launch_with_the_same_id_is_not_trusted(folder
     """A fixed --rdzv-id and port give two launches the same id; the old note (here: the folder changed since)
     must not send the other ranks to map the old file while local rank 0 decodes the new one."""
     cache = tmp_path / "cache"
-    C.load_dataset(str(folder), SIZE, cache_dir=cache)  # an earlier run left a valid cache file...
+    D.load_dataset(str(folder), SIZE, cache_dir=cache)  # an earlier run left a valid cache file...
     path = C.cache_path(cache, folder, SIZE, None)
     old_fp = C.read_header(open(path, "rb"))["fingerprint"]
     env = _rank_env(0)
@@ -451,21 +454,21 @@ GB = 10**9
      (0, 0, True)],
 )  # fmt: skip
 def test_fits_on_device(nbytes, free, fits):
-    assert C.fits_on_device(nbytes, free) is fits
-    assert C.DEVICE_FRACTION == 0.5
+    assert placement.fits_on_device(nbytes, free) is fits
+    assert placement.DEVICE_FRACTION == 0.5
 
 
 def test_cuda_placement_streams_when_the_data_do_not_fit(folder, tmp_path):
     """The decision needs no GPU when the answer is 'stream': the free memory is passed in."""
     ds = _load(folder, tmp_path / "cache")
-    placed = C.place_images(ds, torch.device("cuda", 0), free_bytes=2 * ds.images.numel() - 1)
+    placed = placement.place_images(ds, torch.device("cuda", 0), free_bytes=2 * ds.images.numel() - 1)
     assert not placed.on_device and placed.images is ds.images
     assert "free on cuda:0: batches read from the memory-mapped cache" in placed.where
 
 
 def test_cpu_placement_keeps_the_tensor_and_says_where(folder, tmp_path):
     ds = _load(folder, tmp_path / "cache")
-    placed = C.place_images(ds, torch.device("cpu"))
+    placed = placement.place_images(ds, torch.device("cpu"))
     assert placed.images is ds.images and not placed.on_device and len(placed) == len(ds)
     assert placed.shape == ds.images.shape
 

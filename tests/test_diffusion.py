@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
+from diffuse_cli.engine.config import DiffusionConfig
+from diffuse_cli.engine.diffusion import Diffusion
 
 N = 200_000
 

@@ -13,7 +13,8 @@ import torch
 
 from diffuse_cli.engine import data, evaluate
 from diffuse_cli.engine.analytic import GaussianData
-from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
+from diffuse_cli.engine.config import DiffusionConfig
+from diffuse_cli.engine.diffusion import Diffusion
 from diffuse_cli.engine.errors import Unsupported
 from helpers import invoke as run
 from helpers import one_line_error

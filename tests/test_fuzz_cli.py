@@ -265,11 +265,10 @@ def sample_args(place, tmp, v: Values):
 @pytest.fixture
 def engine_stub(monkeypatch):
     """Replace the training loop: check what the CLI hands over, train nothing."""
-    from diffuse_cli.engine.diffusion import DiffusionConfig
-    from diffuse_cli.engine.unet import UNetConfig
+    from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig
 
     def train(data, out, model_config, diffusion_config, config, **kw):
-        assert isinstance(config, training.TrainConfig) and isinstance(model_config, UNetConfig)
+        assert isinstance(config, TrainConfig) and isinstance(model_config, UNetConfig)
         assert diffusion_config is None or isinstance(diffusion_config, DiffusionConfig)
         assert data.images.dtype == torch.uint8 and data.images.shape[-1] == model_config.image_size
         return {

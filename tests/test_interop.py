@@ -17,10 +17,11 @@ from PIL import Image
 
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import diffusers_io, models, samplers
-from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
+from diffuse_cli.engine.config import DiffusionConfig, UNetConfig
+from diffuse_cli.engine.diffusion import Diffusion
 from diffuse_cli.engine.errors import CheckpointError, OutputError, Unsupported
 from diffuse_cli.engine.generate import image_generators
-from diffuse_cli.engine.unet import UNet, UNetConfig, convert_diffusers_state_dict, timestep_embedding
+from diffuse_cli.engine.unet import UNet, convert_diffusers_state_dict, timestep_embedding
 from helpers import invoke as run
 from helpers import one_line_error
 

@@ -16,6 +16,7 @@ from PIL import Image
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import data as D
 from diffuse_cli.engine import models
+from diffuse_cli.engine.data import folders
 from diffuse_cli.engine.errors import ConfigError
 from helpers import TINY_TRAIN
 from helpers import invoke as run
@@ -105,7 +106,7 @@ def test_image_size_option_takes_h_x_w(wide, tmp_path):
 
 
 def test_crop_box_keeps_the_centre():
-    assert D._crop_box((40, 24), (24, 40)) == (0, 0, 40, 24)  # already the shape: everything
-    assert D._crop_box((40, 24), (24, 24)) == (8, 0, 32, 24)  # square: the centred square, as before
-    left, top, right, bottom = D._crop_box((100, 100), (24, 48))
+    assert folders._crop_box((40, 24), (24, 40)) == (0, 0, 40, 24)  # already the shape: everything
+    assert folders._crop_box((40, 24), (24, 24)) == (8, 0, 32, 24)  # square: the centred square, as before
+    left, top, right, bottom = folders._crop_box((100, 100), (24, 48))
     assert (left, right) == (0, 100) and (top, bottom) == (25, 75)  # 2:1 out of a square

@@ -45,7 +45,8 @@ from diffuse_cli.cli import app
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import data as data_mod
 from diffuse_cli.engine import fileio, models, rundir
-from diffuse_cli.engine.unet import UNet, UNetConfig
+from diffuse_cli.engine.config import UNetConfig
+from diffuse_cli.engine.unet import UNet
 from helpers import runner
 
 # A 1M-parameter U-Net on 8x8 digits: a training step takes milliseconds on one CPU thread.
@@ -652,7 +653,7 @@ def hostile(tmp_path, monkeypatch) -> tuple[Path, int]:
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(data_mod, "open", open_, raising=False)
+    monkeypatch.setattr(data_mod.folders, "open", open_, raising=False)
     monkeypatch.setattr(os, "scandir", scandir)
     return root, good
 

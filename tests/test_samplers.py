@@ -16,7 +16,8 @@ import torch
 
 from diffuse_cli.engine import samplers as S
 from diffuse_cli.engine.analytic import GaussianData, GaussianMixture
-from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
+from diffuse_cli.engine.config import DiffusionConfig
+from diffuse_cli.engine.diffusion import Diffusion
 from diffuse_cli.engine.errors import ConfigError
 
 T = 1000

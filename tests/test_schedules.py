@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from diffuse_cli.engine import schedules
-from diffuse_cli.engine.diffusion import Diffusion, DiffusionConfig
+from diffuse_cli.engine.config import DiffusionConfig
+from diffuse_cli.engine.diffusion import Diffusion
 from diffuse_cli.engine.errors import ConfigError
 
 T = 1000

@@ -11,11 +11,10 @@ from PIL import Image
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import step as step_mod
 from diffuse_cli.engine import training
+from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig
 from diffuse_cli.engine.data import load_dataset
 from diffuse_cli.engine.device import resolve_device
-from diffuse_cli.engine.diffusion import DiffusionConfig
 from diffuse_cli.engine.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingDiverged
-from diffuse_cli.engine.unet import UNetConfig
 
 MODEL = UNetConfig(
     image_size=8,
@@ -38,7 +37,7 @@ def cfg(**kw):
     base = dict(
         steps=6, batch_size=8, save_every=3, sample_every=0, log_every=1, warmup=2, num_preview=4, preview_steps=5
     )
-    return training.TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**base, **kw})
 
 
 def weights(path):

@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from diffuse_cli.engine import device as devices
+from diffuse_cli.engine.config import PRESETS, UNetConfig
 from diffuse_cli.engine.errors import ConfigError
 from diffuse_cli.engine.unet import (
-    PRESETS,
     AttentionBlock,
     UNet,
-    UNetConfig,
     convert_diffusers_state_dict,
     count_parameters,
     timestep_embedding,
@@ -235,16 +234,11 @@ def test_compiles_without_graph_breaks():
 
 
 def diffusers_twin(cfg: UNetConfig):
+    """diffusers' UNet2DModel built from the config `diffuse export` writes for ``cfg``."""
     diffusers = pytest.importorskip("diffusers")
-    assert cfg.num_heads == 1  # diffusers: attention_head_dim=None means one head of the full width
-    res = cfg.resolutions
-    return diffusers.UNet2DModel(
-        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.base_channels * m for m in cfg.channel_mults), layers_per_block=cfg.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if r in cfg.attention_resolutions else "DownBlock2D" for r in res),
-        up_block_types=tuple("AttnUpBlock2D" if r in cfg.attention_resolutions else "UpBlock2D" for r in reversed(res)),
-        attention_head_dim=None, dropout=cfg.dropout,
-    )  # fmt: skip
+    from diffuse_cli.engine.diffusers_io import unet_config
+
+    return diffusers.UNet2DModel.from_config(unet_config(cfg))
 
 
 @pytest.mark.parametrize(

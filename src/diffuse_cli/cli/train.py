@@ -166,53 +166,22 @@ def train(
 
         torchrun --nproc_per_node 4 -m diffuse_cli train data/ --out runs/big --batch-size 256
     """
-    value = lambda choice: choice.value if choice is not None else None  # noqa: E731
-    options = dict(
-        image_size=image_size,
-        channels=channels,
-        preset=preset.value,
-        classes=classes.value,
-        device=device,
-        resume=resume,
-        overwrite=overwrite,
-        cache=not no_cache,
-        cache_dir=cache_dir,
-        train=dict(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            warmup=warmup,
-            ema_decay=ema_decay,
-            cond_drop=cond_drop,
-            save_every=save_every,
-            sample_every=sample_every,
-            keep=keep,
-            seed=seed,
-            hflip=flip,
-            loss_weighting=value(loss_weighting),
-            precision=precision.value,
-            compile=compile,
-            time_limit=time,
-            threads=threads,
-            micro_batch=micro_batch,
-        ),  # fmt: skip
-        model=dict(
-            base_channels=base_channels,
-            channel_mults=channel_mults,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_res,
-            dropout=dropout,
-        ),  # fmt: skip
-        diffusion=dict(
-            schedule=value(kind),
-            timesteps=timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            zero_terminal_snr=zero_terminal_snr,
-            prediction=value(prediction),
-        ),  # fmt: skip
-    )
-    run(_train, data, out, options)
+    run(_train, data, out, _options(locals()))
+
+
+def _options(given: dict) -> dict:
+    """The command's options as :func:`engine.plan.plan_training` takes them."""
+    g = {k: v.value if hasattr(v, "value") else v for k, v in given.items()}  # choices -> their names
+    pick = lambda *names, **renamed: {**{n: g[n] for n in names}, **{k: g[v] for k, v in renamed.items()}}  # noqa: E731
+    return dict(
+        pick("image_size", "channels", "preset", "classes", "device", "resume", "overwrite", "cache_dir"),
+        cache=not g["no_cache"],
+        train=pick("steps", "batch_size", "lr", "warmup", "ema_decay", "cond_drop", "save_every", "sample_every", "keep",
+                   "seed", "loss_weighting", "precision", "compile", "threads", "micro_batch", hflip="flip",
+                   time_limit="time"),
+        model=pick("base_channels", "channel_mults", "num_res_blocks", "dropout", attention_resolutions="attention_res"),
+        diffusion=pick("beta_start", "beta_end", "zero_terminal_snr", "prediction", "timesteps", schedule="kind"),
+    )  # fmt: skip
 
 
 def _train(data_spec: str, out: Path | None, options: dict) -> None:

@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import UNetConfig
 from .errors import CheckpointError, ConfigError, OutputError, Unsupported
-from .unet import Downsample, UNet, UNetConfig, convert_diffusers_state_dict
+from .unet import Downsample, UNet, convert_diffusers_state_dict
 
 MODEL_INDEX = "model_index.json"
 CONFIG = "config.json"
@@ -567,7 +568,8 @@ def unet_config_from_diffusers(cfg: dict, where: str = "unet/config.json") -> tu
 
 def diffusion_from_scheduler(cfg: dict, where: str = "scheduler/scheduler_config.json"):
     """(Diffusion, its config as a dict) for a DDPMScheduler/DDIMScheduler config, or CheckpointError."""
-    from .diffusion import Diffusion, DiffusionConfig
+    from .config import DiffusionConfig
+    from .diffusion import Diffusion
     from .schedules import rescale_zero_terminal_snr
 
     cls = cfg.get("_class_name")

@@ -87,10 +87,6 @@ class Diffusion:
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
-        # With zero terminal SNR alpha_bar_{T-1} = 0 exactly: 1/sqrt(abar) is inf there
-        # and x0 cannot be recovered from an eps prediction (Lin et al. 2024, sec. 3.2).
-        self.sqrt_recip_alphas_cumprod = self.alphas_cumprod.rsqrt()
-        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         self.log_snr = self.snr.log()
         # Posterior q(x_{t-1} | x_t, x_0), DDPM eq. 7.
@@ -105,7 +101,7 @@ class Diffusion:
 
     _TABLES = (
         "betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-        "sqrt_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
         "snr", "log_snr", "posterior_variance", "posterior_log_variance_clipped",
         "posterior_mean_coef1", "posterior_mean_coef2",
     )  # fmt: skip

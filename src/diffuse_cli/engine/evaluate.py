@@ -416,7 +416,7 @@ def run(
     import datetime
 
     from . import samplers
-    from .datacache import load_dataset
+    from .data import load_dataset
     from .device import ThreadPolicy, resolve_device
     from .fileio import append_jsonl, check_appendable
     from .generate import generate

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import datacache, rundir
+from . import rundir
 from .config import (
     UNLIMITED_STEPS,
     DiffusionConfig,
@@ -23,7 +23,7 @@ from .config import (
     parse_duration,
     parse_positive_ints,
 )
-from .data import ImageDataset, Progress
+from .data import ImageDataset, Progress, describe, load_dataset
 
 MIN_CLASS_IMAGES = 10  # a class with fewer training images gets a warning
 
@@ -119,11 +119,11 @@ def plan_training(
         image_size = image_size or stored.model.get("image_size")
         channels = channels or stored.model.get("in_channels")
     t0 = time.perf_counter()
-    data = datacache.load_dataset(data_spec, image_size, channels, progress, cache=cache, cache_dir=cache_dir)
+    data = load_dataset(data_spec, image_size, channels, progress, cache=cache, cache_dir=cache_dir)
     n, c, h, w = data.images.shape
     size_note = f" ({data.summary.size_note})" if data.summary.size_note else ""
     data_line = (
-        f"{data.summary.source}: {n} images used, {c}x{h}x{w}{size_note}, {datacache.describe(data)} "
+        f"{data.summary.source}: {n} images used, {c}x{h}x{w}{size_note}, {describe(data)} "
         f"in {time.perf_counter() - t0:.1f}s"
     )
     notes = [("warning", line) for line in data.summary.lines()]

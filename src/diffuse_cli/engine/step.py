@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from . import device as devices
+from .config import DiffusionConfig
 from .data import to_model_range
-from .diffusion import Diffusion, DiffusionConfig
+from .diffusion import Diffusion
 from .distributed import Dist
 from .errors import ConfigError
 

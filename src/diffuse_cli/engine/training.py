@@ -28,27 +28,36 @@ from . import checkpoint as ckpt
 from . import device as devices
 from . import rundir
 from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
-from .datacache import place_images
+from .data.placement import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
 from .fileio import append_jsonl, atomic_write_text
 from .step import TrainStep, lr_at, make_train_step
+from .unet import count_parameters
 
 Callback = Callable[[dict], None]
 _clock = time.perf_counter  # the loop's clock; tests replace it to check --time without waiting
 FIRST_PREVIEW = 100  # previews at 100, 200, 400, ... steps until sample_every: early feedback on a CPU
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["train"]
 
 
-def preview_due(step: int, every: int) -> bool:
-    """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never)."""
+def preview_due(step: int, every: int, done: bool = False) -> bool:
+    """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never); and at the end
+    (``done``) of a run of 100 steps or more: a shorter run's samples are still noise, and a 16-image preview
+    would cost a 1-step run most of its time."""
     if not every:
         return False
-    if step % every == 0:
+    if step % every == 0 or (done and step >= FIRST_PREVIEW):
         return True
     k = step // FIRST_PREVIEW
     return step < every and step % FIRST_PREVIEW == 0 and k & (k - 1) == 0
+
+
+def _follow_load(ts: TrainStep, step: int, emit: Callback) -> None:
+    """Re-check the CPU threads against the machine's load (now and then, see device.ThreadPolicy); say so on a change."""
+    if (n := ts.threads.update()) is not None:
+        emit({"event": "threads", "step": step, "threads": n})
 
 
 def _save(ts: TrainStep, out: Path, step: int, meta: dict, keep: int, emit: Callback) -> None:
@@ -126,7 +135,7 @@ def _set_up(
 ) -> tuple[TrainStep, int, dict]:
     """Everything before the first step: the run folder, the configs (from the state on resume), the step
     (model, optimizer, EMA, data generator; restored on resume), config.json and the "start" event."""
-    from .unet import UNetConfig
+    from .config import UNetConfig
 
     paths = rundir.RunPaths(out)
     # --- the run folder and the configs ----------------------------------------------
@@ -188,7 +197,7 @@ def _set_up(
             "device": str(dev),
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
             "world_size": dist.world_size,
-            "parameters": sum(p.numel() for p in ts.model.parameters()),
+            "parameters": count_parameters(ts.model),
             "resumed": resume,
             "images": n,
             "local_batch": config.batch_size // dist.world_size,
@@ -265,8 +274,7 @@ def train(
                     ts.data_s = 0.0
                     dist.main_only(functools.partial(append_jsonl, paths.log, rec), dev)
                     emit({"event": "log", **rec})
-                    if (n := ts.threads.update()) is not None:  # the machine's load changed: follow it
-                        emit({"event": "threads", "step": step, "threads": n})
+                    _follow_load(ts, step, emit)
                     loss_sum.zero_()
                     loss_count, t_log = 0, now
 
@@ -274,10 +282,7 @@ def train(
                 if want_save:
                     dist.main_only(functools.partial(_save, ts, out, step, meta, config.keep, emit), dev)
                     last_saved = step
-                # A run's last preview too, unless it is shorter than the first (its samples are still noise, and a
-                # 16-image preview costs a 1-step run most of its time).
-                last = done and step >= FIRST_PREVIEW
-                if config.sample_every and config.num_preview > 0 and (last or preview_due(step, config.sample_every)):
+                if config.sample_every and config.num_preview > 0 and preview_due(step, config.sample_every, done):
                     dist.main_only(functools.partial(_preview, ts, out, step, config, emit), dev)
 
                 # stop requests, agreed on by all ranks so no one waits in a collective alone

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PRESETS, UNetConfig  # noqa: F401 - re-exported: unet.UNetConfig, unet.PRESETS
+from .config import UNetConfig
 from .errors import CheckpointError
 
 # Sinusoidal embedding period, as in Vaswani et al. 2017 and DDPM.

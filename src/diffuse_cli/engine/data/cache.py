@@ -24,6 +24,9 @@ renamed over the old one), so a reader sees the old file or the new one, never a
 half-written one. A lock file (``flock``) serialises builders and checkers, across
 processes and, on file systems whose locks work across machines, across nodes.
 
+Who builds the cache and how torchrun's ranks share it is :mod:`.sharing`'s; whether batches are read
+from the mapping or from a copy on the accelerator is :mod:`.placement`'s.
+
 Under torchrun, each node's local rank 0 checks or builds the cache while holding the
 lock, then leaves a note ``<cache>.ready`` naming this launch (run id, master address,
 restart count); the node's other ranks wait until the note names their launch, then
@@ -39,32 +42,22 @@ accelerator (when it fits) or to read each batch from the mapping.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
 import os
 import re
 import struct
-import time
 import warnings
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import data as D
-from .config import format_size, normalize_size
-from .errors import DataError, OutputError
-from .fileio import TMP_PREFIX, atomic_path, atomic_write_text, describe_os_error, ensure_dir
-
-try:  # POSIX; elsewhere the atomic rename alone keeps readers safe, and builders may race
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from ..config import format_size, normalize_size
+from ..fileio import atomic_path
+from . import folders as D
 
 MAGIC = b"DIFFUSEU8"
 FORMAT_VERSION = 2  # 2: class labels from sub-folders in the header
@@ -76,10 +69,6 @@ SUFFIX = ".u8"
 _CHUNK = 16 << 20  # bytes per block while building (moving rows, checksumming the mapping)
 _READ = 1 << 20  # bytes per read while checking: a small buffer leaves no large allocation behind
 EXAMPLE_NAME_MAX = 200  # characters of an example file name kept in the header
-# The uint8 dataset goes onto the accelerator when it takes at most this share of the free
-# memory there: the model, optimizer state and activations need the rest.
-DEVICE_FRACTION = 0.5
-WAIT_POLL_S = 0.05
 
 
 class CacheInvalid(Exception):
@@ -333,293 +322,3 @@ def build_cache(
         with open(tmp, "r+b") as f:
             f.truncate(DATA_OFFSET + length)
             write_header(f, head)
-
-
-# --------------------------------------------------------------------------- coordination
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``<path>.lock`` (blocking)."""
-    lock = path.with_name(path.name + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise OutputError(describe_os_error(err, lock)) from err
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as err:  # a file system without locks (some network mounts): renames still keep
-                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # readers safe
-                    raise OutputError(describe_os_error(err, lock)) from err
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def launch_id() -> str | None:
-    """This torchrun launch (same on every rank of every node), or None outside torchrun."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    keys = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT")
-    return "/".join(os.environ.get(k, "") for k in keys)
-
-
-def process_start_time() -> float | None:
-    """When this process started (seconds since the epoch, rounded down to the second), or None if unknown.
-
-    From /proc: the start time in clock ticks since boot, plus the boot time.
-    """
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        btime = next(
-            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
-        )
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def _note_path(path: Path) -> Path:
-    return path.with_name(path.name + ".ready")
-
-
-def _read_note(path: Path) -> dict:
-    with contextlib.suppress(OSError, ValueError):
-        note = json.loads(_note_path(path).read_text(encoding="utf-8"))
-        if isinstance(note, dict):
-            return note
-    return {}
-
-
-def _check_or_build(
-    path, root, image_size, channels, progress, max_pixels, workers, listing=None
-) -> tuple[D.ImageDataset, str]:
-    """Under the lock: map a valid cache (its data checked) or decode a new one. Returns (dataset, fingerprint).
-    ``listing``: :func:`data.list_files` of ``root`` when the caller has just walked it."""
-    files, ignored, unreadable = listing or D.list_files(root)
-    fp = fingerprint(root, files, image_size, channels, max_pixels, ignored, unreadable)
-    src = D.display_path(root)
-    try:
-        return open_cache(path, fp, verify_data=True, source=src), fp
-    except CacheInvalid as why:
-        reason = "" if str(why) == "missing" else str(why)
-    # Builders hold the lock, so a temporary of this file that exists now was left by a killed one.
-    for old in path.parent.glob(f"{TMP_PREFIX}*-{path.name}"):
-        with contextlib.suppress(OSError):
-            old.unlink()
-    build_cache(path, root, files, image_size, channels, fp, progress, ignored=ignored,
-                unreadable_folders=unreadable, max_pixels=max_pixels, workers=workers)  # fmt: skip
-    try:
-        ds = open_cache(path, fp, source=src)
-    except CacheInvalid as err:  # just written under the lock: only a failing disk gets here
-        raise DataError(f"the data cache {path} could not be read back ({err}); try --no-cache") from err
-    status = "rebuilt" if reason else "built"
-    return dataclasses.replace(ds, cache=D.CacheInfo(path, status, reason)), fp
-
-
-def cached_folder(
-    root: str | os.PathLike,
-    image_size: int = D.DEFAULT_IMAGE_SIZE,
-    channels: int | None = None,
-    progress: D.Progress | None = None,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    max_pixels: int = D.MAX_IMAGE_PIXELS,
-    workers: int | None = None,
-    listing: tuple | None = None,
-) -> D.ImageDataset:
-    """The folder (or image file) ``root`` decoded as by :func:`data.load_folder`, via a cache file.
-
-    The local leader (every process outside torchrun, local rank 0 under it) checks the
-    cache and decodes it again when it is missing, stale or damaged; the other ranks
-    wait for it and map the same file (see the module docstring).
-    """
-    image_size = D._check_size_channels(image_size, channels)
-    root = Path(root)
-    if not root.exists():  # the usual mistake: say it before touching the cache directory
-        D.list_files(root)
-    folder = ensure_dir(default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser())
-    path = cache_path(folder, root, image_size, channels)
-    launch = launch_id()
-    leader = launch is None or int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if leader:
-        with _locked(path):
-            try:
-                ds, fp = _check_or_build(path, root, image_size, channels, progress, max_pixels, workers, listing)
-            except Exception as err:
-                if launch is not None:  # let the waiting ranks stop with the same message
-                    msg = (
-                        str(err) if isinstance(err, DataError | OutputError) else "local rank 0 failed to read the data"
-                    )
-                    with contextlib.suppress(OutputError):
-                        note = {"launch": launch, "time": time.time(), "error": msg}
-                        atomic_write_text(_note_path(path), json.dumps(note))
-                raise
-            if launch is not None:
-                atomic_write_text(
-                    _note_path(path), json.dumps({"launch": launch, "time": time.time(), "fingerprint": fp})
-                )
-        return ds
-    # Not the leader: wait for its note for this launch (torchrun stops us if it dies). A note left by an
-    # earlier launch with the same id (a fixed --rdzv-id and port) is older than this process: not ours.
-    started = process_start_time()
-    while True:
-        with _locked(path):
-            note = _read_note(path)
-            written = note.get("time")
-            fresh = started is None or (isinstance(written, int | float) and written >= started)
-            if note.get("launch") == launch and fresh:
-                if "error" in note:
-                    raise DataError(str(note["error"]))
-                try:
-                    return open_cache(path, note.get("fingerprint"), source=D.display_path(root))
-                except CacheInvalid as why:
-                    raise DataError(f"the data cache {path} changed while this run started ({why}); "
-                                    "start it again") from why  # fmt: skip
-        time.sleep(WAIT_POLL_S)
-
-
-def load_dataset(
-    spec: str | os.PathLike,
-    image_size: int | None = None,
-    channels: int | None = None,
-    progress: D.Progress | None = None,
-    *,
-    cache: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    **folder_options,
-) -> D.ImageDataset:
-    """:func:`data.load_dataset`, with folders going through the cache unless ``cache`` is False.
-
-    Built-in datasets are small and ship with the package: they are never cached.
-    """
-    text = os.fspath(spec)
-    if not cache or (isinstance(text, str) and text.startswith(D.BUILTIN_PREFIX)):
-        return D.load_dataset(spec, image_size, channels, progress, **folder_options)
-    root = Path(os.fsdecode(text)).expanduser()
-    if not root.exists():  # the usual mistake: say it before reading any header
-        D.list_files(root)
-    size, note, listing = D.resolve_image_size(root, image_size)
-    ds = cached_folder(root, size, channels, progress, cache_dir=cache_dir, listing=listing, **folder_options)
-    return D.with_size_note(ds, note)
-
-
-def describe(ds: D.ImageDataset) -> str:
-    """How the images were obtained, for the data line: "read from the cache ..." or "decoded into memory"."""
-    c = ds.cache
-    if c is None:
-        return "decoded into memory"
-    if c.status == "hit":
-        return f"memory-mapped from the cache {c.path}"
-    again = f" (decoded again: {c.reason})" if c.reason else ""
-    return f"decoded into the cache {c.path}{again}"
-
-
-# --------------------------------------------------------------------------- on the training device
-
-
-def fits_on_device(nbytes: int, free_bytes: int, fraction: float = DEVICE_FRACTION) -> bool:
-    """Whether a uint8 dataset of ``nbytes`` should be copied to a device with ``free_bytes`` free."""
-    return nbytes <= fraction * free_bytes
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-class DeviceImages:
-    """A dataset's uint8 images as training reads them: ``images[idx]`` -> (B, C, H, W) uint8 on the device.
-
-    Either a copy on the device (``on_device``), or the CPU tensor (in memory or memory-mapped)
-    from which each batch's rows are gathered and, on CUDA, sent through a pinned buffer.
-    ``where`` says which, for the data line.
-    """
-
-    def __init__(self, images: torch.Tensor, device: torch.device, on_device: bool, where: str) -> None:
-        self.images = images
-        self.device = device
-        self.on_device = on_device
-        self.where = where
-        self._staging: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.images.shape
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.on_device or self.device.type == "cpu":
-            return self.images[idx.to(self.images.device)]
-        # Streaming: the indices come from the device generator, so reading them is a host sync.
-        # That sync also means the previous batch's copy out of the staging buffer has finished,
-        # so one pinned buffer can be reused.
-        idx_cpu = idx.cpu()
-        b = idx_cpu.shape[0]
-        if self.device.type != "cuda":
-            return self.images[idx_cpu].to(self.device)
-        if self._staging is None or self._staging.shape[0] < b:
-            self._staging = torch.empty((b, *self.images.shape[1:]), dtype=torch.uint8).pin_memory()
-        out = self._staging[:b]
-        torch.index_select(self.images, 0, idx_cpu, out=out)
-        return out.to(self.device, non_blocking=True)
-
-
-def _copy_to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy in chunks: a mapped file is read once, and no second full-size host buffer is made."""
-    out = torch.empty(images.shape, dtype=images.dtype, device=device)
-    row = max(1, images[0].numel())
-    step = max(1, (256 << 20) // row)
-    for start in range(0, images.shape[0], step):
-        out[start : start + step].copy_(images[start : start + step])
-    return out
-
-
-def place_images(ds: D.ImageDataset, device: torch.device, free_bytes: int | None = None) -> DeviceImages:
-    """Put ``ds.images`` where training reads them from (see :class:`DeviceImages`).
-
-    CPU: the tensor as it is (a memory-mapped one is read per batch). CUDA: a copy on the
-    device when the uint8 data take at most :data:`DEVICE_FRACTION` of its free memory,
-    else read per batch from the host. Other accelerators (MPS): a copy on the device.
-    ``free_bytes`` overrides the measured free memory (tests).
-    """
-    device = torch.device(device)
-    images = ds.images
-    nbytes = images.numel()
-    host = "the memory-mapped cache" if ds.cache is not None else "memory"
-    if device.type == "cpu":
-        return DeviceImages(images, device, False, f"{_gb(nbytes)} of uint8 images, batches read from {host}")
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
-        if not fits_on_device(nbytes, free):
-            return DeviceImages(images, device, False, f"{_gb(nbytes)} of uint8 images, more than {DEVICE_FRACTION:.0%} "
-                                f"of the {_gb(free)} free on {device}: batches read from {host}")  # fmt: skip
-        return DeviceImages(_copy_to_device(images, device), device, True,
-                            f"{_gb(nbytes)} of uint8 images, copied to {device} ({_gb(free)} were free)")  # fmt: skip
-    return DeviceImages(images.to(device), device, True, f"{_gb(nbytes)} of uint8 images, copied to {device}")
-
-
-__all__ = [
-    "DATA_OFFSET",
-    "DEVICE_FRACTION",
-    "FORMAT_VERSION",
-    "CacheInvalid",
-    "DeviceImages",
-    "build_cache",
-    "cache_path",
-    "cached_folder",
-    "default_cache_dir",
-    "describe",
-    "fingerprint",
-    "fits_on_device",
-    "launch_id",
-    "process_start_time",
-    "load_dataset",
-    "open_cache",
-    "place_images",
-    "read_header",
-    "write_header",
-]

@@ -1,7 +1,7 @@
 """Image folders and built-in datasets -> uint8 tensors.
 
 A dataset is decoded once into one contiguous uint8 tensor (N, C, H, W) on the
-CPU: in memory (:func:`load_folder`), or, through :mod:`.datacache`, into a cache
+CPU: in memory (:func:`load_folder`), or, through :mod:`.cache`, into a cache
 file that later runs and every torchrun process memory-map. Training gathers
 batches from it on its device, maps them to [-1, 1] with :func:`to_model_range`
 and augments them there (see ``step.py``).
@@ -47,24 +47,21 @@ one-image dataset (handy to check that a model can memorise one picture).
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import format_size, parse_size
-from .errors import ConfigError, DataError
+from ..config import format_size, parse_size
+from ..errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_IMAGE_SIZE = 32  # for folders whose images' sizes cannot be read; built-in datasets use their native size
@@ -133,12 +130,6 @@ class DataSummary:
     ignored: int = 0  # files without an image extension (hidden files are not counted)
     unreadable_folders: int = 0
     size_note: str = ""  # how the image size was chosen, when it was not given
-
-    def headline(self) -> str:
-        """E.g. ``used 120 of 125 images from ./data as 32x32 RGB``."""
-        kind = "grayscale" if self.channels == 1 else "RGB"
-        note = f" ({self.size_note})" if self.size_note else ""
-        return f"used {self.used} of {_plural(self.found, 'image')} from {self.source} as {format_hw(self.image_size)} {kind}{note}"
 
     def lines(self) -> list[str]:
         """One human line per kind of skipped or ignored file, in a fixed order."""
@@ -277,20 +268,6 @@ def _walk(root: Path) -> tuple[list[str], int, int]:
         stack.extend(reversed(subfolders))
     found.sort(key=lambda f: f[0])
     return [path for _, path in found], ignored, unreadable
-
-
-def scan_folder(root: str | os.PathLike) -> list[Path]:
-    """Image files under the folder ``root``, recursively, in a fixed order.
-
-    The order is by path relative to ``root``, compared folder by folder as raw
-    bytes, so it does not depend on the file system or the locale. Hidden files
-    and folders are skipped; symlinked folders are followed once (loops are
-    safe); unreadable sub-folders are skipped.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"not a folder: {display_path(root)}")
-    return [Path(p) for p in _walk(root)[0]]
 
 
 # --------------------------------------------------------------------------- decoding one image
@@ -533,7 +510,9 @@ def folder_classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torc
 def list_files(root: str | os.PathLike) -> tuple[list[str], int, int]:
     """(image files, other files ignored, unreadable sub-folders) of a folder or a single image file.
 
-    The files are paths as strings, in the order of :func:`scan_folder`.
+    The files are paths as strings, in a fixed order: by path relative to ``root``, compared folder by
+    folder as raw bytes, so it does not depend on the file system or the locale. Hidden files and folders
+    are skipped; symlinked folders are followed once (loops are safe); unreadable sub-folders are skipped.
 
     Raises DataError when ``root`` is missing, is not an image file, or holds no images.
     """
@@ -736,7 +715,7 @@ def load_folder(
     ``channels`` None: 1 if every used image is colourless, else 3. ``progress``,
     if given, is called as ``progress(done, total)`` from this thread, first with
     done = 0. Decoding runs on ``workers`` threads (default: cores + 2); the order
-    of the images is that of :func:`scan_folder` whatever the number of threads.
+    of the images is that of :func:`list_files` whatever the number of threads.
     (:mod:`.datacache` decodes the same way into a file that later runs memory-map.)
     ``image_size`` None: the images' own size (:func:`infer_image_size`).
     """
@@ -753,125 +732,3 @@ def load_folder(
         images = images[:, : summary.channels]  # all colourless: the three planes are equal
     classes, labels, notes = folder_classes(root, [Path(files[i]) for i in used_idx])
     return with_size_note(ImageDataset(images.contiguous(), summary, labels, classes, notes), note)
-
-
-# --------------------------------------------------------------------------- built-in datasets
-
-_DIGITS_FILE = "digits.bin.gz"
-_DIGITS_HEADER = struct.Struct("<4sIBBB")  # magic, count, height, width, max value; see scripts/make_digits.py
-
-
-def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1,797 8x8 UCI handwritten digits: (images uint8 (1797, 1, 8, 8), labels int64 (1797,)).
-
-    White strokes on black, as in MNIST: the original ink counts 0..16 map to
-    round(v * 255 / 16) (halves up), so 0 -> 0 and 16 -> 255.
-    """
-    try:
-        raw = gzip.decompress(resources.files("diffuse_cli.data").joinpath(_DIGITS_FILE).read_bytes())
-        magic, n, h, w, vmax = _DIGITS_HEADER.unpack_from(raw)
-        if magic != b"DGT1" or len(raw) != _DIGITS_HEADER.size + n + n * h * w:
-            raise ValueError("unexpected layout")
-    except (OSError, ValueError, EOFError, struct.error, zlib.error) as err:
-        raise DataError(f"the built-in digits data is missing or damaged ({err}); reinstall diffuse-cli") from err
-    buf = bytearray(raw)  # writable, so torch.frombuffer does not warn
-    off = _DIGITS_HEADER.size
-    labels = torch.frombuffer(buf, dtype=torch.uint8, count=n, offset=off).to(torch.int64)
-    ink = torch.frombuffer(buf, dtype=torch.uint8, count=n * h * w, offset=off + n).to(torch.int32)
-    images = ((ink * 255 + vmax // 2) // vmax).to(torch.uint8).reshape(n, 1, h, w)
-    return images, labels
-
-
-@dataclass(frozen=True)
-class BuiltinDataset:
-    name: str
-    description: str
-    native_size: int
-    channels: int
-    load: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (uint8 (N, C, S, S), int64 labels (N,))
-    classes: tuple[str, ...] = ()  # the name of each label
-
-
-BUILTIN: Mapping[str, BuiltinDataset] = {
-    "digits": BuiltinDataset(
-        name="digits",
-        description="1,797 8x8 handwritten digits, white on black (UCI, Alpaydin & Kaynak 1998, CC BY 4.0)",
-        native_size=8,
-        channels=1,
-        load=load_digits,
-        classes=tuple("0123456789"),
-    ),
-}
-BUILTIN_PREFIX = "builtin:"
-
-
-def _resize_u8(images: torch.Tensor, size) -> torch.Tensor:
-    """Bicubic resize of a uint8 batch to ``size`` (a side or (H, W); antialiased when shrinking), rounded."""
-    x = F.interpolate(images.float(), size=hw(size), mode="bicubic", align_corners=False, antialias=True)
-    return x.clamp_(0, 255).round_().to(torch.uint8)
-
-
-def load_builtin(name: str, image_size: int | None = None, channels: int | None = None) -> ImageDataset:
-    """A built-in dataset by name (see :data:`BUILTIN`), at its native size unless ``image_size`` is given."""
-    info = BUILTIN.get(name)
-    if info is None:
-        available = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN)
-        raise DataError(f"unknown built-in dataset {BUILTIN_PREFIX}{name} (available: {available})")
-    size = _check_size_channels(info.native_size if image_size is None else image_size, channels)
-    images, labels = info.load()
-    if size != info.native_size:
-        images = _resize_u8(images, size)
-    channels = channels or info.channels
-    if images.shape[1] == 1 and channels == 3:
-        images = images.expand(-1, 3, -1, -1)
-    elif images.shape[1] == 3 and channels == 1:
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601-2 luma, as Pillow's "L"
-        images = (images.float() * weights).sum(1, keepdim=True).round_().to(torch.uint8)
-    n = images.shape[0]
-    summary = DataSummary(source=BUILTIN_PREFIX + name, found=n, used=n, channels=channels, image_size=size)
-    return ImageDataset(images.contiguous(), summary, labels, info.classes)
-
-
-def load_dataset(
-    spec: str | os.PathLike,
-    image_size: int | None = None,
-    channels: int | None = None,
-    progress: Progress | None = None,
-    **folder_options,
-) -> ImageDataset:
-    """``builtin:NAME`` (native size by default) or a folder / image file (the images' own size by default).
-
-    ``folder_options`` (``max_pixels``, ``workers``) go to :func:`load_folder`.
-    """
-    text = os.fspath(spec)
-    if isinstance(text, str) and text.startswith(BUILTIN_PREFIX):
-        return load_builtin(text[len(BUILTIN_PREFIX) :], image_size, channels)
-    return load_folder(Path(os.fsdecode(text)).expanduser(), image_size, channels, progress, **folder_options)
-
-
-__all__ = [
-    "BUILTIN",
-    "BUILTIN_PREFIX",
-    "DEFAULT_IMAGE_SIZE",
-    "IMAGE_EXTENSIONS",
-    "MAX_IMAGE_PIXELS",
-    "SKIP_REASONS",
-    "BuiltinDataset",
-    "CacheInfo",
-    "DataSummary",
-    "ImageDataset",
-    "ImageSkipped",
-    "decode_image",
-    "decode_into",
-    "display_path",
-    "folder_classes",
-    "from_model_range",
-    "list_files",
-    "load_builtin",
-    "load_dataset",
-    "load_digits",
-    "load_folder",
-    "scan_folder",
-    "summarize",
-    "to_model_range",
-]
