@@ -119,10 +119,21 @@ PHASES = [
 
 
 def breakdown(src: Path, folder: Path, work: Path, threads: int) -> list[tuple[str, float]]:
-    """CPU seconds per phase of one warm run in this process (cProfile, process_time clock): this checkout's code."""
-    cache = work / "cache-profile"
+    """CPU seconds per phase of one warm run of ``src``'s code, profiled in a child process."""
+    cache = work / f"cache-profile-{abs(hash(str(src)))}"
     timed(src, folder, cache, work / "run-profile", threads)  # make the cache warm
-    argv = ["diffuse", "train", str(folder), "--steps", "1", "--out", str(work / "run-profile"),
+    out = work / "breakdown.json"
+    cmd = [sys.executable, "-m", "benchmarks.train_startup", "--profile-child", str(out), "--folder", str(folder),
+           "--cache-dir", str(cache), "--out", str(work / "run-profile"), "--threads", str(threads)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
+    env.pop("OMP_NUM_THREADS", None)
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT)
+    return [tuple(x) for x in json.loads(out.read_text())]
+
+
+def profile_child(result: Path, folder: Path, cache: Path, run_dir: Path, threads: int) -> None:
+    """In this process: one warm run under cProfile with a CPU clock; the phases go to ``result`` as JSON."""
+    argv = ["diffuse", "train", str(folder), "--steps", "1", "--out", str(run_dir),
             "--cache-dir", str(cache), "--overwrite", "--threads", str(threads), "--device", "cpu"]  # fmt: skip
     old, sys.argv = sys.argv, argv
     prof = cProfile.Profile(time.process_time)
@@ -146,19 +157,21 @@ def breakdown(src: Path, folder: Path, work: Path, threads: int) -> list[tuple[s
     top = sum(c for label, c in out if not label.startswith("  "))
     out.append(("the rest: python, the CLI, typer and rich, logging", total - top))
     out.append(("total", total))
-    return out
+    result.write_text(json.dumps(out))
 
 
-def markdown(res: dict, parts: list, meta: dict) -> str:
+def markdown(res: dict, parts: dict[str, list], meta: dict) -> str:
     lines = ["| code | first run (cold cache): wall / CPU | cache warm: wall / CPU | cold / warm (wall) |",
              "|---|---|---|---|"]  # fmt: skip
     for name, r in res.items():
         cw, cc = statistics.median(w for w, _ in r["cold"]), statistics.median(c for _, c in r["cold"])
         ww, wc = statistics.median(w for w, _ in r["warm"]), statistics.median(c for _, c in r["warm"])
         lines.append(f"| {name} | {cw:.1f} s / {cc:.1f} s | {ww:.1f} s / {wc:.1f} s | {cw / ww:.1f}x |")
-    lines += ["", "Breakdown of one warm run (CPU seconds in this process, cProfile with a CPU clock):", "",
-              "| phase | CPU s |", "|---|---|"]  # fmt: skip
-    lines += [f"| {label} | {c:.2f} |" for label, c in parts]
+    names = list(parts)
+    lines += ["", "Breakdown of one warm run (CPU seconds, cProfile with a CPU clock, so other work does not count):",
+              "", "| phase | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]  # fmt: skip
+    for i, (label, _) in enumerate(parts[names[-1]]):
+        lines.append(f"| {label} | " + " | ".join(f"{parts[n][i][1]:.2f}" for n in names) + " |")
     return (
         "\n".join(lines) + "\n\n" + f"Machine: {meta['machine']}. Date: {meta['date']}. Command: `{meta['command']}`.\n"
     )
@@ -174,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--page-cache", action="store_true", help="first runs find the PNGs in the page cache (no evict)")
     p.add_argument("--markdown", type=Path, help="append or replace this benchmark's section in this file")
     p.add_argument("--json", type=Path)
+    p.add_argument("--profile-child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.profile_child:
+        profile_child(args.profile_child, args.folder, args.cache_dir, args.out, args.threads)
+        return 0
     make_folder(args.folder, args.images)
     work = Path(tempfile.mkdtemp(prefix="diffuse-startup-"))
     try:
@@ -182,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.before:
             versions = {"before (main)": args.before, **versions}
         res = rounds(versions, args.folder, work, args.rounds, args.threads, not args.page_cache)
-        parts = breakdown(ROOT / "src", args.folder, work, args.threads)
+        parts = {name: breakdown(src, args.folder, work, args.threads) for name, src in versions.items()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other "
