@@ -11,11 +11,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..engine.config import EVAL_FEATURES, FIXED_VARIANCES, SAMPLER_NAMES
+from ..engine.config import EVAL_FEATURES, REVERSE_VARIANCES, SAMPLER_NAMES
 from .app import DeviceOpt, SeedOpt, ThreadsOpt, choices, console, err_console, run
 
 FeatureKind = choices("FeatureKind", EVAL_FEATURES)
-Variance = choices("Variance", FIXED_VARIANCES)
+Variance = choices("Variance", REVERSE_VARIANCES)
 EvalFormat = choices("EvalFormat", ("table", "json"))
 SamplerName = choices("SamplerName", SAMPLER_NAMES)
 
@@ -35,9 +35,13 @@ FeaturesOpt = Annotated[
     ),
 ]
 VarianceOpt = Annotated[
-    Variance,
+    Variance | None,
     typer.Option(
-        "--variance", help="Reverse-step variance in the bound: beta (sigma_t^2 = beta_t) or posterior (beta~_t)."
+        "--variance",
+        help="Reverse-step variance in the bound: beta (sigma_t^2 = beta_t), posterior (beta~_t) or learned (a model "
+        "trained with --variance learned: Nichol & Dhariwal 2021, eq. 15). [default: learned for such a model, "
+        "else beta]",
+        show_default=False,
     ),
 ]
 TermsOpt = Annotated[
@@ -69,7 +73,7 @@ def eval_(
         bool, typer.Option("--fd/--no-fd", help="Frechet distance and precision/recall, generated vs real.")
     ] = True,
     features: FeaturesOpt = FeatureKind("randconv"),
-    variance: VarianceOpt = Variance("beta"),
+    variance: VarianceOpt = None,
     terms: TermsOpt = None,
     sampler: Annotated[SamplerName, typer.Option("--sampler", help="Sampler for the generated images.")] = SamplerName(
         "dpmpp"
@@ -114,7 +118,7 @@ def eval_(
     with bars.progress:
         report, log_path = run(
             evaluate.run, checkpoint, data, num_images=num_images, nll=nll, fd=fd, features=features.value,
-            variance=variance.value, terms=terms, sampler=sampler.value, steps=steps, batch_size=batch_size, seed=seed,
+            variance=variance.value if variance else None, terms=terms, sampler=sampler.value, steps=steps, batch_size=batch_size, seed=seed,
             device=device, threads=threads, log=log, callback=bars.on_event,
         )  # fmt: skip
     if as_json:

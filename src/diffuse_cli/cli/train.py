@@ -7,11 +7,22 @@ from typing import Annotated
 
 import typer
 
-from ..engine.config import PRECISIONS, PREDICTIONS, PRESETS, WEIGHTINGS, DiffusionConfig, TrainConfig
+from ..engine.config import (
+    PRECISIONS,
+    PREDICTIONS,
+    PRESETS,
+    TIMESTEP_SAMPLING,
+    VARIANCE_TYPES,
+    WEIGHTINGS,
+    DiffusionConfig,
+    TrainConfig,
+)
 from .app import DeviceOpt, Schedule, ThreadsOpt, ZtsnrOpt, choices, console, d, duration, run
 
 Prediction = choices("Prediction", PREDICTIONS)
 Weighting = choices("Weighting", WEIGHTINGS)
+VarianceType = choices("VarianceType", VARIANCE_TYPES)
+TimestepSampling = choices("TimestepSampling", TIMESTEP_SAMPLING)
 Precision = choices("Precision", PRECISIONS)
 Preset = choices("Preset", ("auto", *PRESETS))
 Classes = choices("Classes", ("auto", "none"))
@@ -61,6 +72,23 @@ WeightingOpt = _opt(
     Weighting | None,
     "--loss-weighting",
     help=f"uniform (DDPM's L_simple) or min-snr (Hang et al. 2023). {d(_T.loss_weighting)}",
+)
+VarianceOpt = _opt(
+    VarianceType | None,
+    "--variance",
+    help="The reverse process's variance. fixed: DDPM's (beta_t, Ho et al. 2020 sec. 3.2). learned: Improved DDPM "
+    "(Nichol & Dhariwal 2021): the U-Net also outputs v, Sigma = exp(v log beta_t + (1 - v) log beta~_t) (their "
+    "eq. 15), trained with L_simple + lambda L_vlb (sec. 3.1); DDPM sampling then uses it, also with few --steps, "
+    f"and `diffuse eval` its bits/dim. {d(_D.variance)}",
+)
+VlbWeightOpt = _opt(
+    float | None, "--vlb-weight", help=f"lambda of the hybrid loss (--variance learned). {d(_T.vlb_weight)}"
+)
+TimestepSamplingOpt = _opt(
+    TimestepSampling | None,
+    "--timestep-sampling",
+    help="How t is drawn: uniform (DDPM), or importance: p_t ~ sqrt(E[L_t^2]) over the last 10 losses at each t "
+    f"(Nichol & Dhariwal 2021 sec. 3.3; --variance learned only). {d(_T.timestep_sampling)}",
 )
 FlipOpt = _opt(
     bool | None,
@@ -125,6 +153,9 @@ def train(
     zero_terminal_snr: ZtsnrOpt = False,
     prediction: PredictionOpt = None,
     loss_weighting: WeightingOpt = None,
+    variance: VarianceOpt = None,
+    vlb_weight: VlbWeightOpt = None,
+    timestep_sampling: TimestepSamplingOpt = None,
     ema_decay: _opt(
         float | None, "--ema-decay", help=f"EMA decay of the weights used for samples. {d(_T.ema_decay)}"
     ) = None,
@@ -164,6 +195,8 @@ def train(
 
         diffuse train builtin:digits --out runs/digits --steps 6000 --resume
 
+        diffuse train builtin:digits --out runs/digits-iddpm --variance learned    (Improved DDPM)
+
         torchrun --nproc_per_node 4 -m diffuse_cli train data/ --out runs/big --batch-size 256
     """
     run(_train, data, out, _options(locals()))
@@ -177,10 +210,10 @@ def _options(given: dict) -> dict:
         pick("image_size", "channels", "preset", "classes", "device", "resume", "overwrite", "cache_dir"),
         cache=not g["no_cache"],
         train=pick("steps", "batch_size", "lr", "warmup", "ema_decay", "cond_drop", "save_every", "sample_every", "keep",
-                   "seed", "loss_weighting", "precision", "compile", "threads", "micro_batch", hflip="flip",
-                   time_limit="time"),
+                   "seed", "loss_weighting", "vlb_weight", "timestep_sampling", "precision", "compile", "threads", "micro_batch",
+                   hflip="flip", time_limit="time"),
         model=pick("base_channels", "channel_mults", "num_res_blocks", "dropout", attention_resolutions="attention_res"),
-        diffusion=pick("beta_start", "beta_end", "zero_terminal_snr", "prediction", "timesteps", schedule="kind"),
+        diffusion=pick("beta_start", "beta_end", "zero_terminal_snr", "prediction", "timesteps", "variance", schedule="kind"),
     )  # fmt: skip
 
 

@@ -33,8 +33,18 @@ PREDICTIONS = ("eps", "x0", "v")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp")  # samplers.SAMPLERS holds the functions
 PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHTINGS = ("uniform", "min-snr")
+#: The reverse process's variance (``diffuse train --variance``): "fixed" is DDPM's (beta_t or beta~_t, chosen
+#: when sampling); "learned" is Nichol & Dhariwal 2021 ("Improved DDPM", eq. 15): the network also outputs v
+#: and Sigma = exp(v log beta_t + (1 - v) log beta~_t), trained with L_hybrid (their sec. 3.1).
+VARIANCE_TYPES = ("fixed", "learned")
+#: lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1).
+DEFAULT_VLB_WEIGHT = 0.001
+#: How training draws t: uniformly (DDPM), or by importance sampling for L_vlb (Nichol & Dhariwal 2021, sec. 3.3).
+TIMESTEP_SAMPLING = ("uniform", "importance")
 # The reverse step's fixed variance sigma_t^2: beta_t or the posterior's beta~_t (Ho et al. 2020, sec. 3.2).
 FIXED_VARIANCES = ("beta", "posterior")
+#: ... and "learned": a learned-variance model's own (Nichol & Dhariwal 2021, eq. 15), its default.
+REVERSE_VARIANCES = (*FIXED_VARIANCES, "learned")
 EVAL_FEATURES = ("randconv", "inception")  # diffuse eval --features
 #: Classifier-free guidance scale w of ``diffuse sample --class`` (1 = the plain conditional model).
 #: Measured on the digits make demo trains (benchmarks/conditional.py, benchmarks/RESULTS.md): the
@@ -65,8 +75,11 @@ class DiffusionConfig:
     beta_end: float = DEFAULT_BETA_END
     zero_terminal_snr: bool = False  # Lin et al. 2024; pair it with v-prediction
     prediction: str = "eps"  # DDPM's objective: predict the noise
+    variance: str = "fixed"  # DDPM's fixed reverse variance; "learned": Improved DDPM's learned range (eq. 15)
 
     def __post_init__(self) -> None:
+        if self.variance not in VARIANCE_TYPES:
+            raise ConfigError(f"unknown variance {self.variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         if self.schedule not in SCHEDULE_NAMES:
@@ -101,6 +114,7 @@ class UNetConfig:
     scale_shift: bool = False  # time conditioning as norm(h) (1 + s) + b (AdaGN, Dhariwal & Nichol 2021, sec. 3)
     head_channels: int = 0  # channels per attention head (UNet2DModel's attention_head_dim); 0: num_heads heads
     null_class: bool = True  # a conditional model has the null row K; False: K rows only (no guidance possible)
+    learned_variance: bool = False  # 2C outputs: the prediction, then v of Improved DDPM's learned variance (eq. 15)
 
     def __post_init__(self) -> None:
         # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
@@ -118,6 +132,8 @@ class UNetConfig:
         for name in ("scale_shift", "null_class"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.learned_variance, bool):
+            raise ConfigError(f"learned_variance must be true or false, got {self.learned_variance!r}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels!r}")
         if not self.channel_mults:
@@ -156,8 +172,8 @@ class UNetConfig:
 
     @property
     def out_channels(self) -> int:
-        """Channels the network predicts: the image's (eps, x0 or v)."""
-        return self.in_channels
+        """Channels the network outputs: the image's (eps, x0 or v), twice as many with a learned variance."""
+        return self.in_channels * (2 if self.learned_variance else 1)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -310,6 +326,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # DDPM clipped the gradient norm at 1
     ema_decay: float = 0.999  # short runs need a shorter EMA than DDPM's 0.9999
     loss_weighting: str = "uniform"  # DDPM's plain MSE (L_simple, eq. 14); "min-snr" = Hang et al. 2023
+    vlb_weight: float = DEFAULT_VLB_WEIGHT  # lambda of L_hybrid; used only by a model with a learned variance
+    timestep_sampling: str = "uniform"  # "importance": Improved DDPM sec. 3.3 (learned variance only)
     hflip: bool = False  # random horizontal flips: off unless asked (a mirrored 2, R or face with text is not one)
     cond_drop: float = 0.1  # P(label -> null class) for class-conditional models (Ho & Salimans 2022 used 0.1-0.2)
     save_every: int = 1000
@@ -336,6 +354,14 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
             (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {', '.join(WEIGHTINGS)}"),
             (
+                isinstance(self.vlb_weight, (int, float)) and math.isfinite(self.vlb_weight) and self.vlb_weight >= 0,
+                f"--vlb-weight must be a number >= 0 (got {self.vlb_weight})",
+            ),
+            (
+                self.timestep_sampling in TIMESTEP_SAMPLING,
+                f"--timestep-sampling must be one of {', '.join(TIMESTEP_SAMPLING)} (got {self.timestep_sampling})",
+            ),
+            (
                 isinstance(self.cond_drop, (int, float)) and 0.0 <= self.cond_drop < 1.0,
                 f"--cond-drop must be in [0, 1) (got {self.cond_drop})",
             ),
@@ -349,6 +375,10 @@ class TrainConfig:
             (
                 self.micro_batch is None or self.micro_batch >= 1,
                 f"--micro-batch must be at least 1 (got {self.micro_batch})",
+            ),
+            (
+                self.micro_batch is None or self.timestep_sampling == "uniform",
+                "--micro-batch works with uniform timesteps only (importance sampling weighs the whole batch at once)",
             ),
         ]
         for ok, msg in checks:

@@ -13,6 +13,7 @@ makes resume bit-exact on CPU. The engine never prints: progress goes to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -63,6 +64,8 @@ def _follow_load(ts: TrainStep, step: int, emit: Callback) -> None:
 def _save(ts: TrainStep, out: Path, step: int, meta: dict, keep: int, emit: Callback) -> None:
     """Write the training state and the EMA model (rank 0 only; see ``Dist.main_only``)."""
     tensors, extra = rundir.state_tensors(ts.model, ts.ema.model, ts.opt, ts.gen, ts.device)
+    if ts.importance is not None:
+        tensors.update(ts.importance.state_tensors())
     sp = ckpt.save(ckpt.state_path(out, step), tensors, kind="state", step=step, extra=extra, **meta)
     model_path = rundir.RunPaths(out).model
     ckpt.save(model_path, ts.ema.model.state_dict(), kind="model", step=step, **meta)
@@ -147,6 +150,8 @@ def _set_up(
     if state is not None:
         model_config = UNetConfig.from_dict(state.model)
         diffusion_config = DiffusionConfig.from_dict(state.diffusion)
+    # the U-Net's output follows the diffusion: 2C channels for a learned variance (Improved DDPM)
+    model_config = dataclasses.replace(model_config, learned_variance=diffusion_config.variance == "learned")
     n, c, h, w = data.images.shape
     if (model_config.in_channels, model_config.hw) != (c, (h, w)):
         m = model_config
@@ -164,6 +169,8 @@ def _set_up(
     start = 0
     if state is not None:
         rundir.restore_state(state, ts.model, ts.ema.model, ts.opt, ts.gen, dev, dist.rank)
+        if ts.importance is not None:
+            ts.importance.load_state_tensors(state.tensors)
         start = state.step
         dist.main_only(functools.partial(rundir.truncate_log, paths.log, start), dev)
         del state  # the tensors now live in the model; free the copy
