@@ -59,6 +59,8 @@ def test_micro_batches_with_classes():
 def test_micro_batch_is_a_machine_setting():
     with pytest.raises(ConfigError, match="--micro-batch"):
         TrainConfig(micro_batch=0)
+    with pytest.raises(ConfigError, match="uniform timesteps"):  # importance weights need the whole batch at once
+        TrainConfig(micro_batch=2, timestep_sampling="importance")
     stored = TrainConfig(micro_batch=4, threads=1, steps=10)
     assert stored.resumed(steps=20) == TrainConfig(steps=20)  # neither survives --resume
     assert stored.resumed(threads=2, micro_batch=8).micro_batch == 8
