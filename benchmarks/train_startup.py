@@ -34,25 +34,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from ._common import replace_section
+from ._common import replace_section, write_synthetic_pngs
 
 ROOT = Path(__file__).resolve().parent.parent
 
 MARK_START, MARK_END = "<!-- startup:start -->", "<!-- startup:end -->"
 SIZE = 32
-
-
-def _write(args: tuple[str, int, int]) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder, start, stop = args
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
-    for i in range(start, stop):
-        rng = np.random.default_rng(i)
-        c0, cx, cy = rng.uniform(0, 255, (3, 3))
-        img = c0 + cx * x[..., None] * 0.5 + cy * y[..., None] * 0.5 + rng.normal(0, 12, (SIZE, SIZE, 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(Path(folder) / f"{i:06d}.png")
 
 
 def make_folder(folder: Path, n: int) -> None:
@@ -62,7 +49,7 @@ def make_folder(folder: Path, n: int) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     with ProcessPoolExecutor(2) as pool:
-        list(pool.map(_write, [(str(folder), s, min(n, s + 500)) for s in range(0, n, 500)]))
+        list(pool.map(write_synthetic_pngs, [(str(folder), s, min(n, s + 500), SIZE, False) for s in range(0, n, 500)]))
     done.write_text("ok\n")
 
 
