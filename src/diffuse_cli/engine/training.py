@@ -28,6 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import device as devices
 from . import rundir
+from .budget import MIN_STEPS_TO_MEASURE, training_precision
 from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
 from .data.placement import place_images
 from .distributed import StopFlag, init_distributed
@@ -185,7 +186,11 @@ def _set_up(
 
     # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
     labels, class_meta = _class_labels(data, model_config, state)
-    amp = devices.autocast_dtype(config.precision, dev)
+    first = state.step if state is not None else 0
+    long_run = (config.time_limit is None or config.time_limit >= 60) and config.steps - first >= MIN_STEPS_TO_MEASURE
+    amp, precision_note = training_precision(
+        config.precision, model_config, config.batch_size, dev, long_run=long_run, processes=dist.world_size
+    )
     images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
     ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp, labels)
     start = 0
@@ -225,6 +230,7 @@ def _set_up(
             "steps": config.steps,
             "device": str(dev),
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "precision_note": precision_note,  # why, when --precision auto measured it (engine/budget.py)
             "world_size": dist.world_size,
             "parameters": count_parameters(ts.model),
             "resumed": resume,
