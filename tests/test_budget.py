@@ -111,3 +111,23 @@ def test_plan_sizes_the_model_for_time_and_keeps_todays_without(monkeypatch):
     assert timed.sizing.startswith("sized for 2 min at ~")
     chosen = plan_training("builtin:digits", None, train={"time_limit": "2m"}, model={"base_channels": 48}, cache=False)
     assert chosen.model.base_channels == 48 and chosen.sizing == ""
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_with(monkeypatch, tmp_path):
+    """The first run measured bf16 as faster (faked); its resume must train in bf16 again without measuring,
+    and say so, even where a new measurement would now say fp32."""
+    from tests.helpers import TINY_TRAIN, invoke
+
+    from diffuse_cli.engine import training
+
+    monkeypatch.setattr(training, "MIN_STEPS_TO_MEASURE", 1)
+    monkeypatch.setattr(budget, "bf16_supported", lambda: True)
+    fake_speeds(monkeypatch, lambda cfg, amp: 200.0 if amp is torch.bfloat16 else 100.0)
+    run = tmp_path / "run"
+    r = invoke("train", "builtin:digits", "--out", run, *TINY_TRAIN, "--steps", "4", "--eval-every", "0")
+    assert r.exit_code == 0, r.output
+    assert "precision bf16 (auto: bf16 autocast measured 2.00x faster" in " ".join(r.output.split())
+    fake_speeds(monkeypatch, lambda cfg, amp: pytest.fail("measured again on resume"))
+    r = invoke("train", "builtin:digits", "--out", run, "--resume", "--steps", "6", "--eval-every", "0")
+    assert r.exit_code == 0, r.output
+    assert "precision bf16 (auto: bf16, as the run was started)" in " ".join(r.output.split())

@@ -42,6 +42,8 @@ LADDER: tuple[tuple[str, dict], ...] = (
 )
 #: The largest candidate that reaches this many training steps (at batch 32) in the budget is chosen.
 MIN_STEPS = 4000
+#: A --time budget shorter than this keeps the preset's model (a minute is too short to learn much with any).
+MIN_SIZED_SECONDS = 60
 #: Share of a --time budget that goes to training steps (the rest: in-training evaluations, previews, saves).
 TRAINING_SHARE = 0.85
 
@@ -126,11 +128,12 @@ def training_precision(precision: str, model_config: UNetConfig, batch: int, dev
 
 
 def wants_sizing(time_limit: float | None, preset: str, device_type: str, model_overrides: dict, resume: bool) -> bool:
-    """Whether :func:`size_for_budget` chooses the model: a new run on a CPU with --time, --preset auto and
-    no model option given (a model option given means the user chose the model)."""
+    """Whether :func:`size_for_budget` chooses the model: a new run on a CPU with --time (a minute or more),
+    --preset auto and no model option given (a model option given means the user chose the model)."""
     single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
     given = any(v is not None for v in model_overrides.values())
-    return time_limit is not None and preset == "auto" and device_type == "cpu" and not given and not resume and single
+    timed = time_limit is not None and time_limit >= MIN_SIZED_SECONDS
+    return timed and preset == "auto" and device_type == "cpu" and not given and not resume and single
 
 
 def size_for_budget(base: UNetConfig, seconds: float, batch: int, precision: str = "auto") -> Sized:

@@ -147,6 +147,19 @@ def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]
     return data.labels, {"classes": names}
 
 
+def _precision(config: TrainConfig, model_config, state, dev: torch.device, processes: int):
+    """The autocast dtype of this run and why (:func:`budget.training_precision`). A resumed ``auto`` run keeps
+    the precision it was started with, so that stopping and resuming trains as one run would."""
+    stored = state.train.get("autocast") if state is not None else None
+    if config.precision == "auto" and dev.type == "cpu" and stored in ("fp32", "bfloat16"):
+        bf16 = stored == "bfloat16"
+        return (torch.bfloat16 if bf16 else None), f"auto: {'bf16' if bf16 else 'fp32'}, as the run was started"
+    long_run = (config.time_limit is None or config.time_limit >= 60) and config.steps >= MIN_STEPS_TO_MEASURE
+    return training_precision(
+        config.precision, model_config, config.batch_size, dev, long_run=long_run, processes=processes
+    )
+
+
 def _set_up(
     data,
     out: Path,
@@ -186,11 +199,7 @@ def _set_up(
 
     # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
     labels, class_meta = _class_labels(data, model_config, state)
-    first = state.step if state is not None else 0
-    long_run = (config.time_limit is None or config.time_limit >= 60) and config.steps - first >= MIN_STEPS_TO_MEASURE
-    amp, precision_note = training_precision(
-        config.precision, model_config, config.batch_size, dev, long_run=long_run, processes=dist.world_size
-    )
+    amp, precision_note = _precision(config, model_config, state, dev, dist.world_size)
     images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
     ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp, labels)
     start = 0
@@ -218,7 +227,7 @@ def _set_up(
     meta = dict(
         model=model_config.to_dict(),
         diffusion=diffusion_config.to_dict(),
-        train=config.to_dict(),
+        train={**config.to_dict(), "autocast": str(amp).replace("torch.", "") if amp else "fp32"},
         dataset={**data.summary.to_dict(), **class_meta},
     )
     if dist.is_main:
