@@ -116,9 +116,8 @@ def test_plan_sizes_the_model_for_time_and_keeps_todays_without(monkeypatch):
 def test_a_resumed_auto_run_keeps_the_precision_it_started_with(monkeypatch, tmp_path):
     """The first run measured bf16 as faster (faked); its resume must train in bf16 again without measuring,
     and say so, even where a new measurement would now say fp32."""
-    from tests.helpers import TINY_TRAIN, invoke
-
     from diffuse_cli.engine import training
+    from helpers import TINY_TRAIN, invoke
 
     monkeypatch.setattr(training, "MIN_STEPS_TO_MEASURE", 1)
     monkeypatch.setattr(budget, "bf16_supported", lambda: True)
