@@ -102,6 +102,48 @@ def sweep(name: str, size: int, at: list[int], *, amp, num: int, seed: int, lr: 
         t0 = time.process_time() - cpu_train  # the scoring's CPU time does not count as training
 
 
+def fd_at(points: list[tuple[int, float]], step: float) -> float | None:
+    """FD at ``step``, interpolated linearly in log(step) between the measured points; None outside them."""
+    import math
+
+    points = sorted(points)
+    for (s0, f0), (s1, f1) in zip(points, points[1:], strict=False):
+        if s0 <= step <= s1:
+            w = (math.log(step) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            return f0 + w * (f1 - f0)
+    return points[-1][1] if points and abs(step - points[-1][0]) < 1 else None
+
+
+def report(speeds: list[dict], rows: list[dict], budgets: list[float], share: float) -> str:
+    """The markdown tables: speed and FD per step for each candidate, then FD per budget (steps = budget x speed)."""
+    speed = {(r["size"], r["model"], r["precision"]): r["img_s"] for r in speeds}
+    curves: dict[tuple, list[tuple[int, float]]] = {}
+    params: dict[str, int] = {}
+    for r in rows:
+        if r.get("seed", 0) == 0:
+            curves.setdefault((r["size"], r["model"], r["precision"]), []).append((r["step"], r["fd"]))
+            params[r["model"]] = r["params"]
+    steps = sorted({s for c in curves.values() for s, _ in c})
+    out = ["| size | model | params | precision | img/s | " + " | ".join(f"FD @{s}" for s in steps) + " |",
+           "|---|---|---:|---|---:|" + "---:|" * len(steps)]  # fmt: skip
+    for key, c in sorted(curves.items()):
+        fd = dict(c)
+        cells = " | ".join(f"{fd[s]:.1f}" if s in fd else "" for s in steps)
+        out.append(
+            f"| {key[0]} | {key[1]} | {params[key[1]] / 1e6:.2f}M | {key[2]} | {speed.get(key, 0):.0f} | {cells} |"
+        )
+    out += ["", "| size | model | precision | " + " | ".join(f"{b:g} min: steps, FD" for b in budgets) + " |",
+            "|---|---|---|" + "---|" * len(budgets)]  # fmt: skip
+    for key, c in sorted(curves.items()):
+        cells = []
+        for b in budgets:
+            n = b * 60 * share * speed.get(key, 0) / 32
+            f = fd_at(c, n)
+            cells.append(f"{n:,.0f}, " + (f"{f:.1f}" if f is not None else "not measured"))
+        out.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=28)
@@ -115,7 +157,17 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", type=Path, help="append one JSON line per result")
+    p.add_argument(
+        "--report", nargs=2, type=Path, metavar=("SPEEDS", "SWEEP"), help="print the tables of two JSONL files"
+    )
+    p.add_argument("--budgets", default="2,5,10", help="minutes, for --report")
     a = p.parse_args(argv)
+    if a.report:
+        from diffuse_cli.engine.budget import TRAINING_SHARE
+
+        speeds, rows = ([json.loads(line) for line in f.read_text().splitlines() if line] for f in a.report)
+        print(report(speeds, rows, [float(b) for b in a.budgets.split(",")], TRAINING_SHARE))
+        return
     if a.threads:
         torch.set_num_threads(a.threads)
 
