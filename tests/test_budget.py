@@ -70,18 +70,21 @@ def _rungs(base: UNetConfig) -> list[UNetConfig]:
     return [dataclasses.replace(base, **overrides) for _, overrides in budget.LADDER]
 
 
-@pytest.mark.parametrize("rung", [0, 1, 2])
-def test_the_largest_model_that_gets_enough_steps_is_chosen(monkeypatch, rung):
-    """Speeds 100, 200, 400 img/s for the rungs: the budget that gives rung k exactly MIN_STEPS picks it."""
-    base = UNetConfig.preset("cpu", 16, 1, "cpu")
-    speeds = dict(zip(_rungs(base), (100.0, 200.0, 400.0), strict=True))
+@pytest.mark.parametrize(("size", "rung"), [(16, 0), (16, 1), (28, 0), ((24, 40), 1)])
+def test_the_largest_model_that_gets_enough_steps_is_chosen(monkeypatch, size, rung):
+    """Speeds 100 and 200 img/s for the rungs: the budget that gives rung k just enough steps (a number
+    proportional to the shorter side) picks it."""
+    base = UNetConfig.preset("cpu", size, 1, "cpu")
+    speeds = dict(zip(_rungs(base), (100.0, 200.0), strict=True))
     fake_speeds(monkeypatch, lambda cfg, amp: speeds[cfg])
     monkeypatch.setattr(budget, "bf16_supported", lambda: False)
-    seconds = budget.MIN_STEPS * 32 / (speeds[_rungs(base)[rung]] * budget.TRAINING_SHARE) * 1.001
+    wanted = budget.MIN_STEPS_PER_SIDE * min(base.hw)
+    seconds = wanted * 32 / (speeds[_rungs(base)[rung]] * budget.TRAINING_SHARE) * 1.001
     sized = budget.size_for_budget(base, seconds, 32)
     assert sized.model == _rungs(base)[rung]
     assert sized.img_per_s == speeds[sized.model]
     assert f"~{speeds[sized.model]:.0f} img/s" in sized.note
+    assert budget.size_for_budget(base, seconds * 0.99, 32).model == _rungs(base)[min(rung + 1, 1)]
     # a budget too short for every rung gets the smallest
     assert budget.size_for_budget(base, 1.0, 32).model == _rungs(base)[-1]
 
