@@ -98,7 +98,7 @@ PHASES = [
     ("import torch (with numpy, safetensors)", "diffuse_cli/engine/training.py", "<module>"),
     ("data: walk, fingerprint, cache check and mapping", "diffuse_cli/engine/plan.py", "plan_training"),
     ("set-up: run folder, model, EMA, optimizer", "diffuse_cli/engine/training.py", "_set_up"),
-    ("  of which the optimizer (its import of torch._dynamo)", "diffuse_cli/engine/device.py", "make_optimizer"),
+    ("  of which the optimizer (torch.optim's imports torch._dynamo)", "diffuse_cli/engine/device.py", "make_optimizer"),
     ("first training step (forward, backward, AdamW, EMA)", "diffuse_cli/engine/step.py", "__call__"),
     ("checkpoint writes (state, model)", "diffuse_cli/engine/training.py", "_save"),
     ("final preview (16 images, 50 DPM++ steps)", "diffuse_cli/engine/training.py", "_preview"),
