@@ -130,7 +130,11 @@ def _no_moment(sd):
     del sd["state"][0]["exp_avg_sq"]
 
 
-@pytest.mark.parametrize("damage", [_amsgrad, _fewer, _other_shape, _no_moment])
+def _unknown_index(sd):
+    sd["state"][7] = sd["state"][0]
+
+
+@pytest.mark.parametrize("damage", [_amsgrad, _fewer, _other_shape, _no_moment, _unknown_index])
 def test_a_state_that_is_not_adamw_over_these_parameters_is_refused(damage):
     params = _params()
     opt = _ours(params)

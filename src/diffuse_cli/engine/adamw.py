@@ -24,6 +24,7 @@ earlier versions of diffuse (with torch.optim.AdamW) resume here, and the revers
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -33,11 +34,14 @@ from .errors import CheckpointError
 
 def fused_available(device: torch.device) -> bool:
     """Whether this torch has the fused AdamW kernel for ``device`` (CUDA; CPU from torch 2.4)."""
+    return _fused_for(device.type)
+
+
+@functools.cache
+def _fused_for(kind: str) -> bool:
     if not hasattr(torch, "_fused_adamw_"):
         return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and torch.torch_version.TorchVersion(torch.__version__) >= (2, 4)
+    return kind == "cuda" or (kind == "cpu" and torch.torch_version.TorchVersion(torch.__version__) >= (2, 4))
 
 
 class AdamW:
@@ -147,6 +151,8 @@ class AdamW:
         fused = fused_available(params[0].device)
         self.state = {}
         for i, st in state_dict.get("state", {}).items():
+            if not 0 <= int(i) < len(params):
+                raise CheckpointError(f"the stored optimizer state names parameter {i}; this model has {len(params)}")
             p = params[int(i)]
             if {"step", "exp_avg", "exp_avg_sq"} - set(st) or any(
                 st[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")
