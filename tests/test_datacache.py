@@ -557,12 +557,14 @@ def test_benchmark_script_runs_and_replaces_its_markdown_section(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "data_startup.py"
+    root = Path(__file__).resolve().parents[1]
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\n<!-- data:start -->\nstale\n<!-- data:end -->\n\ntrailer\n")
-    cmd = [sys.executable, str(script), "--images", "40", "--nproc", "1", "--folder", str(tmp_path / "pngs"),
+    cmd = [sys.executable, "-m", "benchmarks.data_startup", "--images", "40", "--nproc", "1", "--folder", str(tmp_path / "pngs"),
            "--markdown", str(md)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=root
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = md.read_text()
     assert "stale" not in text and text.count("<!-- data:start -->") == 1 and text.rstrip().endswith("trailer")
