@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from . import device as devices
+from .adamw import AdamW
 from .config import DiffusionConfig
 from .data import to_model_range
 from .diffusion import Diffusion
@@ -78,7 +79,7 @@ class TrainStep:
 
     model: nn.Module  # the bare U-Net: its weights are what gets saved
     diffusion: Diffusion
-    opt: torch.optim.Optimizer
+    opt: AdamW
     ema: EMA
     gen: torch.Generator  # the data generator (see the module docstring)
     images: torch.Tensor  # uint8 (N, C, H, W) as the device reads it: a tensor there, or datacache.DeviceImages
