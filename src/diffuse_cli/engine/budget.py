@@ -40,7 +40,7 @@ MIN_STEPS_TO_MEASURE = 200
 #: so much less that it lost at every budget (FD 235 after 2,500 steps at 28x28, against 25 and 53 for these).
 LADDER: tuple[tuple[str, dict], ...] = (
     ("the cpu preset", {}),
-    ("the cpu preset with 1 block per level and no attention above the bottleneck",
+    ("the cpu preset, 1 block per level, attention in the bottleneck only",
      dict(num_res_blocks=1, attention_resolutions=())),
 )  # fmt: skip
 #: The larger model is chosen when it gets at least this many steps (at batch 32) per pixel of the images'
