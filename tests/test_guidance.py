@@ -108,8 +108,8 @@ def test_label_drops_are_drawn_after_the_unconditional_numbers():
     for k in range(3):  # within a step: the drops shift the stream of the steps after, never this one's numbers
         plain.gen.manual_seed(k)
         cond.gen.manual_seed(k)
-        x0, t, eps, y0 = plain.draw()
-        cx0, ct, ceps, y = cond.draw()
+        x0, t, eps, y0, _ = plain.draw()
+        cx0, ct, ceps, y, _ = cond.draw()
         assert y0 is None
         assert torch.equal(x0, cx0) and torch.equal(t, ct) and torch.equal(eps, ceps)  # the same stream up to here
         assert y.dtype == torch.long and ((y >= 0) & (y <= K)).all()

@@ -42,6 +42,8 @@ EVAL_FEATURES = ("randconv", "inception")  # diffuse eval --features
 #: spread of a digit's samples falls from 1.04 to 0.89 to 0.83 of the real digits'. 2 is where
 #: accuracy saturates before diversity is lost.
 DEFAULT_GUIDANCE = 2.0
+#: Length of the augmentation vector a U-Net with augmentation conditioning reads (engine/augment.py).
+AUGMENT_DIM = 9
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class UNetConfig:
     dropout: float = 0.1  # DDPM's value for CIFAR-10; overfitting is the main risk on small data
     num_heads: int = 1  # DDPM used single-head attention
     num_classes: int = 0  # 0: unconditional (DDPM); K > 0: a class embedding with K + 1 rows, the last the "null" class
+    augment_dim: int = 0  # 0: none; AUGMENT_DIM: reads EDM's augmentation vector (Karras et al. 2022, app. C.4)
 
     def __post_init__(self) -> None:
         # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
@@ -96,6 +99,8 @@ class UNetConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ConfigError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
+        if self.augment_dim not in (0, AUGMENT_DIM):
+            raise ConfigError(f"augment_dim must be 0 or {AUGMENT_DIM}, got {self.augment_dim!r}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels!r}")
         if not self.channel_mults:
@@ -222,6 +227,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # short runs need a shorter EMA than DDPM's 0.9999
     loss_weighting: str = "uniform"  # DDPM's plain MSE (L_simple, eq. 14); "min-snr" = Hang et al. 2023
     hflip: bool = False  # random horizontal flips: off unless asked (a mirrored 2, R or face with text is not one)
+    augment: float = 0.0  # P(each geometric op) of non-leaking augmentation (engine/augment.py); plan.py picks it
     cond_drop: float = 0.1  # P(label -> null class) for class-conditional models (Ho & Salimans 2022 used 0.1-0.2)
     save_every: int = 1000
     sample_every: int = 1000
@@ -248,6 +254,10 @@ class TrainConfig:
             (
                 isinstance(self.cond_drop, (int, float)) and 0.0 <= self.cond_drop < 1.0,
                 f"--cond-drop must be in [0, 1) (got {self.cond_drop})",
+            ),
+            (
+                isinstance(self.augment, (int, float)) and 0.0 <= self.augment <= 1.0,
+                f"--augment must be a probability in [0, 1] (got {self.augment})",
             ),
             (self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})"),
             (self.sample_every >= 0, f"--sample-every must be >= 0 (got {self.sample_every})"),

@@ -19,6 +19,12 @@ Class-conditional models (``num_classes`` > 0) train for classifier-free guidanc
 Salimans 2022, Algorithm 1): each label is replaced by the null class with probability
 ``cond_drop``. Those coin flips are drawn last, and only for a conditional model, so
 unconditional runs draw exactly the numbers they always did.
+
+Models with augmentation conditioning (``augment_dim`` > 0) train with non-leaking augmentation
+(Karras et al. 2022, appendix C.4; ``augment.py``): after everything else, the augmentation
+vectors of the global batch are drawn from the same generator (so resume stays bit-exact and
+N processes train the 1-process run), each rank warps its slice on the device, and the network
+reads the vectors as conditioning.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import augment as augmentation
 from . import device as devices
 from .config import DiffusionConfig
 from .data import to_model_range
@@ -106,17 +113,23 @@ class TrainStep:
         return why
 
     def _losses(
-        self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        y: torch.Tensor | None = None,
+        aug: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        net = self.net if y is None else (lambda x_t, t_: self.net(x_t, t_, y))
+        net = self.net if y is None and aug is None else (lambda x_t, t_: self.net(x_t, t_, y, aug))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self.diffusion.training_losses(net, x0, t=t, eps=eps, weighting=self.config.loss_weighting)
 
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps, y). Draws in a fixed order.
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps, y, aug). Draws in a fixed order.
 
         ``y`` is None for an unconditional model; otherwise each image's label, replaced by the
-        null class (``num_classes``) with probability ``cond_drop``.
+        null class (``num_classes``) with probability ``cond_drop``. ``aug`` is None for a model
+        without augmentation conditioning; otherwise the vectors x0 was augmented by.
         """
         cfg, gen, dev = self.config, self.gen, self.device
         b = cfg.batch_size
@@ -128,22 +141,29 @@ class TrainStep:
         if self.labels is not None:  # drawn last: unconditional runs keep their random stream
             drop = torch.rand((b,), generator=gen, device=dev) < cfg.cond_drop
             y = torch.where(drop, torch.full_like(idx, self.model.config.num_classes), self.labels[idx])
+        aug = None
+        if self.model.config.augment_dim:  # drawn after the labels: runs without it keep their random stream
+            aug = augmentation.draw(b, cfg.augment, self.images.shape[-1], gen, dev)
         local = b // self.dist.world_size
         sl = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
         t_data = time.perf_counter()
         x0 = to_model_range(self.images[idx[sl]])
         if flip is not None:
             x0 = torch.where(flip[sl, None, None, None], x0.flip(-1), x0)
+        if aug is not None:
+            aug = aug[sl]
+            x0 = augmentation.apply(x0, aug)
         x0 = x0.contiguous(memory_format=self.memory_format)
         self.data_s += time.perf_counter() - t_data
-        return x0, t[sl], eps[sl], None if y is None else y[sl]
+        return x0, t[sl], eps[sl], None if y is None else y[sl], aug
 
     def __call__(self, step: int) -> torch.Tensor:
         cfg = self.config
-        x0, t, eps, y = self.draw()
+        x0, t, eps, y, aug = self.draw()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        loss = (self.loss_fn(x0, t, eps) if y is None else self.loss_fn(x0, t, eps, y)).mean()
+        given = {k: v for k, v in (("y", y), ("aug", aug)) if v is not None}  # the compiled graph sees what it gets
+        loss = self.loss_fn(x0, t, eps, **given).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -175,6 +195,8 @@ def make_train_step(
             "a class-conditional model needs labels and an unconditional one takes none "
             f"(num_classes = {model_config.num_classes}, labels {'given' if labels is not None else 'missing'})"
         )
+    if config.augment and not model_config.augment_dim:
+        raise ConfigError(f"--augment {config.augment} needs a model with augmentation conditioning (augment_dim 0)")
     from .unet import UNet
 
     dist = dist or Dist()

@@ -24,6 +24,12 @@ improved-diffusion's ``label_emb`` and diffusers' ``class_embedding`` do). Train
 replaces labels by the null class now and then, so the same network is the conditional
 and the unconditional model that classifier-free guidance combines (Ho & Salimans 2022).
 
+A model trained with non-leaking augmentation (``augment_dim`` > 0; Karras et al. 2022,
+appendix C.4, see ``augment.py``) also reads the augmentation vector through a bias-free linear
+layer added to the timestep embedding in the same place. Sampling passes no vector, which is the
+zero vector ("not augmented"): the layer then adds exactly 0, so such a model samples as the same
+network without the layer (what ``diffuse export`` writes).
+
 Shapes: ``x`` is (B, C, H, W) float, ``t`` is (B,) int64 (or float) timesteps in
 ``[0, T)``, ``y`` is None or (B,) int64 labels in ``[0, K]`` (K = null); the output is
 (B, out_channels, H, W). The module layout matches
@@ -217,6 +223,7 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(cur, c.out_channels, 3, padding=1))
         # Created last, so an unconditional model draws exactly the initial weights it always did.
         self.class_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.aug_emb = nn.Linear(c.augment_dim, emb_dim, bias=False) if c.augment_dim else None  # also last
 
     @property
     def null_class(self) -> int:
@@ -227,11 +234,14 @@ class UNet(nn.Module):
         """The sinusoidal features of ``t`` that the time MLP reads (a converted model may lay them out otherwise)."""
         return timestep_embedding(t, self.config.base_channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, augment: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the network output for noisy images ``x`` (B, C, H, W) at timesteps ``t`` (B,).
 
         ``y`` (B,) int64 in [0, K] picks the class of each image (K = :attr:`null_class`); None means
-        the null class. An unconditional model takes no ``y``.
+        the null class. An unconditional model takes no ``y``. ``augment`` (B, augment_dim): how each
+        image was augmented in training; None (sampling) means not augmented, the zero vector.
         """
         emb = self.time_mlp(self.time_features(t).to(x.dtype))
         if self.class_emb is not None:  # fixed at construction: no graph break under torch.compile
@@ -240,6 +250,9 @@ class UNet(nn.Module):
             emb = emb + self.class_emb(y).to(emb.dtype)
         else:
             assert y is None, "an unconditional U-Net takes no class labels"
+        if augment is not None and self.aug_emb is not None:  # None adds aug_emb(0) = 0 exactly: skipped
+            emb = emb + self.aug_emb(augment.to(emb.dtype))
+        assert augment is None or self.aug_emb is not None, "this U-Net has no augmentation conditioning"
         # Every block applies SiLU before its own projection (DDPM); doing it once here is the same math.
         emb = F.silu(emb)
         h = self.conv_in(x)

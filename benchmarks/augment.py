@@ -1,0 +1,208 @@
+"""Small folders without copying: non-leaking augmentation against no augmentation and plain flips.
+
+Subsets of the 16x16 built-in digits (100 and 500 images, drawn from the even half so the odd half
+stays unseen) are trained with the ``tiny`` preset for the same number of steps, three ways:
+
+* ``none``: today's defaults (no augmentation, the preset's dropout 0);
+* ``flip``: today's defaults plus ``--flip`` (random mirror images, not conditioned on);
+* ``default``: the new defaults for this many images (``plan.regularisation``: ``--augment p`` with the
+  augmentation vector as conditioning, zero at sampling, and dropout; Karras et al. 2022, app. C.4).
+
+Each model draws the same number of samples (same seed) with the default sampler, scored by:
+
+* FD: the Frechet distance of ``_digits_quality`` (digit-classifier features) to the held-out odd half
+  of the digits: the full distribution, not the subset the model saw;
+* near-copy share: samples whose nearest training image (L2 in pixels) is closer than 1/3 of the
+  mean distance to their 50 nearest training images (Carlini et al. 2023, "Extracting Training Data
+  from Diffusion Models", sec. 4.2 criterion);
+* no-leak statistics: the classifier's confidence, the centre of mass, the orientation of the
+  second moments and the spread of the ink (image moments), against the real digits' mean and spread.
+
+Training is single-threaded and counted in steps, so the results do not depend on the machine's load.
+Every run is cached (samples and scores) under the benchmark cache, so the report can be rebuilt:
+
+    python -m benchmarks.augment --sizes 100          # one subset (two processes can share the work)
+    python -m benchmarks.augment --markdown benchmarks/RESULTS.md
+    python -m benchmarks.augment --steps 20 --num 16 --sizes 100   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+
+from diffuse_cli.engine import models
+from diffuse_cli.engine.config import AUGMENT_DIM, DiffusionConfig, TrainConfig, UNetConfig
+from diffuse_cli.engine.data import from_model_range, load_builtin
+from diffuse_cli.engine.generate import generate
+from diffuse_cli.engine.plan import regularisation
+from diffuse_cli.engine.training import train
+
+from ._common import cpu_name, replace_section
+from ._digits_quality import predict, score
+from ._trained import cache_dir
+
+MARK_START, MARK_END = "<!-- augment:start -->", "<!-- augment:end -->"
+VARIANTS = ("none", "flip", "default")
+NEAR_COPY_RATIO = 1 / 3  # Carlini et al. 2023: d(sample, nearest) < 1/3 of the mean over its 50 nearest
+NEIGHBOURS = 50
+
+
+def subset(n: int, size: int = 16) -> torch.Tensor:
+    """``n`` digits from the even half (a fixed, seeded choice): uint8 (n, 1, size, size)."""
+    images = load_builtin("digits", image_size=size).images[0::2]
+    idx = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(n))[:n]
+    return images[idx.sort().values]
+
+
+def configs(variant: str, n: int, steps: int, batch: int) -> tuple[UNetConfig, TrainConfig]:
+    p, dropout = regularisation(n) if variant == "default" else (0.0, None)
+    overrides = {"augment_dim": AUGMENT_DIM if p else 0}
+    if dropout is not None:
+        overrides["dropout"] = dropout
+    model = UNetConfig.preset("tiny", 16, 1, **overrides)
+    tc = TrainConfig(steps=steps, batch_size=batch, hflip=variant == "flip", augment=p, sample_every=0,
+                     save_every=steps, log_every=100, threads=1, seed=0)  # fmt: skip
+    return model, tc
+
+
+def near_copies(samples: torch.Tensor, train_u8: torch.Tensor) -> dict:
+    """Near-copy share (Carlini et al. 2023 criterion) and the mean nearest-neighbour distance in pixels (0..1)."""
+    a = samples.flatten(1).float() / 255
+    b = train_u8.flatten(1).float() / 255
+    d = torch.cdist(a, b).sort(dim=1).values
+    k = min(NEIGHBOURS, d.shape[1])
+    ratio = d[:, 0] / d[:, :k].mean(1).clamp_min(1e-12)
+    return {"near_copy": float((ratio < NEAR_COPY_RATIO).float().mean()), "nn_dist": float(d[:, 0].mean())}
+
+
+def moments(images_u8: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: centre of mass (x, y in pixels from the centre), orientation of the ink's second moments
+    (degrees; 0 = upright), and its spread (pixels): what a shift, rotation or scaling would change."""
+    w = images_u8[:, 0].double()
+    s = w.shape[-1]
+    ys, xs = torch.meshgrid(torch.arange(s, dtype=torch.float64), torch.arange(s, dtype=torch.float64), indexing="ij")
+    mass = w.sum((1, 2)).clamp_min(1e-9)
+    cx = (w * xs).sum((1, 2)) / mass
+    cy = (w * ys).sum((1, 2)) / mass
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    m20, m02, m11 = ((w * dx * dx).sum((1, 2)) / mass, (w * dy * dy).sum((1, 2)) / mass,
+                     (w * dx * dy).sum((1, 2)) / mass)  # fmt: skip
+    angle = 0.5 * torch.atan2(2 * m11, m02 - m20) * 180 / math.pi  # of the long axis from vertical
+    return {"com_x": cx - (s - 1) / 2, "com_y": cy - (s - 1) / 2, "angle": angle, "spread": (m20 + m02).sqrt()}
+
+
+def leak_stats(images_u8: torch.Tensor) -> dict:
+    stats = {k: (float(v.mean()), float(v.std())) for k, v in moments(images_u8).items()}
+    conf = predict(images_u8)[1]
+    stats["confidence"] = (float(conf.mean()), float(conf.std()))
+    return stats
+
+
+def run_one(variant: str, n: int, steps: int, batch: int, num: int, log=print) -> dict:
+    """Train (or read from the cache) one model and score its samples."""
+    model_cfg, tc = configs(variant, n, steps, batch)
+    key = f"augment-v1-{variant}-{n}-{steps}-{batch}-{num}"
+    path = cache_dir() / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    data = load_builtin("digits", image_size=16)
+    images = subset(n)
+    data = dataclasses.replace(data, images=images.contiguous(), labels=None, classes=(), notes=())
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"training {key}: {model_cfg.dropout=} {tc.augment=} {tc.hflip=}")
+        out = train(data, Path(tmp) / "run", model_cfg, DiffusionConfig(), tc, device="cpu",
+                    callback=lambda e: e.get("event") == "log" and e["step"] % 500 == 0 and log(f"  {key} {e['step']}"))  # fmt: skip
+        model, diffusion, _ = models.load_for_sampling(out["model"], "cpu")
+        x0 = generate(model, diffusion, num, (1, 16, 16), seed=1, batch_size=num, device="cpu", clip_x0=True)
+    samples = from_model_range(x0)
+    torch.save(samples, cache_dir() / f"{key}.pt")
+    result = {**score(samples), **near_copies(samples, images), "leak": leak_stats(samples),
+              "variant": variant, "n": n, "steps": steps, "batch": batch, "num": num,
+              "dropout": model_cfg.dropout, "augment": tc.augment, "hflip": tc.hflip}  # fmt: skip
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+
+def markdown(results: list[dict], real: dict, command: str) -> str:
+    r0 = results[0]
+    lines = [
+        MARK_START,
+        "## Small data: non-leaking augmentation (`benchmarks/augment.py`, issue 23)",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.date.today()}; CPU: {cpu_name()}, shared with other engineers' jobs (load average "
+        "about 12 on 2 cores); every model trained single-threaded for the same number of steps, so the "
+        "numbers do not depend on the load",
+        f"- data: subsets of the even half of the 16x16 built-in digits; `tiny` preset, batch {r0['batch']}, "
+        f"{r0['steps']} steps each; {r0['num']} samples each (seed 1, default sampler)",
+        "- FD: digit-classifier Frechet distance to the held-out odd half (the full distribution, not the subset); "
+        f"near-copy: share of samples whose nearest training image is closer than {NEAR_COPY_RATIO:.2f} of the mean "
+        f"distance to their {NEIGHBOURS} nearest (Carlini et al. 2023); NN dist: mean L2 distance (pixels in 0..1) "
+        "to the nearest training image",
+        "",
+        "| images | variant | augment p | dropout | flip | FD | near-copy | NN dist | confident |",
+        "|---:|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['n']} | {r['variant']} | {r['augment']} | {r['dropout']} | {'yes' if r['hflip'] else 'no'} | "
+            f"{r['fd']:.1f} | {100 * r['near_copy']:.0f}% | {r['nn_dist']:.2f} | {100 * r['confident']:.0f}% |"
+        )
+    lines += [
+        "",
+        "No leak: image moments (mean ± standard deviation over images) of the samples against all 1,797 real "
+        "digits. A leaking augmentation would move the centre of mass, tilt the orientation or widen its spread.",
+        "",
+        "| images | variant | centre x (px) | centre y (px) | orientation (deg) | ink spread (px) | confidence |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+        f"| 1797 | real digits | {_fmt(real['com_x'])} | {_fmt(real['com_y'])} | {_fmt(real['angle'], 1)} | "
+        f"{_fmt(real['spread'])} | {_fmt(real['confidence'])} |",
+    ]
+    for r in results:
+        s = r["leak"]
+        lines.append(
+            f"| {r['n']} | {r['variant']} | {_fmt(s['com_x'])} | {_fmt(s['com_y'])} | {_fmt(s['angle'], 1)} | "
+            f"{_fmt(s['spread'])} | {_fmt(s['confidence'])} |"
+        )
+    lines.append(MARK_END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="100,500", help="subset sizes, comma-separated")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--num", type=int, default=256, help="samples per model")
+    ap.add_argument("--markdown", type=Path, help="write the section into this RESULTS.md")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = []
+    for n in map(int, args.sizes.split(",")):
+        for variant in args.variants.split(","):
+            r = run_one(variant, n, args.steps, args.batch, args.num)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "leak"}))
+    if args.markdown:
+        real = leak_stats(load_builtin("digits", image_size=16).images)
+        command = f"python -m benchmarks.augment --steps {args.steps} --batch {args.batch} --num {args.num}"
+        section = markdown(results, real, command + f" --markdown {args.markdown}")
+        replace_section(args.markdown, section, MARK_START, MARK_END)
+        print(section)
+
+
+if __name__ == "__main__":
+    main()
