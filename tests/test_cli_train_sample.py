@@ -288,3 +288,17 @@ def test_sample_class_bad_input(class_run, run_dir):
     for args, msg in cases:  # all bad option values: exit 2
         text = one_line_error(run(*args), 2)
         assert msg in text, (args, text)
+
+
+def test_train_with_augment_then_sample(tmp_path, folder):
+    """--augment trains the conditioning (stored in the checkpoint); sampling needs nothing more; a bad p is one line."""
+    out = tmp_path / "r"
+    r = run("train", folder, "--out", out, "--image-size", "8", *TINY, "--augment", "0.5")
+    assert r.exit_code == 0, r.output
+    ck = ckpt.load(out / "model.safetensors")
+    assert ck.model["augment_dim"] == 9 and ck.train["augment"] == 0.5 and "aug_emb.weight" in ck.tensors
+    r = run("sample", out, "--num", "2", "--out", tmp_path / "imgs", "--steps", "3")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "imgs").glob("*.png"))) == 2
+    msg = one_line_error(run("train", folder, "--out", tmp_path / "bad", *TINY, "--augment", "1.5"), code=2)
+    assert "--augment must be a probability in [0, 1]" in msg
