@@ -131,6 +131,17 @@ def run_one(variant: str, n: int, steps: int, batch: int, num: int, log=print) -
     return result
 
 
+def save_grid(n: int, results: list[dict], path: Path) -> None:
+    """Rows of 16: training images of the subset, then each variant's first samples (docs picture)."""
+    from diffuse_cli.engine import images as img
+
+    rows = [subset(n)[:16]]
+    for r in results:
+        key = f"augment-v1-{r['variant']}-{n}-{r['steps']}-{r['batch']}-{r['num']}"
+        rows.append(torch.load(cache_dir() / f"{key}.pt")[:16])
+    img.save_image(img.upscale(img.make_grid(torch.cat(rows), nrow=16), 640), path)
+
+
 def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
     return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
@@ -188,6 +199,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--num", type=int, default=256, help="samples per model")
     ap.add_argument("--markdown", type=Path, help="write the section into this RESULTS.md")
+    ap.add_argument("--grids", type=Path, help="write a picture per subset size into this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = []
@@ -196,6 +208,9 @@ def main() -> None:
             r = run_one(variant, n, args.steps, args.batch, args.num)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "leak"}))
+    if args.grids:
+        for n in map(int, args.sizes.split(",")):
+            save_grid(n, [r for r in results if r["n"] == n], args.grids / f"augment-{n}.png")
     if args.markdown:
         real = leak_stats(load_builtin("digits", image_size=16).images)
         command = f"python -m benchmarks.augment --steps {args.steps} --batch {args.batch} --num {args.num}"
