@@ -1,6 +1,6 @@
 """Small folders without copying: non-leaking augmentation against no augmentation and plain flips.
 
-Subsets of the 16x16 built-in digits (100 and 500 images, drawn from the even half so the odd half
+Subsets of the built-in digits (8x8 by default, --size 16) (100 and 500 images, drawn from the even half so the odd half
 stays unseen) are trained with the ``tiny`` preset for the same number of steps, three ways:
 
 * ``none``: today's defaults (no augmentation, the preset's dropout 0);
@@ -62,12 +62,16 @@ def subset(n: int, size: int = 16) -> torch.Tensor:
     return images[idx.sort().values]
 
 
-def configs(variant: str, n: int, steps: int, batch: int) -> tuple[UNetConfig, TrainConfig]:
+def configs(variant: str, n: int, steps: int, batch: int, size: int) -> tuple[UNetConfig, TrainConfig]:
+    """The configs of a variant: ``none``, ``flip``, ``default``; for choosing the defaults also ``dropout``
+    (the default dropout, no augmentation) and ``pX`` (augment p = X with the default dropout)."""
     p, dropout = regularisation(n) if variant == "default" else (0.0, None)
+    if variant == "dropout" or variant.startswith("p"):
+        p, dropout = (float(variant[1:]) if variant.startswith("p") else 0.0), regularisation(n)[1]
     overrides = {"augment_dim": AUGMENT_DIM if p else 0}
     if dropout is not None:
         overrides["dropout"] = dropout
-    model = UNetConfig.preset("tiny", 16, 1, **overrides)
+    model = UNetConfig.preset("tiny", size, 1, **overrides)
     tc = TrainConfig(steps=steps, batch_size=batch, hflip=variant == "flip", augment=p, sample_every=0,
                      save_every=steps, log_every=100, threads=1, seed=0)  # fmt: skip
     return model, tc
@@ -106,26 +110,26 @@ def leak_stats(images_u8: torch.Tensor) -> dict:
     return stats
 
 
-def run_one(variant: str, n: int, steps: int, batch: int, num: int, log=print) -> dict:
+def run_one(variant: str, n: int, steps: int, batch: int, num: int, size: int, log=print) -> dict:
     """Train (or read from the cache) one model and score its samples."""
-    model_cfg, tc = configs(variant, n, steps, batch)
-    key = f"augment-v1-{variant}-{n}-{steps}-{batch}-{num}"
+    model_cfg, tc = configs(variant, n, steps, batch, size)
+    key = f"augment-v1-{variant}-{n}-{size}px-{steps}-{batch}-{num}"
     path = cache_dir() / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
-    data = load_builtin("digits", image_size=16)
-    images = subset(n)
+    data = load_builtin("digits", image_size=size)
+    images = subset(n, size)
     data = dataclasses.replace(data, images=images.contiguous(), labels=None, classes=(), notes=())
     with tempfile.TemporaryDirectory() as tmp:
         log(f"training {key}: {model_cfg.dropout=} {tc.augment=} {tc.hflip=}")
         out = train(data, Path(tmp) / "run", model_cfg, DiffusionConfig(), tc, device="cpu",
                     callback=lambda e: e.get("event") == "log" and e["step"] % 500 == 0 and log(f"  {key} {e['step']}"))  # fmt: skip
         model, diffusion, _ = models.load_for_sampling(out["model"], "cpu")
-        x0 = generate(model, diffusion, num, (1, 16, 16), seed=1, batch_size=num, device="cpu", clip_x0=True)
+        x0 = generate(model, diffusion, num, (1, size, size), seed=1, batch_size=num, device="cpu", clip_x0=True)
     samples = from_model_range(x0)
     torch.save(samples, cache_dir() / f"{key}.pt")
     result = {**score(samples), **near_copies(samples, images), "leak": leak_stats(samples),
-              "variant": variant, "n": n, "steps": steps, "batch": batch, "num": num,
+              "variant": variant, "n": n, "size": size, "steps": steps, "batch": batch, "num": num,
               "dropout": model_cfg.dropout, "augment": tc.augment, "hflip": tc.hflip}  # fmt: skip
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -135,9 +139,9 @@ def save_grid(n: int, results: list[dict], path: Path) -> None:
     """Rows of 16: training images of the subset, then each variant's first samples (docs picture)."""
     from diffuse_cli.engine import images as img
 
-    rows = [subset(n)[:16]]
+    rows = [subset(n, results[0]["size"])[:16]]
     for r in results:
-        key = f"augment-v1-{r['variant']}-{n}-{r['steps']}-{r['batch']}-{r['num']}"
+        key = f"augment-v1-{r['variant']}-{n}-{r['size']}px-{r['steps']}-{r['batch']}-{r['num']}"
         rows.append(torch.load(cache_dir() / f"{key}.pt")[:16])
     img.save_image(img.upscale(img.make_grid(torch.cat(rows), nrow=16), 640), path)
 
@@ -156,7 +160,7 @@ def markdown(results: list[dict], real: dict, command: str) -> str:
         f"- date: {datetime.date.today()}; CPU: {cpu_name()}, shared with other engineers' jobs (load average "
         "about 12 on 2 cores); every model trained single-threaded for the same number of steps, so the "
         "numbers do not depend on the load",
-        f"- data: subsets of the even half of the 16x16 built-in digits; `tiny` preset, batch {r0['batch']}, "
+        f"- data: subsets of the even half of the {r0['size']}x{r0['size']} built-in digits; `tiny` preset, batch {r0['batch']}, "
         f"{r0['steps']} steps each; {r0['num']} samples each (seed 1, default sampler)",
         "- FD: digit-classifier Frechet distance to the held-out odd half (the full distribution, not the subset); "
         f"near-copy: share of samples whose nearest training image is closer than {NEAR_COPY_RATIO:.2f} of the mean "
@@ -195,8 +199,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100,500", help="subset sizes, comma-separated")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=8, help="image side: 8 (the digits' own) or 16")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--num", type=int, default=256, help="samples per model")
     ap.add_argument("--markdown", type=Path, help="write the section into this RESULTS.md")
     ap.add_argument("--grids", type=Path, help="write a picture per subset size into this folder")
@@ -205,15 +210,15 @@ def main() -> None:
     results = []
     for n in map(int, args.sizes.split(",")):
         for variant in args.variants.split(","):
-            r = run_one(variant, n, args.steps, args.batch, args.num)
+            r = run_one(variant, n, args.steps, args.batch, args.num, args.size)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "leak"}))
     if args.grids:
         for n in map(int, args.sizes.split(",")):
             save_grid(n, [r for r in results if r["n"] == n], args.grids / f"augment-{n}.png")
     if args.markdown:
-        real = leak_stats(load_builtin("digits", image_size=16).images)
-        command = f"python -m benchmarks.augment --steps {args.steps} --batch {args.batch} --num {args.num}"
+        real = leak_stats(load_builtin("digits", image_size=args.size).images)
+        command = f"python -m benchmarks.augment --size {args.size} --steps {args.steps} --batch {args.batch} --num {args.num}"
         section = markdown(results, real, command + f" --markdown {args.markdown}")
         replace_section(args.markdown, section, MARK_START, MARK_END)
         print(section)
