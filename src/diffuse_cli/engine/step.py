@@ -196,7 +196,10 @@ def make_train_step(
             f"(num_classes = {model_config.num_classes}, labels {'given' if labels is not None else 'missing'})"
         )
     if config.augment and not model_config.augment_dim:
-        raise ConfigError(f"--augment {config.augment} needs a model with augmentation conditioning (augment_dim 0)")
+        raise ConfigError(
+            f"--augment {config.augment:g} needs a model with augmentation conditioning and this one has none "
+            "(a run started without --augment cannot turn it on when resuming; start a new run)"
+        )
     from .unet import UNet
 
     dist = dist or Dist()
