@@ -1,5 +1,5 @@
-"""Non-leaking augmentation (engine/augment.py), its conditioning in the U-Net and the step, and the
-data-size defaults of the training plan.
+"""Non-leaking augmentation (engine/augment.py) and its conditioning in the U-Net (the step's draws are in
+test_step.py, the data-size defaults in test_plan.py).
 
 Oracles: exact pixel operations (a flip is ``Tensor.flip``, a whole-pixel shift moves every pixel by
 one, a quarter turn is ``torch.rot90``), image moments (a scale by s multiplies the spread of a blob
@@ -12,13 +12,9 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 from diffuse_cli.engine import augment
-from diffuse_cli.engine.config import AUGMENT_DIM, DiffusionConfig, TrainConfig, UNetConfig
-from diffuse_cli.engine.errors import ConfigError
-from diffuse_cli.engine.plan import plan_training, regularisation
-from diffuse_cli.engine.step import make_train_step
+from diffuse_cli.engine.config import AUGMENT_DIM, UNetConfig
 from diffuse_cli.engine.unet import UNet
 
 S = 16
@@ -121,69 +117,3 @@ def test_unet_without_augmentation_is_unchanged_and_zero_vector_adds_nothing():
     with torch.no_grad():
         assert torch.equal(aug(x, t), aug(x, t, augment=torch.zeros(3, AUGMENT_DIM)))
         assert not torch.allclose(aug(x, t), aug(x, t, augment=augment.draw(3, 1.0, 8, torch.Generator(), "cpu")))
-
-
-def _step(augment_dim: int, p: float, seed: int = 0):
-    mc = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(), dropout=0.0, augment_dim=augment_dim)  # fmt: skip
-    images = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    tc = TrainConfig(batch_size=8, augment=p, seed=seed)
-    return make_train_step(mc, DiffusionConfig(timesteps=50), tc, images, torch.device("cpu"))
-
-
-def test_step_draws_after_everything_else_and_trains_the_conditioning():
-    plain, off, on = _step(0, 0.0), _step(AUGMENT_DIM, 0.0), _step(AUGMENT_DIM, 1.0)
-    (x0, t, eps, y, aug), (ox0, ot, oeps, _, oaug), (nx0, nt, neps, _, naug) = plain.draw(), off.draw(), on.draw()
-    assert aug is None and y is None and not oaug.any() and naug.shape == (8, AUGMENT_DIM)
-    assert torch.equal(x0, ox0) and torch.equal(t, ot) and torch.equal(eps, oeps)  # the same stream before
-    assert torch.equal(t, nt) and torch.equal(eps, neps) and not torch.equal(x0, nx0)
-    before = on.model.aug_emb.weight.detach().clone()
-    for k in range(3):  # the zero-initialised output layers pass no gradient back on the first step
-        on(k)
-    assert not torch.equal(on.model.aug_emb.weight, before)
-
-
-def test_augment_needs_the_conditioning():
-    with pytest.raises(ConfigError, match="augmentation conditioning"):
-        _step(0, 0.5)
-    with pytest.raises(ConfigError, match="--augment"):
-        TrainConfig(augment=1.5)
-    with pytest.raises(ConfigError, match="augment_dim"):
-        UNetConfig(augment_dim=3)
-
-
-def test_regularisation_by_data_size():
-    assert regularisation(100) == (0.2, 0.1)
-    assert regularisation(1000) == (0.2, 0.1)
-    assert regularisation(1797) == (0.0, None)
-
-
-@pytest.fixture(scope="module")
-def small_folder(tmp_path_factory):
-    d = tmp_path_factory.mktemp("few")
-    for i in range(5):
-        Image.new("L", (8, 8), 40 * i).save(d / f"{i}.png")
-    return d
-
-
-@pytest.mark.parametrize(
-    "train,model,augment_dim,dropout,words",
-    [({}, {}, AUGMENT_DIM, 0.1, "augment p = 0.2 and dropout 0.1 for 5 images"),
-     ({"augment": 0.0}, {}, 0, 0.1, "dropout 0.1 for 5 images"),
-     ({"augment": 0.5}, {"dropout": 0.0}, AUGMENT_DIM, 0.0, None)],
-)  # fmt: skip
-def test_plan_fills_in_the_small_data_defaults(tmp_path, small_folder, train, model, augment_dim, dropout, words):
-    plan = plan_training(str(small_folder), tmp_path / "run", preset="tiny", train=train, model=model,
-                         device="cpu", cache=False)  # fmt: skip
-    assert plan.model.augment_dim == augment_dim and plan.model.dropout == dropout
-    assert plan.train.augment == train.get("augment", 0.2)
-    if words:
-        assert plan.data_line.endswith(f"{words}: small data copies")
-    else:
-        assert "small data" not in plan.data_line
-
-
-def test_plan_leaves_the_full_digits_as_they_were(tmp_path):
-    plan = plan_training("builtin:digits", tmp_path / "run", device="cpu", cache=False)
-    assert plan.train.augment == 0.0 and plan.model.augment_dim == 0
-    assert plan.model.dropout == UNetConfig.preset("auto", 8, 1).dropout and "small data" not in plan.data_line

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = "benchmarks.gpu"  # run as a module of the benchmarks package, from the repository root
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a subprocess that imports torch and runs the script end to end (180-300 s timeout)
 def test_gpu_benchmark_tiny_on_cpu_replaces_its_markdown_section(tmp_path):
     md = tmp_path / "RESULTS.md"
     md.write_text(
@@ -58,9 +61,33 @@ def test_gpu_benchmark_picks_cuda_without_device_flag(monkeypatch):
     assert gpu.bench_device("cuda:1") == torch.device("cuda", 1)
 
 
-def test_benchmark_and_training_share_the_step():
+def test_benchmark_and_training_share_the_step(monkeypatch, tmp_path):
+    """`diffuse train` and the benchmark's "ours" rows both run engine/step.py's TrainStep: every TrainStep built
+    is recorded (a class attribute, whatever name a module imported it under), then each one builds its step."""
+    import torch
+
     from diffuse_cli.engine import step, training
+    from helpers import TINY_TRAIN, invoke
 
     gpu = _load_gpu_module()
     assert gpu.make_train_step is step.make_train_step
     assert training.make_train_step is step.make_train_step
+
+    built = []
+    post_init = step.TrainStep.__post_init__
+
+    def recording(self):
+        built.append(self)
+        post_init(self)
+
+    monkeypatch.setattr(step.TrainStep, "__post_init__", recording)
+    r = invoke("train", "builtin:digits", "--out", tmp_path / "r", *TINY_TRAIN, "--steps", "1")
+    assert r.exit_code == 0, r.output
+    assert len(built) == 1 and built[0].images.shape[1:] == (1, 8, 8)  # the training run's step
+
+    s = gpu.Setup(cfg=gpu.ddpm_cifar10(tiny=True), device=torch.device("cpu"), batch=2, sample_batch=2,
+                  sample_steps=1, warmup=0, chunk=1, budget_s=0.0, max_steps=1, compile_backend="")  # fmt: skip
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    run_step = gpu.ours_step(s, images, None, False, True)
+    assert len(built) == 2 and built[1].images.shape == images.shape  # the benchmark's step
+    assert torch.isfinite(run_step()) and built[1].opt.state  # and it is what the benchmark times: it trained

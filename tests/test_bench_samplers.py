@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a subprocess that imports torch and runs the script end to end (180-300 s timeout)
 def test_quick_benchmark_runs_and_rewrites_only_its_sections(tmp_path):
     pytest.importorskip("diffusers")
     results = tmp_path / "RESULTS.md"

@@ -12,6 +12,7 @@ SCRIPT = "benchmarks.train_cpu"  # run as a module of the benchmarks package, fr
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a subprocess that imports torch and runs the script end to end (180-300 s timeout)
 def test_train_cpu_quick_replaces_its_markdown_section(tmp_path):
     pytest.importorskip("diffusers")
     md = tmp_path / "RESULTS.md"

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from diffuse_cli.engine import data as D
+from diffuse_cli.engine.data import MAX_AUTO_IMAGE_SIZE, infer_image_size, load_folder
 from diffuse_cli.engine.errors import ConfigError, DataError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -575,3 +576,37 @@ def test_one_class_folder_or_loose_images_train_unconditionally_with_a_note(tmp_
 def test_builtin_digits_are_labelled_by_digit():
     ds = D.load_dataset("builtin:digits")
     assert ds.classes == tuple("0123456789") and ds.labels.shape == (1797,)
+
+
+def _folder(tmp_path, sizes):
+    root = tmp_path / "imgs"
+    root.mkdir(exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.new("L", (w, h), 128 + i % 50).save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "sizes, want, note",
+    [
+        ([(16, 16)] * 5, 16, "own size"),
+        ([(28, 28)] * 3 + [(64, 64)], 28, "own size"),  # the most common size wins
+        ([(30, 40)] * 4, 32, "30 px rounded to 32"),  # non-square: the shorter side, rounded to a multiple of 4
+        ([(3, 3)] * 2, 8, "3 px rounded to 8"),  # tiny images: at least 8
+        ([(1024, 768)] * 2, MAX_AUTO_IMAGE_SIZE, "capped"),  # huge images: a cap and how to change it
+        ([(16, 16), (20, 20), (20, 20), (16, 16)], 20, "own size"),  # a tie: the larger
+    ],
+)
+def test_image_size_from_the_folder(tmp_path, sizes, want, note):
+    root = _folder(tmp_path, sizes)
+    size, why = infer_image_size(sorted(root.iterdir()))
+    assert size == want and note in why
+    if "capped" in why:
+        assert "--image-size" in why
+    ds = load_folder(root)  # no size given: the same choice, said in the summary
+    assert ds.image_size == want and ds.summary.size_note == why and note in ds.summary.size_note
+
+
+def test_given_size_wins_and_says_nothing(tmp_path):
+    ds = load_folder(_folder(tmp_path, [(30, 30)] * 2), 12)
+    assert ds.image_size == 12 and ds.summary.size_note == ""

@@ -1,12 +1,9 @@
-"""bits/dim, Frechet distance and precision/recall against closed forms and analytic models; `diffuse eval`."""
+"""bits/dim, Frechet distance and precision/recall against closed forms and analytic models; `diffuse eval` is tested in test_cli_eval.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-import types
-import urllib.error
 
 import pytest
 import torch
@@ -16,8 +13,7 @@ from diffuse_cli.engine.analytic import GaussianData
 from diffuse_cli.engine.config import DiffusionConfig
 from diffuse_cli.engine.diffusion import Diffusion
 from diffuse_cli.engine.errors import Unsupported
-from helpers import invoke as run
-from helpers import one_line_error
+from helpers import fake_pytorch_fid
 
 # --- the bound on the analytic Gaussian model --------------------------------------------------------
 GAUSS = GaussianData(mean=[0.3, -0.2], cov=[[0.1, 0.03], [0.03, 0.05]])
@@ -218,22 +214,6 @@ def test_inception_without_pytorch_fid_says_how_to_install(monkeypatch):
         evaluate.extract_features(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "inception")
 
 
-def fake_pytorch_fid(monkeypatch):
-    """A stand-in pytorch_fid whose weights download fails, as it does without a network."""
-
-    class InceptionV3:
-        BLOCK_INDEX_BY_DIM = {2048: 3}
-
-        def __init__(self, blocks):
-            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    package, module = types.ModuleType("pytorch_fid"), types.ModuleType("pytorch_fid.inception")
-    module.InceptionV3 = InceptionV3
-    package.inception = module
-    monkeypatch.setitem(sys.modules, "pytorch_fid", package)
-    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", module)
-
-
 def test_inception_weights_that_cannot_be_fetched_say_so(monkeypatch):
     fake_pytorch_fid(monkeypatch)
     with pytest.raises(Unsupported) as err:
@@ -241,50 +221,3 @@ def test_inception_weights_that_cannot_be_fetched_say_so(monkeypatch):
     msg = str(err.value)
     assert "cannot fetch the Inception-v3 weights" in msg and "first use" in msg and "name resolution" in msg
     assert "\n" not in msg
-
-
-# --- `diffuse eval` ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "digits"
-    r = run("train", "builtin:digits", "--out", out, "--preset", "tiny", "--steps", "4", "--batch-size", "8",
-            "--save-every", "4", "--sample-every", "0", "--device", "cpu", "-T", "20")  # fmt: skip
-    assert r.exit_code == 0, r.output
-    return out
-
-
-def test_eval_cli_table_json_and_log(tiny_run):
-    r = run("eval", tiny_run, "builtin:digits", "--num-images", 24, "--steps", 5, "--device", "cpu")
-    assert r.exit_code == 0, r.output
-    text = " ".join(r.output.split())
-    assert "bits/dim" in text and "NOT FID" in text and "precision" in text and "eval.jsonl" in text
-    r = run("eval", tiny_run, "builtin:digits", "-n", 24, "--steps", 5, "--terms", 5, "--format", "json",
-            "--device", "cpu")  # fmt: skip
-    assert r.exit_code == 0, r.output
-    rec = json.loads(r.stdout.strip().splitlines()[-1])
-    assert rec["nll"]["terms"] == 5 and rec["nll"]["timesteps"] == 20 and rec["images"] == 24
-    lo, hi = rec["nll"]["ci95"]
-    assert lo < rec["nll"]["bits_per_dim"] < hi
-    assert rec["fd"]["features"] == "randconv" and rec["fd"]["is_fid"] is False
-    assert 0 <= rec["precision"] <= 1 and 0 <= rec["recall"] <= 1
-    lines = (tiny_run / "eval.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and json.loads(lines[1]) == rec
-
-
-def test_eval_cli_bad_input_is_one_line(tiny_run, tmp_path, monkeypatch):
-    assert "nothing to evaluate" in one_line_error(run("eval", tiny_run, "builtin:digits", "--no-nll", "--no-fd"), 2)
-    assert "--num-images" in one_line_error(run("eval", tiny_run, "builtin:digits", "-n", 2), 2)
-    assert "no such" in one_line_error(run("eval", tmp_path / "nope", "builtin:digits", "--log", tmp_path / "l.jsonl"))
-    fake_pytorch_fid(monkeypatch)
-    msg = one_line_error(run("eval", tiny_run, "builtin:digits", "-n", 8, "--steps", 2, "--no-nll",
-                             "--features", "inception", "--log", tmp_path / "l.jsonl"))  # fmt: skip
-    assert "cannot fetch the Inception-v3 weights" in msg
-
-
-@pytest.mark.parametrize("cmd", ["eval", "export"])
-def test_new_commands_have_help_with_examples(cmd):
-    r = run(cmd, "-h")
-    assert r.exit_code == 0
-    assert "Examples" in r.stdout and f"diffuse {cmd}" in r.stdout
-    if cmd == "eval":
-        assert "NOT FID" in " ".join(r.stdout.split())

@@ -1,14 +1,14 @@
-"""Classifier-free guidance: the wrapper's algebra, the conditional U-Net and training step, and guided
-sampling of an analytic Gaussian mixture whose components are the classes (exact conditional eps known)."""
+"""Classifier-free guidance (engine/guidance.py): the wrapper's algebra on a conditional U-Net, and guided
+sampling of an analytic Gaussian mixture whose components are the classes (exact conditional eps known).
+The training step's label drops are in test_step.py, the conditional U-Net's layout in test_unet.py."""
 
 import math
 
 import pytest
 import torch
 
-from diffuse_cli.engine import step as step_mod
 from diffuse_cli.engine.analytic import GaussianMixture
-from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig
+from diffuse_cli.engine.config import DiffusionConfig, UNetConfig
 from diffuse_cli.engine.diffusion import Diffusion, to_x0_eps
 from diffuse_cli.engine.errors import ConfigError
 from diffuse_cli.engine.generate import generate
@@ -77,61 +77,7 @@ def test_guidance_scale_must_be_a_finite_non_negative_number(unet):
             guided(unet, torch.zeros(2, dtype=torch.long), bad)
 
 
-def test_unconditional_unet_keeps_its_layout_and_refuses_labels():
-    torch.manual_seed(0)
-    plain = UNet(UNetConfig.preset("tiny", 8, 1))
-    torch.manual_seed(0)
-    cond = UNet(CFG)
-    assert plain.class_emb is None and plain.null_class == 0
-    assert cond.class_emb.weight.shape == (K + 1, 4 * CFG.base_channels)  # K classes + the null class
-    shared = plain.state_dict()
-    # The embedding is created last, so the other weights of a seeded model are the unconditional ones.
-    assert all(torch.equal(v, cond.state_dict()[k]) for k, v in shared.items())
-    assert set(cond.state_dict()) - set(shared) == {"class_emb.weight"}
-    assert UNetConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "num_classes"}).num_classes == 0
-    with pytest.raises(ConfigError, match="num_classes"):
-        UNetConfig(num_classes=-1)
-
-
 # --- the training step ------------------------------------------------------------------------
-def _step(num_classes, labels, **cfg):
-    mc = UNetConfig.preset("tiny", 8, 1, num_classes=num_classes)
-    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    return step_mod.make_train_step(
-        mc, DiffusionConfig(timesteps=50), TrainConfig(batch_size=16, **cfg), images, torch.device("cpu"), labels=labels
-    )
-
-
-def test_label_drops_are_drawn_after_the_unconditional_numbers():
-    labels = torch.arange(40) % K
-    plain, cond = _step(0, None), _step(K, labels, cond_drop=0.5)
-    for k in range(3):  # within a step: the drops shift the stream of the steps after, never this one's numbers
-        plain.gen.manual_seed(k)
-        cond.gen.manual_seed(k)
-        x0, t, eps, y0, _ = plain.draw()
-        cx0, ct, ceps, y, _ = cond.draw()
-        assert y0 is None
-        assert torch.equal(x0, cx0) and torch.equal(t, ct) and torch.equal(eps, ceps)  # the same stream up to here
-        assert y.dtype == torch.long and ((y >= 0) & (y <= K)).all()
-
-
-@pytest.mark.parametrize("drop", [0.0, 0.3])
-def test_labels_are_dropped_at_the_asked_rate(drop):
-    labels = torch.arange(40) % K
-    ts = _step(K, labels, cond_drop=drop)
-    ys = torch.cat([ts.draw()[3] for _ in range(200)])  # 3,200 labels
-    rate = float((ys == K).float().mean())
-    assert abs(rate - drop) < 4 * math.sqrt(max(drop * (1 - drop), 1e-9) / ys.numel()) + 1e-9
-    ts2 = _step(K, labels, cond_drop=drop)
-    loss = ts2(0)
-    assert torch.isfinite(loss) and ts2.model.class_emb.weight.grad is not None
-
-
-def test_step_refuses_labels_and_models_that_do_not_match():
-    with pytest.raises(ConfigError, match="needs labels"):
-        _step(K, None)
-    with pytest.raises(ConfigError, match="needs labels"):
-        _step(0, torch.zeros(40, dtype=torch.long))
 
 
 # --- the analytic mixture: each component a class ----------------------------------------------

@@ -77,11 +77,15 @@ def test_grid_properties(schedule, zero_terminal_snr, spacing, steps):
 @pytest.mark.parametrize("sampler", list(S.SAMPLERS))
 @pytest.mark.parametrize("spacing", S.SPACINGS)
 def test_tiny_T(timesteps, zero_terminal_snr, sampler, spacing):
-    if zero_terminal_snr and timesteps < 2:
-        return  # not a valid schedule
+    if zero_terminal_snr and timesteps < 2:  # not a valid schedule: refused, not sampled
+        with pytest.raises(ConfigError, match="zero terminal SNR needs at least 2 timesteps"):
+            make_diffusion("linear", zero_terminal_snr=zero_terminal_snr, timesteps=timesteps)
+        return
     d = make_diffusion("linear", zero_terminal_snr=zero_terminal_snr, timesteps=timesteps)
     for steps in range(1, timesteps + 1):
-        assert S.timestep_grid(d, steps, spacing).tolist()[0] == timesteps - 1
+        grid = S.timestep_grid(d, steps, spacing).tolist()
+        assert grid[0] == timesteps - 1
+        assert len(grid) == steps and grid == sorted(set(grid), reverse=True) and grid[-1] >= 0
         out = U.sample(GAUSS.model(d), d, x_T(4), sampler=sampler, steps=steps, spacing=spacing,
                        generator=torch.Generator().manual_seed(0))  # fmt: skip
         assert torch.isfinite(out).all()

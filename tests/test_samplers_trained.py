@@ -38,7 +38,7 @@ def trained():
     torch.set_num_threads(before)
 
 
-def x_T(n: int, seed: int = 1) -> torch.Tensor:
+def noise16(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn((n, 1, 16, 16), generator=torch.Generator().manual_seed(seed))
 
 
@@ -58,7 +58,7 @@ def test_ddim_matches_diffusers_step_by_step(trained):
     """
     diffusers = pytest.importorskip("diffusers")
     net, d = trained
-    x = x_T(8)
+    x = noise16(8)
     sched = diffusers.DDIMScheduler(num_train_timesteps=d.num_timesteps, trained_betas=d.betas.numpy(),
                                     prediction_type="epsilon", timestep_spacing="trailing", clip_sample=True,
                                     set_alpha_to_one=True)  # fmt: skip
@@ -80,13 +80,13 @@ def test_ddim_matches_diffusers_step_by_step(trained):
 def test_the_old_clipping_speckles_this_model(trained):
     """The model exhibits the failure, so the next test can fail (issue #16's 12-22%)."""
     net, d = trained
-    assert speckled(S.dpmpp(net, d, x_T(32), clip_x0="rederive")) >= 0.1
+    assert speckled(S.dpmpp(net, d, noise16(32), clip_x0="rederive")) >= 0.1
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp", "ddim"])
 def test_default_samplers_make_no_speckled_noise(trained, sampler):
     net, d = trained
-    out = S.sample(net, d, x_T(32), sampler=sampler, generator=torch.Generator().manual_seed(0))
+    out = S.sample(net, d, noise16(32), sampler=sampler, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out).all()
     assert speckled(out) == 0.0
 
@@ -94,7 +94,7 @@ def test_default_samplers_make_no_speckled_noise(trained, sampler):
 @pytest.mark.slow
 def test_default_ddpm_makes_no_speckled_noise(trained):
     net, d = trained
-    out = S.sample(net, d, x_T(32), sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    out = S.sample(net, d, noise16(32), sampler="ddpm", generator=torch.Generator().manual_seed(0))
     assert speckled(out) == 0.0
 
 
@@ -102,7 +102,7 @@ def test_clipping_keeps_the_network_eps_at_the_noisy_end(trained):
     """At t = T - 1 the clipped x0 is far from the raw one (eps errors amplified 1 / sqrt(abar)); the
     default keeps the network's eps, so the next DDIM state moves by sqrt(abar_s) times the clipping only."""
     net, d = trained
-    x = x_T(8)
+    x = noise16(8)
     states: list[torch.Tensor] = []
     S.ddim(net, d, x, steps=50, callback=lambda c: states.append(c["x_t"]))
     t, s = S.timestep_grid(d, 50, S.DEFAULT_SPACING["ddim"])[:2].tolist()

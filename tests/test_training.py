@@ -1,5 +1,7 @@
-"""The training loop: end to end, resume bit-exactness, atomic checkpoints, interrupts, divergence."""
+"""The training loop: end to end, resume bit-exactness, atomic checkpoints, interrupts, divergence, --time
+budgets (with a fake clock), when previews are due."""
 
+import itertools
 import json
 import os
 import signal
@@ -9,12 +11,12 @@ import torch
 from PIL import Image
 
 from diffuse_cli.engine import checkpoint as ckpt
-from diffuse_cli.engine import step as step_mod
 from diffuse_cli.engine import training
 from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig
 from diffuse_cli.engine.data import load_dataset
 from diffuse_cli.engine.device import resolve_device
 from diffuse_cli.engine.errors import CheckpointError, ConfigError, Interrupted, OutputError, TrainingDiverged
+from helpers import TINY_TRAIN, invoke
 
 MODEL = UNetConfig(
     image_size=8,
@@ -194,21 +196,48 @@ def test_checkpoint_refuses_pickles_and_garbage(tmp_path):
         ckpt.load(foreign)
 
 
-def test_compiled_and_eager_steps_agree(digits):
-    """The compiled step (a backend that runs on any CPU) computes the eager step's losses and weights."""
-    cfg_ = cfg(batch_size=8, hflip=True)
-    eager = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
-    comp = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
-    assert comp.compile(backend="aot_eager") is None
-    for k in range(3):
-        torch.testing.assert_close(comp(k), eager(k), rtol=1e-5, atol=1e-6)  # the same losses
-    fresh = step_mod.make_train_step(MODEL, DIFF, cfg_, digits.images, torch.device("cpu"))
-    # Compare what the networks compute, not raw weights: where a gradient is zero in exact arithmetic
-    # (biases a GroupNorm removes) Adam turns rounding noise into full-size steps (see test_distributed.py).
-    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.linspace(0, 99, 16).long()
-    with torch.no_grad():
-        out = {name: ts.model.eval()(x, t) for name, ts in (("fresh", fresh), ("eager", eager), ("compiled", comp))}
-    moved = (out["eager"] - out["fresh"]).abs().max().item()
-    apart = (out["compiled"] - out["eager"]).abs().max().item()
-    assert moved > 1e-3 and apart < 0.01 * moved, (moved, apart)
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """Every reading of the training loop's clock advances 1 s: a --time budget of N s lasts about N readings."""
+    ticks = itertools.count()
+    monkeypatch.setattr(training, "_clock", lambda: float(next(ticks)))
+
+
+def test_time_budget_stops_saves_and_resumes(tmp_path, fake_clock):
+    run = tmp_path / "run"
+    r = invoke("train", "builtin:digits", "--out", run, *TINY_TRAIN, "--steps", "1000", "--time", "20s")
+    assert r.exit_code == 0, r.output
+    from diffuse_cli.engine import checkpoint as ckpt
+    from diffuse_cli.engine import rundir
+
+    done = rundir.newest_state(run).step
+    assert 3 <= done < 20 and "--time budget is spent" in r.output  # stopped by the clock, not by --steps
+    assert ckpt.load(run / "model.safetensors").step == done  # saved exactly as a normal finish
+    r = invoke("train", "builtin:digits", "--out", run, "--resume", "--time", "20s")
+    assert r.exit_code == 0, r.output
+    assert done < rundir.newest_state(run).step < 1000
+
+
+def test_time_without_steps_trains_until_the_budget(tmp_path, fake_clock):
+    r = invoke(
+        "train",
+        "builtin:digits",
+        "--out",
+        tmp_path / "r",
+        "--preset",
+        "tiny",
+        "-b",
+        "4",
+        "--time",
+        "10s",
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 0, r.output
+    assert "training for 10 s" in r.output and "1000000000" not in r.output
+
+
+def test_previews_come_early_then_regularly():
+    due = [s for s in range(1, 5001) if training.preview_due(s, 1000)]
+    assert due == [100, 200, 400, 800, 1000, 2000, 3000, 4000, 5000]
+    assert not any(training.preview_due(s, 0) for s in range(1, 300))

@@ -262,3 +262,21 @@ def test_same_function_as_diffusers_unet2dmodel(cfg):
 def test_parameter_count_matches_diffusers_for_ddpm_cifar10():
     cfg = UNetConfig()
     assert count_parameters(diffusers_twin(cfg)) == count_parameters(UNet(cfg))
+
+
+def test_unconditional_unet_keeps_its_layout_and_refuses_labels():
+    K = 3  # classes
+    CFG = UNetConfig.preset("tiny", 8, 1, num_classes=K)
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig.preset("tiny", 8, 1))
+    torch.manual_seed(0)
+    cond = UNet(CFG)
+    assert plain.class_emb is None and plain.null_class == 0
+    assert cond.class_emb.weight.shape == (K + 1, 4 * CFG.base_channels)  # K classes + the null class
+    shared = plain.state_dict()
+    # The embedding is created last, so the other weights of a seeded model are the unconditional ones.
+    assert all(torch.equal(v, cond.state_dict()[k]) for k, v in shared.items())
+    assert set(cond.state_dict()) - set(shared) == {"class_emb.weight"}
+    assert UNetConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "num_classes"}).num_classes == 0
+    with pytest.raises(ConfigError, match="num_classes"):
+        UNetConfig(num_classes=-1)

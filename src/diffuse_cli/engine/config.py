@@ -45,6 +45,17 @@ DEFAULT_GUIDANCE = 2.0
 #: Length of the augmentation vector a U-Net with augmentation conditioning reads (engine/augment.py).
 AUGMENT_DIM = 9
 
+# Editing (engine/editing.py; Lugmayr et al. 2022, Meng et al. 2022, Ho et al. 2020 fig. 8).
+# RePaint's defaults, chosen by measurement on held-out digits (`python -m benchmarks.inpaint`, the table
+# "Inpainting" in benchmarks/RESULTS.md): a respaced grid of 50 steps (RePaint itself uses 250) with jumps of 5
+# steps traversed 5 times costs about 5 x 50 model calls per image.
+DEFAULT_REPAINT_STEPS = 50
+DEFAULT_JUMP_LENGTH = 5
+DEFAULT_RESAMPLINGS = 5
+DEFAULT_STRENGTH = 0.6  # SDEdit: Meng et al. 2022 find t0 in [0.3, 0.6] T balances faithfulness and realism
+DEFAULT_INTERPOLATION_STRENGTH = 0.5  # Ho et al. 2020, fig. 8 mixes at t = 500 of T = 1000
+INTERPOLATIONS = ("ddim", "noise")
+
 
 @dataclass(frozen=True)
 class DiffusionConfig:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EVAL_FEATURES, FIXED_VARIANCES
+from .config import EVAL_FEATURES, FIXED_VARIANCES, check_seed
 from .diffusion import Diffusion
 from .errors import ConfigError, Unsupported
 
@@ -422,6 +422,7 @@ def run(
     from .models import load_for_sampling
 
     emit = callback or (lambda e: None)
+    check_seed(seed)  # before any work, as sample does
     if num_images < 2 or (fd and num_images <= PR_K):
         raise ConfigError(f"--num-images must be at least {PR_K + 1 if fd else 2} (got {num_images})")
     if not (nll or fd):

@@ -66,6 +66,7 @@ def generate(
     trajectory: Trajectory | None = None,
     classes: torch.Tensor | None = None,
     guidance: float = 1.0,
+    edit: Callable[..., torch.Tensor] | None = None,
     **options,
 ) -> torch.Tensor:
     """``num`` samples of ``shape`` (C, H, W) from ``model``, float32 on the CPU in [-1, 1] (clipped
@@ -74,7 +75,12 @@ def generate(
 
     ``classes`` (``num``,) int64 asks a class-conditional ``model(x_t, t, y)`` for one class per
     image, guided with scale ``guidance`` (:func:`guidance.guided`; 1 = the plain conditional model).
-    A conditional model given no ``classes`` samples its unconditional (null-class) model."""
+    A conditional model given no ``classes`` samples its unconditional (null-class) model.
+
+    ``edit`` replaces plain sampling from x_T (:mod:`editing`: SDEdit, RePaint): it is called once
+    per batch as ``edit(model, diffusion, x_T, rows, generator=gens, callback=...)`` with the
+    batch's (guided) model, its per-image noise x_T, the ``slice`` of image indices it holds and
+    their generators, and returns the batch's images."""
     check_seed(seed)
     if num < 1:
         raise ConfigError(f"--num must be at least 1 (got {num})")
@@ -103,16 +109,13 @@ def generate(
         gens = image_generators(seed, start, b, device)
         x_T = samplers.noise_like((b, *shape), gens, device)
         call = net if classes is None else guided(net, classes[start : start + b], guidance, null_class=null)
-        x0 = samplers.sample(
-            call,
-            diffusion,
-            x_T,
-            sampler=sampler,
-            steps=steps,
-            generator=gens,
-            callback=trajectory if start == 0 else None,
-            **options,
-        )
+        callback = trajectory if start == 0 else None
+        if edit is not None:
+            x0 = edit(call, diffusion, x_T, slice(start, start + b), generator=gens, callback=callback)
+        else:
+            x0 = samplers.sample(
+                call, diffusion, x_T, sampler=sampler, steps=steps, generator=gens, callback=callback, **options
+            )
         out.append(x0.float().cpu())
         if progress is not None:
             progress(start + b)

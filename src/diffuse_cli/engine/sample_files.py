@@ -1,20 +1,22 @@
 """``diffuse sample`` end to end: load a model, resolve its classes, check the outputs before any work,
-generate (:func:`generate.generate`), and write PNGs, a grid and a denoising GIF."""
+generate (:func:`generate.generate`), and write PNGs, a grid and a denoising GIF. With ``init`` the
+images are SDEdit edits of a picture (:func:`editing.sdedit`) rather than samples from pure noise."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import data, editing, rundir, samplers
 from . import images as img
-from . import rundir, samplers
 from .checkpoint import Checkpoint
 from .config import DEFAULT_GUIDANCE
 from .device import autocast_dtype, resolve_device
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .fileio import ensure_dir, safe_name
 from .generate import Trajectory, generate
 from .models import class_ids, class_names, load_for_sampling
@@ -35,6 +37,8 @@ class SampleJob:
     per_class: int = 0
     guidance: float = 1.0
     known_classes: int = 0  # how many classes the model knows (0: unconditional model)
+    inputs: tuple = ()  # diffuse inpaint: (image (1, C, S, S), pixels kept (1, 1, S, S))
+    edit: Callable | None = None  # generate()'s edit: SDEdit (--init) or RePaint (diffuse inpaint); None: from noise
 
 
 def prepare(
@@ -52,13 +56,22 @@ def prepare(
     classes: list[str] = (),
     guidance: float | None = None,
     overwrite: bool = False,
+    init: Path | None = None,
+    strength: float | None = None,
 ) -> SampleJob:
-    """Everything before sampling, with every mistake reported before the model runs."""
+    """Everything before sampling, with every mistake reported before the model runs.
+
+    ``init`` (an image file) with ``strength`` S makes every image an SDEdit of it (Meng et al. 2022):
+    the image noised to t = S T by q(x_t | x_0) (Ho et al. 2020, eq. 4), then denoised by ``sampler``."""
     from .guidance import check_guidance
 
     if out is None and grid is None and gif is None:
         raise ConfigError("nothing to write: give --out, --grid or --gif")
     dev = resolve_device(device)
+    if strength is not None and init is None:
+        raise ConfigError("--strength says how much of --init to redraw: give --init IMAGE too")
+    if init is not None:
+        strength = editing.check_strength(editing.DEFAULT_STRENGTH if strength is None else strength)
     if guidance is not None and not classes:
         raise ConfigError("--guidance steers towards a class: give --class too")
     model, diffusion, ck = load_for_sampling(checkpoint, dev)
@@ -77,7 +90,31 @@ def prepare(
         "clip_x0": clip,
         **({"eta": eta} if sampler == "ddim" or eta != 0.0 else {}),
     }  # the engine says where eta applies
+    if init is not None:
+        job.edit = _sdedit(load_image(init, ck).to(dev), strength, job)
     return job
+
+
+def load_image(path: str | os.PathLike, ck: Checkpoint) -> torch.Tensor:
+    """An image file as the model sees its data: (1, C, S, S) float32 in [-1, 1], decoded, centre-cropped and
+    resized as training decodes a folder (:func:`data.decode_image`)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"no such file: {path}")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give one image file")
+    size, channels = ck.model["image_size"], ck.model["in_channels"]
+    return data.to_model_range(data.decode_image(path, size, channels))[None]
+
+
+def _sdedit(image: torch.Tensor, strength: float, job: SampleJob) -> Callable:
+    def edit(model, diffusion, x_T, rows, generator, callback):
+        x0 = image.to(x_T.dtype).expand(x_T.shape[0], -1, -1, -1)
+        return editing.sdedit(model, diffusion, x0, strength, sampler=job.sampler, steps=job.steps, noise=x_T,
+                              generator=generator, callback=callback, **job.options)  # fmt: skip
+
+    edit.strength = strength
+    return edit
 
 
 def run(job: SampleJob, *, seed: int = 0, batch_size: int = 64, progress=None, trajectory: Trajectory | None = None):
@@ -87,7 +124,7 @@ def run(job: SampleJob, *, seed: int = 0, batch_size: int = 64, progress=None, t
         job.model, job.diffusion, job.num, (c, s, s), sampler=job.sampler, steps=job.steps, seed=seed,
         batch_size=batch_size, device=job.device, amp=autocast_dtype("auto", job.device), progress=progress,
         trajectory=trajectory, classes=job.classes, guidance=job.guidance if job.classes is not None else 1.0,
-        **job.options,
+        edit=job.edit, **job.options,
     )  # fmt: skip
 
 

@@ -16,7 +16,9 @@ Coefficients are computed once per step in float64 (Python floats) from the diff
 float64 tables; the state stays in x_T's dtype and the model is called with it. Random
 draws (DDPM, DDIM with eta > 0) come only from the injected ``generator``, so a seed fixes
 the output; the deterministic samplers draw nothing. ``callback`` receives
-``{"i", "steps", "t", "x_t", "x0_pred"}`` once per model evaluation.
+``{"i", "steps", "t", "x_t", "x0_pred"}`` once per model evaluation. ``start=s`` runs from an
+x_s rather than from x_T (the grid of :func:`timestep_grid` on 0..s): SDEdit and interpolation
+(:mod:`editing`) noise an image to s with q(x_s | x_0) and denoise it with any sampler.
 
 Clipping. ``clip_x0=True`` (the default, as ``diffuse sample --clip``) clamps each predicted
 x0 to the data range [-1, 1] and keeps the network's eps ("static", see :func:`_denoise`);
@@ -59,14 +61,25 @@ DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022 ("Imagen") and diffusers' dyna
 
 
 # --- the timestep grid -----------------------------------------------------------------
-def _check_steps(steps, num_timesteps: int) -> int:
+def _check_steps(steps, num_timesteps: int, top: int | None = None) -> int:
     try:
         n = operator.index(steps)
     except TypeError:
         n = None
-    if n is None or isinstance(steps, bool) or not 1 <= n <= num_timesteps:
-        raise ConfigError(f"--steps must be between 1 and T = {num_timesteps} (got {steps})")
+    most = num_timesteps if top is None else top + 1
+    if n is None or isinstance(steps, bool) or not 1 <= n <= most:
+        where = f"T = {num_timesteps}" if top is None else f"{most}, the timesteps below t = {top + 1}"
+        raise ConfigError(f"--steps must be between 1 and {where} (got {steps})")
     return n
+
+
+def _check_start(start, num_timesteps: int) -> int:
+    """``start`` (None: T - 1) as an int in [0, T)."""
+    if start is None:
+        return num_timesteps - 1
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < num_timesteps:
+        raise ConfigError(f"the starting timestep must be in [0, {num_timesteps - 1}] (got {start!r})")
+    return start
 
 
 def _nearest_timesteps(log_snr: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -81,11 +94,14 @@ def _nearest_timesteps(log_snr: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return (n - 1) - pick
 
 
-def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") -> torch.Tensor:
+def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform", start: int | None = None) -> torch.Tensor:
     """The ``steps`` training timesteps a sampler visits: int64 (steps,), strictly decreasing, on the CPU.
 
     The grid starts at the pure-noise end, T - 1, and moves towards the clean end; the
-    sampler's final step goes from ``grid[-1]`` to clean data.
+    sampler's final step goes from ``grid[-1]`` to clean data. With ``start`` = s < T - 1 the
+    grid is built the same way on the timesteps 0..s alone (as if T were s + 1, with the
+    schedule's own alpha_bar): a sampler started from an x_s, e.g. an image noised by
+    q(x_s | x_0) for SDEdit (Meng et al. 2022), takes ``steps`` steps from s to clean data.
 
     - ``uniform``: uniform in t, "trailing" so T - 1 is included: round(T - i T / steps) - 1
       (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Table 2).
@@ -104,8 +120,9 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
     Points that round to the same timestep are pushed apart (down, then up where the clean
     end runs out of room), so the grid always has exactly ``steps`` distinct timesteps.
     """
-    T = diffusion.num_timesteps
-    steps = _check_steps(steps, T)
+    top = _check_start(start, diffusion.num_timesteps)
+    T = top + 1  # the grid lives on 0..top
+    steps = _check_steps(steps, diffusion.num_timesteps, None if start is None else top)
     if spacing not in SPACINGS:
         raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if spacing == "uniform":
@@ -114,7 +131,7 @@ def timestep_grid(diffusion: Diffusion, steps: int, spacing: str = "uniform") ->
         ramp = (
             torch.linspace(0.0, 1.0, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
         )
-        log_snr = diffusion.log_snr.detach().to("cpu", torch.float64)
+        log_snr = diffusion.log_snr.detach().to("cpu", torch.float64)[:T]
         if spacing == "logsnr":
             # xi = 3 log(SNR^(1/3) + SNR_knee^(1/3)): log-SNR above the knee, finite even at SNR = 0
             q = LOGSNR_ROOT
@@ -249,6 +266,7 @@ def ddpm(
     generator: torch.Generator | None = None,
     clip_x0: bool | str = True,
     callback: Callback | None = None,
+    start: int | None = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), respaced when steps < T.
 
@@ -266,7 +284,7 @@ def ddpm(
     T = diffusion.num_timesteps
     if variance not in FIXED_VARIANCES:
         raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
-    grid = timestep_grid(diffusion, T if steps is None else steps, spacing)
+    grid = timestep_grid(diffusion, _check_start(start, T) + 1 if steps is None else steps, spacing, start)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
     clip = _clip_mode(clip_x0)
@@ -277,16 +295,27 @@ def ddpm(
         x_in = x
         x, x0, _ = _denoise(model, diffusion, x, t, abar_t, clip)
         _report(callback, i, n, t, x_in, x0)
-        alpha_ts = abar_t / abar_s  # the respaced alpha of the step t -> s
-        beta_ts = 1.0 - alpha_ts
-        coef_x0 = math.sqrt(abar_s) * beta_ts / (1.0 - abar_t)  # DDPM eq. 7
-        coef_xt = math.sqrt(alpha_ts) * (1.0 - abar_s) / (1.0 - abar_t)
-        x_prev = coef_x0 * x0 + coef_xt * x
-        if i + 1 < n:
-            var = beta_ts * (1.0 - abar_s) / (1.0 - abar_t) if variance == "posterior" else beta_ts
-            x_prev = x_prev + math.sqrt(var) * _noise(x, generator)
-        x = x_prev
+        x = ddpm_step(x, x0, abar_t, abar_s, variance, generator)
     return x
+
+
+def ddpm_step(
+    x: torch.Tensor, x0: torch.Tensor, abar_t: float, abar_s: float, variance: str, generator
+) -> torch.Tensor:
+    """One ancestral step x_t -> x_s ~ N(mu~(x_t, x0), var), respaced (beta_{t,s} = 1 - abar_t / abar_s).
+
+    mu~ is the posterior mean of q(x_s | x_t, x0) (DDPM eq. 7), var = beta_{t,s} ("beta") or
+    beta~ ("posterior"); the step to clean data (abar_s = 1) adds no noise.
+    """
+    alpha_ts = abar_t / abar_s  # the respaced alpha of the step t -> s
+    beta_ts = 1.0 - alpha_ts
+    coef_x0 = math.sqrt(abar_s) * beta_ts / (1.0 - abar_t)  # DDPM eq. 7
+    coef_xt = math.sqrt(alpha_ts) * (1.0 - abar_s) / (1.0 - abar_t)
+    x_prev = coef_x0 * x0 + coef_xt * x
+    if abar_s < 1.0:
+        var = beta_ts * (1.0 - abar_s) / (1.0 - abar_t) if variance == "posterior" else beta_ts
+        x_prev = x_prev + math.sqrt(var) * _noise(x, generator)
+    return x_prev
 
 
 # --- DDIM ---------------------------------------------------------------------------------
@@ -302,6 +331,7 @@ def ddim(
     generator: torch.Generator | None = None,
     clip_x0: bool | str = True,
     callback: Callback | None = None,
+    start: int | None = None,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12, sigma from eta by eq. 16).
 
@@ -312,7 +342,7 @@ def ddim(
     """
     if not 0.0 <= float(eta) <= 1.0:
         raise ConfigError(f"--eta must be between 0 and 1 (got {eta})")
-    grid = timestep_grid(diffusion, steps, spacing)
+    grid = timestep_grid(diffusion, steps, spacing, start)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
     clip = _clip_mode(clip_x0)
@@ -391,6 +421,7 @@ def dpmpp(
     generator: torch.Generator | None = None,
     clip_x0: bool | str = True,
     callback: Callback | None = None,
+    start: int | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++ multistep, "2M" or "3M" (Lu et al. 2022, "DPM-Solver++", Algorithm 2 and sec. 4).
 
@@ -408,7 +439,7 @@ def dpmpp(
     """
     if order not in (1, 2, 3):
         raise ConfigError(f"--order must be 1, 2 or 3 (got {order})")
-    grid = timestep_grid(diffusion, steps, spacing)
+    grid = timestep_grid(diffusion, steps, spacing, start)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
     clip = _clip_mode(clip_x0)

@@ -1,4 +1,4 @@
-"""Hypothesis throws random option values at all four commands: each run must end with exit code
+"""Hypothesis throws random option values at every command (helpers.COMMANDS): each run must end with exit code
 0, 1 or 2 and one readable message, never an exception escaping the app or a traceback.
 
 Values: integers including 0, negatives and numbers beyond 64 bits; floats including nan, inf and
@@ -8,8 +8,9 @@ paths that are missing, that are folders, files, or below a file. What keeps eac
 * `train` is fuzzed through the CLI's whole validation layer (options, data loading, the model and
   diffusion configs) down to the engine's `training.train`, which is replaced by a stub that checks
   what it receives: fuzzing must not start a training run that a huge --steps makes endless.
-* `sample` uses a tiny checkpoint with T = 50 and never a huge --num (asking for 10^30 images is a
-  valid, endless request). `noise` and `train` keep --size / --image-size small or out of range:
+* `sample`, `export` and `eval` use a copy of the session's tiny run (conftest `shared_run`, T = 50);
+  `sample` never asks for a huge --num (10^30 images is a valid, endless request), and `eval` reads a
+  folder of eight images, so even a huge --num-images is eight. `noise` and `train` keep --size / --image-size small or out of range:
   a valid 4096-pixel request is just slow, not wrong.
 
 The slow variant (`make test-all`) runs ten times as many examples.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from PIL import Image
 
 from diffuse_cli.cli import app
 from diffuse_cli.engine import training
-from helpers import runner
+from helpers import COMMANDS, fake_pytorch_fid, runner
 
 FAST, SLOW = 25, 250
 COMMON = dict(
@@ -74,8 +76,8 @@ def flag(name: str) -> st.SearchStrategy[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def place(tmp_path_factory) -> dict[str, Path]:
-    """Paths of every kind, and a tiny checkpoint."""
+def place(tmp_path_factory, shared_run) -> dict[str, Path]:
+    """Paths of every kind, a tiny run and a folder of eight images."""
     root = tmp_path_factory.mktemp("fuzz")
     Image.new("RGB", (20, 14), (30, 120, 200)).save(root / "photo.png")
     (root / "notes.txt").write_text("not an image")
@@ -83,28 +85,10 @@ def place(tmp_path_factory) -> dict[str, Path]:
     (root / "folder").mkdir()
     Image.new("L", (9, 9), 77).save(root / "folder" / "one.png")
     run = root / "run"
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            "builtin:digits",
-            "--preset",
-            "tiny",
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--sample-every",
-            "0",
-            "--device",
-            "cpu",
-            "-T",
-            "50",
-            "--out",
-            str(run),
-        ],
-    )
-    assert r.exit_code == 0, r.output
+    shutil.copytree(shared_run, run)  # a copy: eval appends to the run's eval.jsonl
+    (root / "few").mkdir()
+    for i in range(8):
+        Image.new("L", (8, 8), 20 * i).save(root / "few" / f"{i}.png")
     return {
         "root": root,
         "photo": root / "photo.png",
@@ -113,6 +97,7 @@ def place(tmp_path_factory) -> dict[str, Path]:
         "folder": root / "folder",
         "run": run,
         "model": run / "model.safetensors",
+        "few": root / "few",
     }
 
 
@@ -140,11 +125,6 @@ def check(args: list[str]) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{args}\n{r.stderr}"
         if " for '--" in lines[0] or "must be" in lines[0] and lines[0].startswith("error: --"):
             assert r.exit_code == 2, f"a bad option value is a usage error, exit 2: {args}\n{r.stderr}"
-
-
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
 
 
 def schedule_args(place, tmp, v: Values):
@@ -262,6 +242,51 @@ def sample_args(place, tmp, v: Values):
     )
 
 
+def export_args(place, tmp, v: Values):
+    source = v.choice("run", "model", wild=("photo", "folder", "missing", "empty", "few")).map(
+        lambda k: str(place.get(k, tmp / "missing")) if k != "empty" else ""
+    )
+    return st.tuples(
+        st.just(["export"]),
+        source.map(lambda s: [s]),
+        out_path(place, tmp, v, "exported").map(lambda s: [s]),
+        flag("--overwrite"),
+    )
+
+
+def eval_args(place, tmp, v: Values):
+    ckpt = v.choice("model", "run", wild=("photo", "folder", "missing", "empty")).map(
+        lambda k: str(place.get(k, tmp / "missing.safetensors")) if k != "empty" else ""
+    )
+    data = v.choice("few", wild=("folder", "text", "missing", "nope")).map(
+        lambda k: {
+            "few": str(place["few"]),
+            "folder": str(place["folder"]),
+            "text": str(place["text"]),
+            "missing": str(tmp / "nowhere"),
+            "nope": "builtin:nope",
+        }[k]  # fmt: skip
+    )
+    return st.tuples(
+        st.just(["eval"]),
+        ckpt.map(lambda s: [s]),
+        data.map(lambda s: [s]),
+        opt("--num-images", v.ints(2, 8)),
+        st.sampled_from([[], ["--nll"], ["--no-nll"]]),
+        st.sampled_from([[], ["--fd"], ["--no-fd"]]),
+        opt("--features", v.choice("randconv", "inception")),
+        opt("--variance", v.choice("beta", "posterior")),
+        opt("--terms", v.ints(1, 60)),
+        opt("--sampler", v.choice("ddpm", "ddim", "dpmpp")),
+        opt("--steps", v.ints(1, 6) if not v.wild else st.sampled_from(["0", "-1", "2", "50", "51", str(2**64)])),
+        opt("--batch-size", v.ints(1, 8)),
+        opt("--seed", v.ints(0, 100)),
+        opt("--device", v.choice("cpu", "auto", wild=("cuda", "cuda:x", "mps", ""))),
+        opt("--format", v.choice("table", "json")),
+        opt("--log", out_path(place, tmp, v, "evals.jsonl")),
+    )
+
+
 @pytest.fixture
 def engine_stub(monkeypatch):
     """Replace the training loop: check what the CLI hands over, train nothing."""
@@ -300,11 +325,24 @@ def _fuzz(name, make, n, place, tmp_path):
     run()
 
 
-MAKERS = {"schedule": schedule_args, "noise": noise_args, "sample": sample_args}
+MAKERS = {
+    "schedule": schedule_args,
+    "noise": noise_args,
+    "sample": sample_args,
+    "export": export_args,
+    "eval": eval_args,
+}
 
 
-@pytest.mark.parametrize("command, n", [("schedule", FAST), ("noise", FAST // 2), ("sample", FAST)])
-def test_fuzz_command(command, n, place, tmp_path):
+def test_every_command_is_fuzzed():
+    assert sorted([*MAKERS, "train"]) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command, n", [("schedule", FAST), ("noise", FAST // 2), ("sample", FAST), ("export", FAST // 2),
+                                        ("eval", FAST // 2)])  # fmt: skip
+def test_fuzz_command(command, n, place, tmp_path, monkeypatch):
+    if command == "eval":
+        fake_pytorch_fid(monkeypatch)  # --features inception: no download, the network is not the test
     _fuzz(command, MAKERS[command], n, place, tmp_path)
 
 
@@ -317,6 +355,8 @@ def test_fuzz_train_validation(place, tmp_path, engine_stub):
 def test_fuzz_command_long(command, place, tmp_path, monkeypatch, request):
     if command == "train":
         request.getfixturevalue("engine_stub")
+    if command == "eval":
+        fake_pytorch_fid(monkeypatch)
     _fuzz(command, {**MAKERS, "train": train_args}[command], SLOW, place, tmp_path)
 
 
