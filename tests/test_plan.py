@@ -111,7 +111,8 @@ def test_one_class_folder_trains_unconditionally_and_says_why(tmp_path):
 # --- small data: augmentation and dropout by data size (issue 23) ----------------------------------
 def test_regularisation_by_data_size():
     assert P.regularisation(100) == (0.2, 0.1)
-    assert P.regularisation(1000) == (0.2, 0.1)
+    assert P.regularisation(200) == (0.2, 0.1)
+    assert P.regularisation(500) == (0.0, None)
     assert P.regularisation(1797) == (0.0, None)
 
 

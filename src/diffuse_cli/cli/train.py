@@ -70,7 +70,7 @@ AugmentOpt = _opt(
     "--augment",
     help="Probability of each geometric augmentation (flip, shifts, scaling, rotation, stretch), told to the "
     "network and zero when sampling so it never shows in samples (Karras et al. 2022, app. C.4); 0: off. "
-    "[default: by data size, 0.2 up to 1000 images, else 0]",
+    "[default: by data size, 0.2 up to 200 images, else 0]",
 )
 ClassesOpt = _opt(
     Classes,
@@ -122,7 +122,7 @@ def train(
     dropout: _opt(
         float | None,
         "--dropout",
-        help="Dropout in residual blocks. [default: 0.1 up to 1000 images, else the preset's]",
+        help="Dropout in residual blocks. [default: 0.1 up to 200 images, else the preset's]",
     ) = None,
     kind: _opt(Schedule | None, "--kind", "-k", help=f"Beta schedule. {d(_D.schedule)}") = None,
     timesteps: _opt(int | None, "--timesteps", "-T", help=f"Diffusion steps T. {d(_D.timesteps)}") = None,
