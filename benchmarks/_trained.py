@@ -61,11 +61,13 @@ class ModelSpec:
     warmup: int = 0
     seed: int = 0
     half: str = "all"  # "train": only the even-indexed digits (the odd ones stay held out, as in _digits_quality)
+    variance: str = "fixed"  # "learned": Improved DDPM's learned variance and L_hybrid (issue #22)
 
     def key(self) -> str:
         fields = asdict(self)
-        if fields["half"] == "all":
-            del fields["half"]  # keeps the cache keys of the models trained before this field existed
+        for name, default in (("half", "all"), ("variance", "fixed")):
+            if fields[name] == default:
+                del fields[name]  # keeps the cache keys of the models trained before this field existed
         blob = json.dumps(fields, sort_keys=True, default=list).encode()
         return f"{self.name}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
@@ -78,6 +80,9 @@ SPECS = {
         ModelSpec("digits16-x0", prediction="x0"),
         # issue #21 (inpainting): trained on the even half only, so the odd half are real held-out images
         ModelSpec("digits16-eps-half", steps=2000, half="train"),
+        ModelSpec("digits16-eps-learned", variance="learned"),  # issue #22: digits16-eps with a learned variance
+        ModelSpec("digits8-eps", image_size=8, steps=1200),
+        ModelSpec("digits8-eps-learned", image_size=8, steps=1200, variance="learned"),
     )
 }
 
@@ -90,7 +95,7 @@ def trained_model(spec: ModelSpec, log=print):
         if spec.half == "train":
             data = replace(data, images=data.images[::2].contiguous(), labels=data.labels[::2].contiguous())
         mcfg = UNetConfig(image_size=spec.image_size, in_channels=1, **spec.unet)
-        dcfg = DiffusionConfig(schedule=spec.schedule, prediction=spec.prediction)
+        dcfg = DiffusionConfig(schedule=spec.schedule, prediction=spec.prediction, variance=spec.variance)
         tcfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, warmup=spec.warmup, seed=spec.seed,
                            sample_every=0, save_every=spec.steps, log_every=100)  # fmt: skip
         log(f"training {spec.name} ({spec.steps} steps, cached as {path})")

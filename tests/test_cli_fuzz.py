@@ -86,6 +86,9 @@ def place(tmp_path_factory, shared_run) -> dict[str, Path]:
     Image.new("L", (9, 9), 77).save(root / "folder" / "one.png")
     run = root / "run"
     shutil.copytree(shared_run, run)  # a copy: eval appends to the run's eval.jsonl
+    mask = Image.new("L", (20, 14), 0)
+    mask.paste(255, (0, 7, 20, 14))  # the lower half: fill in
+    mask.save(root / "mask.png")
     (root / "few").mkdir()
     for i in range(8):
         Image.new("L", (8, 8), 20 * i).save(root / "few" / f"{i}.png")
@@ -98,6 +101,7 @@ def place(tmp_path_factory, shared_run) -> dict[str, Path]:
         "run": run,
         "model": run / "model.safetensors",
         "few": root / "few",
+        "mask": root / "mask.png",
     }
 
 
@@ -242,6 +246,54 @@ def sample_args(place, tmp, v: Values):
     )
 
 
+def _picture(place, tmp, v: Values, *usual: str):
+    return v.choice(*usual, wild=("text", "folder", "missing", "empty")).map(
+        lambda k: str(place.get(k, tmp / "missing.png")) if k != "empty" else ""
+    )
+
+
+def inpaint_args(place, tmp, v: Values):
+    ckpt = v.choice("model", "run", wild=("photo", "folder", "missing")).map(lambda k: str(place.get(k, tmp / "no")))
+    return st.tuples(
+        st.just(["inpaint"]),
+        ckpt.map(lambda s: [s]),
+        _picture(place, tmp, v, "photo").map(lambda s: [s]),
+        _picture(place, tmp, v, "mask", "photo").map(lambda s: ["--mask", s]),
+        st.one_of(st.just(["--out", str(tmp / "filled")]), opt("--out", out_path(place, tmp, v, "filled"))),
+        opt("--grid", out_path(place, tmp, v, "grid.png")),
+        opt("--num", v.ints(1, 2)),
+        flag("--invert-mask"),
+        opt("--steps", v.ints(1, 4) if not v.wild else st.sampled_from(["0", "-1", "2", "51", str(2**64)])),
+        opt("--jump", v.ints(1, 3) if not v.wild else st.sampled_from(["0", "-1", "2", "100"])),
+        opt("--resample", v.ints(1, 2) if not v.wild else st.sampled_from(["0", "-1", "1", str(2**63)])),
+        opt("--seed", v.ints(0, 100)),
+        opt("--batch-size", v.ints(1, 4)),
+        opt("--device", v.choice("cpu", "auto", wild=("cuda", "cuda:x", "mps", ""))),
+        flag("--overwrite"),
+        st.sampled_from([[], ["--clip"], ["--no-clip"]]),
+    )
+
+
+def interpolate_args(place, tmp, v: Values):
+    ckpt = v.choice("model", "run", wild=("photo", "folder", "missing")).map(lambda k: str(place.get(k, tmp / "no")))
+    out = st.one_of(st.just(str(tmp / "strip.png")), st.just(str(tmp / "walk.gif")), out_path(place, tmp, v, "i.png"))
+    return st.tuples(
+        st.just(["interpolate"]),
+        ckpt.map(lambda s: [s]),
+        _picture(place, tmp, v, "photo").map(lambda s: [s]),
+        _picture(place, tmp, v, "photo", "mask").map(lambda s: [s]),
+        opt("--frames", v.ints(2, 4) if not v.wild else st.sampled_from(["0", "1", "-3", "3", str(2**64)])),
+        opt("--out", out),
+        opt("--method", v.choice("ddim", "noise")),
+        opt("--strength", v.floats(0.0, 1.0)),
+        opt("--sampler", v.choice("ddpm", "ddim", "dpmpp")),
+        opt("--steps", v.ints(1, 4) if not v.wild else st.sampled_from(["0", "-1", "2", "51"])),
+        opt("--seed", v.ints(0, 100)),
+        opt("--device", v.choice("cpu", "auto", wild=("cuda", "cuda:x", "mps", ""))),
+        st.sampled_from([[], ["--clip"], ["--no-clip"]]),
+    )
+
+
 def export_args(place, tmp, v: Values):
     source = v.choice("run", "model", wild=("photo", "folder", "missing", "empty", "few")).map(
         lambda k: str(place.get(k, tmp / "missing")) if k != "empty" else ""
@@ -325,12 +377,23 @@ def _fuzz(name, make, n, place, tmp_path):
     run()
 
 
+def report_args(place, tmp, v: Values):
+    run = v.choice("run", wild=("photo", "folder", "missing", "empty", "model")).map(
+        lambda k: str(place.get(k, tmp / "missing")) if k != "empty" else ""
+    )
+    out = st.one_of(st.just([]), out_path(place, tmp, v, "report.png").map(lambda s: ["--out", s]))
+    return st.tuples(st.just(["report"]), run.map(lambda s: [s]), out)
+
+
 MAKERS = {
     "schedule": schedule_args,
     "noise": noise_args,
     "sample": sample_args,
+    "inpaint": inpaint_args,
+    "interpolate": interpolate_args,
     "export": export_args,
     "eval": eval_args,
+    "report": report_args,
 }
 
 
@@ -339,7 +402,8 @@ def test_every_command_is_fuzzed():
 
 
 @pytest.mark.parametrize("command, n", [("schedule", FAST), ("noise", FAST // 2), ("sample", FAST), ("export", FAST // 2),
-                                        ("eval", FAST // 2)])  # fmt: skip
+                                        ("eval", FAST // 2), ("inpaint", FAST // 2), ("interpolate", FAST // 2),
+                                        ("report", FAST // 2)])  # fmt: skip
 def test_fuzz_command(command, n, place, tmp_path, monkeypatch):
     if command == "eval":
         fake_pytorch_fid(monkeypatch)  # --features inception: no download, the network is not the test

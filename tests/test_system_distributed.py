@@ -134,7 +134,7 @@ def test_only_rank_zero_writes(runs):
     run = root / "two"
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert files == ["checkpoints/state-00000002.safetensors", "checkpoints/state-00000004.safetensors",
-                     "config.json", "log.jsonl", "model.safetensors", "samples/step-000004.png"]  # fmt: skip
+                     "config.json", "log.jsonl", "model.safetensors", "report.png", "samples/step-000004.png"]  # fmt: skip
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]
     one = [json.loads(line) for line in (root / "one" / "log.jsonl").read_text().splitlines()]

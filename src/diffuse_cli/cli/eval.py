@@ -11,11 +11,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..engine.config import EVAL_FEATURES, FIXED_VARIANCES, SAMPLER_NAMES
+from ..engine.config import EVAL_FEATURES, REVERSE_VARIANCES, SAMPLER_NAMES
 from .app import DeviceOpt, SeedOpt, choices, console, err_console, run
 
 FeatureKind = choices("FeatureKind", EVAL_FEATURES)
-Variance = choices("Variance", FIXED_VARIANCES)
+Variance = choices("Variance", REVERSE_VARIANCES)
 EvalFormat = choices("EvalFormat", ("table", "json"))
 SamplerName = choices("SamplerName", SAMPLER_NAMES)
 
@@ -35,9 +35,13 @@ FeaturesOpt = Annotated[
     ),
 ]
 VarianceOpt = Annotated[
-    Variance,
+    Variance | None,
     typer.Option(
-        "--variance", help="Reverse-step variance in the bound: beta (sigma_t^2 = beta_t) or posterior (beta~_t)."
+        "--variance",
+        help="Reverse-step variance in the bound: beta (sigma_t^2 = beta_t), posterior (beta~_t) or learned (a model "
+        "trained with --variance learned: Nichol & Dhariwal 2021, eq. 15). [default: learned for such a model, "
+        "else beta]",
+        show_default=False,
     ),
 ]
 TermsOpt = Annotated[
@@ -69,7 +73,7 @@ def eval_(
         bool, typer.Option("--fd/--no-fd", help="Frechet distance and precision/recall, generated vs real.")
     ] = True,
     features: FeaturesOpt = FeatureKind("randconv"),
-    variance: VarianceOpt = Variance("beta"),
+    variance: VarianceOpt = None,
     terms: TermsOpt = None,
     sampler: Annotated[SamplerName, typer.Option("--sampler", help="Sampler for the generated images.")] = SamplerName(
         "dpmpp"
@@ -95,6 +99,11 @@ def eval_(
       download but its distance is not FID; `--features inception` is the standard FID
       (`pip install 'diffuse-cli[fid]'`). Like FID, the number depends on --num-images.
 
+    - **near-copies**: the share of samples whose nearest training image is much closer than the training
+      images around it (Carlini et al. 2023's relative distance), against the same share for real images
+      left out of the comparison; `nearest.png` beside eval.jsonl shows samples next to their nearest
+      training images (near-copies first, framed in red).
+
     The numbers are printed and appended to the run's eval.jsonl.
 
     **Examples**
@@ -113,13 +122,17 @@ def eval_(
     with bars.progress:
         report, log_path = run(
             evaluate.run, checkpoint, data, num_images=num_images, nll=nll, fd=fd, features=features.value,
-            variance=variance.value, terms=terms, sampler=sampler.value, steps=steps, batch_size=batch_size, seed=seed,
+            variance=variance.value if variance else None, terms=terms, sampler=sampler.value, steps=steps, batch_size=batch_size, seed=seed,
             device=device, log=log, callback=bars.on_event,
         )  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
     console.print(_table(report, bars.T))
+    if report.get("memorisation", {}).get("copying"):
+        m = report["memorisation"]
+        console.print(f"[yellow]warning:[/] the model copies its training images: {m['near_copy_share']:.0%} of the "
+                      f"samples are near-copies (real images: {m['reference_share']:.0%}); see {m['picture']}")  # fmt: skip
     console.print(f"appended to [bold]{log_path}[/]")
 
 
@@ -181,5 +194,18 @@ def _table(report: dict, T: int) -> Table:
         )
         table.add_row(
             "recall", f"{report['recall']:.3f}", "real inside the generated manifold (Kynkaanniemi et al. 2019)"
+        )
+    if "memorisation" in report:
+        m = report["memorisation"]
+        table.add_row(
+            "near-copies",
+            f"{m['near_copy_share']:.1%}",
+            f"nearest training image < {m['threshold']:.2g} x the mean distance to the {m['k']} nearest "
+            f"(Carlini et al. 2023); real images left out: {m['reference_share']:.1%}; {m['picture']}",
+        )
+        table.add_row(
+            "nearest training image",
+            f"{m['pixel_distance']:.1f}",
+            f"median RMS pixel distance (0-255) of a sample; real images: {m['reference_pixel_distance']:.1f}",
         )
     return table

@@ -64,7 +64,8 @@ class TrainProgress:
         count = TextColumn("step {task.fields[step]}") if self.timed else MofNCompleteColumn()
         self.bar = Progress(
             TextColumn("[bold]train[/]"), BarColumn(), count, TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[ips]} img/s, data {task.fields[data]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TextColumn("{task.fields[ips]} img/s, data {task.fields[data]}"), TextColumn("{task.fields[fd]}"),
+            TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), console=console, disable=not is_main, transient=False,
         )  # fmt: skip
         self.task, self.estimated, self.last_plain = None, False, -1
@@ -92,7 +93,8 @@ class TrainProgress:
         say(f"[dim]loss = mean of ||target - prediction||^2 over the last {cfg.log_every} steps (as in log.jsonl)[/]")
         total, done = (cfg.time_limit, 0) if self.timed else (e["steps"], e["step"])
         say(f"[bold]data[/]  {e['data']}")
-        self.task = self.bar.add_task("train", total=total, completed=done, loss="…", ips="…", step=e["step"], data="…")
+        self.task = self.bar.add_task("train", total=total, completed=done, loss="…", ips="…", step=e["step"], data="…",
+                                      fd="")  # fmt: skip
         self.bar.start()
 
     def _on_step(self, e: dict) -> None:
@@ -121,6 +123,16 @@ class TrainProgress:
 
     def _on_warning(self, e: dict) -> None:
         self.bar.console.print(f"[yellow]warning:[/] {e['message']}")
+
+    def _on_eval(self, e: dict) -> None:
+        """The in-training evaluation (engine/monitor.py): on the bar, and as a line of its own."""
+        self.bar.update(self.task, fd=f"FD {e['fd']:.3g} (floor {e['fd_floor']:.2g})")
+        best = " [green]best so far[/]" if e["best"] else f" (best: step {e['best_step']})"
+        self.bar.console.print(
+            f"  step {e['step']}: FD {e['fd']:.4g} (real vs real at {e['eval_samples']}: {e['fd_floor']:.2g}), "
+            f"KID {e['kid']:.3g}, near-copies {e['near_copy']:.0%} (real images {e['near_copy_ref']:.0%}), "
+            f"{e['eval_s']:.0f} s{best}"
+        )
 
     def _on_preview(self, e: dict) -> None:
         self.bar.console.print(f"  step {e['step']}: samples -> {e['path']}")

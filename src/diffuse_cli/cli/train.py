@@ -7,11 +7,22 @@ from typing import Annotated
 
 import typer
 
-from ..engine.config import PRECISIONS, PREDICTIONS, PRESETS, WEIGHTINGS, DiffusionConfig, TrainConfig
+from ..engine.config import (
+    PRECISIONS,
+    PREDICTIONS,
+    PRESETS,
+    TIMESTEP_SAMPLING,
+    VARIANCE_TYPES,
+    WEIGHTINGS,
+    DiffusionConfig,
+    TrainConfig,
+)
 from .app import DeviceOpt, Schedule, ZtsnrOpt, choices, console, d, duration, run
 
 Prediction = choices("Prediction", PREDICTIONS)
 Weighting = choices("Weighting", WEIGHTINGS)
+VarianceType = choices("VarianceType", VARIANCE_TYPES)
+TimestepSampling = choices("TimestepSampling", TIMESTEP_SAMPLING)
 Precision = choices("Precision", PRECISIONS)
 Preset = choices("Preset", ("auto", *PRESETS))
 Classes = choices("Classes", ("auto", "none"))
@@ -60,6 +71,23 @@ WeightingOpt = _opt(
     "--loss-weighting",
     help=f"uniform (DDPM's L_simple) or min-snr (Hang et al. 2023). {d(_T.loss_weighting)}",
 )
+VarianceOpt = _opt(
+    VarianceType | None,
+    "--variance",
+    help="The reverse process's variance. fixed: DDPM's (beta_t, Ho et al. 2020 sec. 3.2). learned: Improved DDPM "
+    "(Nichol & Dhariwal 2021): the U-Net also outputs v, Sigma = exp(v log beta_t + (1 - v) log beta~_t) (their "
+    "eq. 15), trained with L_simple + lambda L_vlb (sec. 3.1); DDPM sampling then uses it, also with few --steps, "
+    f"and `diffuse eval` its bits/dim. {d(_D.variance)}",
+)
+VlbWeightOpt = _opt(
+    float | None, "--vlb-weight", help=f"lambda of the hybrid loss (--variance learned). {d(_T.vlb_weight)}"
+)
+TimestepSamplingOpt = _opt(
+    TimestepSampling | None,
+    "--timestep-sampling",
+    help="How t is drawn: uniform (DDPM), or importance: p_t ~ sqrt(E[L_t^2]) over the last 10 losses at each t "
+    f"(Nichol & Dhariwal 2021 sec. 3.3; --variance learned only). {d(_T.timestep_sampling)}",
+)
 FlipOpt = _opt(
     bool | None,
     "--flip/--no-flip",
@@ -89,6 +117,14 @@ SampleEveryOpt = _opt(
     "--sample-every",
     help=f"Write a preview grid every N steps and at the end (0: never). {d(_T.sample_every)}",
 )
+EvalEveryOpt = _opt(
+    int | None,
+    "--eval-every",
+    help="Score the EMA model every N steps (also at 500 and at the end): Frechet distance and KID of fixed samples "
+    f"against the data, and the share that copy a training image; the best step is kept as best.safetensors "
+    f"(0: never). {d(_T.eval_every)}",
+)
+EvalSamplesOpt = _opt(int | None, "--eval-samples", help=f"Samples per in-training evaluation. {d(_T.eval_samples)}")
 ThreadsOpt = _opt(
     int | None, "--threads", help="CPU threads for torch. [default: the cores no other process keeps busy]"
 )
@@ -131,6 +167,9 @@ def train(
     zero_terminal_snr: ZtsnrOpt = False,
     prediction: PredictionOpt = None,
     loss_weighting: WeightingOpt = None,
+    variance: VarianceOpt = None,
+    vlb_weight: VlbWeightOpt = None,
+    timestep_sampling: TimestepSamplingOpt = None,
     ema_decay: _opt(
         float | None, "--ema-decay", help=f"EMA decay of the weights used for samples. {d(_T.ema_decay)}"
     ) = None,
@@ -142,6 +181,8 @@ def train(
         int | None, "--save-every", help=f"Save a resumable state every N steps. {d(_T.save_every)}"
     ) = None,
     sample_every: SampleEveryOpt = None,
+    eval_every: EvalEveryOpt = None,
+    eval_samples: EvalSamplesOpt = None,
     keep: _opt(int | None, "--keep", help=f"How many periodic states to keep. {d(_T.keep)}") = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
@@ -170,6 +211,8 @@ def train(
 
         diffuse train builtin:digits --out runs/digits --steps 6000 --resume
 
+        diffuse train builtin:digits --out runs/digits-iddpm --variance learned    (Improved DDPM)
+
         torchrun --nproc_per_node 4 -m diffuse_cli train data/ --out runs/big --batch-size 256
     """
     run(_train, data, out, _options(locals()))
@@ -182,10 +225,11 @@ def _options(given: dict) -> dict:
     return dict(
         pick("image_size", "channels", "preset", "classes", "device", "resume", "overwrite", "cache_dir"),
         cache=not g["no_cache"],
-        train=pick("steps", "batch_size", "lr", "warmup", "ema_decay", "cond_drop", "save_every", "sample_every", "keep",
-                   "seed", "loss_weighting", "precision", "compile", "threads", "augment", hflip="flip", time_limit="time"),
+        train=pick("steps", "batch_size", "lr", "warmup", "ema_decay", "cond_drop", "save_every", "sample_every",
+                   "eval_every", "eval_samples", "keep", "seed", "loss_weighting", "vlb_weight", "timestep_sampling",
+                   "precision", "compile", "threads", "augment", hflip="flip", time_limit="time"),
         model=pick("base_channels", "channel_mults", "num_res_blocks", "dropout", attention_resolutions="attention_res"),
-        diffusion=pick("beta_start", "beta_end", "zero_terminal_snr", "prediction", "timesteps", schedule="kind"),
+        diffusion=pick("beta_start", "beta_end", "zero_terminal_snr", "prediction", "timesteps", "variance", schedule="kind"),
     )  # fmt: skip
 
 
@@ -217,4 +261,9 @@ def _train(data_spec: str, out: Path | None, options: dict) -> None:
         )
         say(f"  model    {result['model']}")
         say(f"  previews {result['samples']}/")
+        if result.get("best_step") is not None:
+            say(f"  best     {result['best']} (step {result['best_step']}: the lowest Frechet distance, "
+                f"{result['best_fd']:.4g}, of the in-training evaluations)")  # fmt: skip
+        if result.get("report"):
+            say(f"  report   {result['report']}  (diffuse report {result['out']} draws it again)")
         say(f"  next:    diffuse sample {result['model']} --num 16 --grid grid.png")

@@ -33,8 +33,18 @@ PREDICTIONS = ("eps", "x0", "v")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp")  # samplers.SAMPLERS holds the functions
 PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHTINGS = ("uniform", "min-snr")
+#: The reverse process's variance (``diffuse train --variance``): "fixed" is DDPM's (beta_t or beta~_t, chosen
+#: when sampling); "learned" is Nichol & Dhariwal 2021 ("Improved DDPM", eq. 15): the network also outputs v
+#: and Sigma = exp(v log beta_t + (1 - v) log beta~_t), trained with L_hybrid (their sec. 3.1).
+VARIANCE_TYPES = ("fixed", "learned")
+#: lambda of L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1).
+DEFAULT_VLB_WEIGHT = 0.001
+#: How training draws t: uniformly (DDPM), or by importance sampling for L_vlb (Nichol & Dhariwal 2021, sec. 3.3).
+TIMESTEP_SAMPLING = ("uniform", "importance")
 # The reverse step's fixed variance sigma_t^2: beta_t or the posterior's beta~_t (Ho et al. 2020, sec. 3.2).
 FIXED_VARIANCES = ("beta", "posterior")
+#: ... and "learned": a learned-variance model's own (Nichol & Dhariwal 2021, eq. 15), its default.
+REVERSE_VARIANCES = (*FIXED_VARIANCES, "learned")
 EVAL_FEATURES = ("randconv", "inception")  # diffuse eval --features
 #: Classifier-free guidance scale w of ``diffuse sample --class`` (1 = the plain conditional model).
 #: Measured on the digits make demo trains (benchmarks/conditional.py, benchmarks/RESULTS.md): the
@@ -67,8 +77,11 @@ class DiffusionConfig:
     beta_end: float = DEFAULT_BETA_END
     zero_terminal_snr: bool = False  # Lin et al. 2024; pair it with v-prediction
     prediction: str = "eps"  # DDPM's objective: predict the noise
+    variance: str = "fixed"  # DDPM's fixed reverse variance; "learned": Improved DDPM's learned range (eq. 15)
 
     def __post_init__(self) -> None:
+        if self.variance not in VARIANCE_TYPES:
+            raise ConfigError(f"unknown variance {self.variance!r}; choose one of {', '.join(VARIANCE_TYPES)}")
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}")
         if self.schedule not in SCHEDULE_NAMES:
@@ -98,6 +111,7 @@ class UNetConfig:
     dropout: float = 0.1  # DDPM's value for CIFAR-10; overfitting is the main risk on small data
     num_heads: int = 1  # DDPM used single-head attention
     num_classes: int = 0  # 0: unconditional (DDPM); K > 0: a class embedding with K + 1 rows, the last the "null" class
+    learned_variance: bool = False  # 2C outputs: the prediction, then v of Improved DDPM's learned variance (eq. 15)
     augment_dim: int = 0  # 0: none; AUGMENT_DIM: reads EDM's augmentation vector (Karras et al. 2022, app. C.4)
 
     def __post_init__(self) -> None:
@@ -110,6 +124,8 @@ class UNetConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ConfigError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
+        if not isinstance(self.learned_variance, bool):
+            raise ConfigError(f"learned_variance must be true or false, got {self.learned_variance!r}")
         if self.augment_dim not in (0, AUGMENT_DIM):
             raise ConfigError(f"augment_dim must be 0 or {AUGMENT_DIM}, got {self.augment_dim!r}")
         if self.in_channels not in (1, 3):
@@ -149,8 +165,8 @@ class UNetConfig:
 
     @property
     def out_channels(self) -> int:
-        """Channels the network predicts: the image's (eps, x0 or v)."""
-        return self.in_channels
+        """Channels the network outputs: the image's (eps, x0 or v), twice as many with a learned variance."""
+        return self.in_channels * (2 if self.learned_variance else 1)
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -237,6 +253,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # DDPM clipped the gradient norm at 1
     ema_decay: float = 0.999  # short runs need a shorter EMA than DDPM's 0.9999
     loss_weighting: str = "uniform"  # DDPM's plain MSE (L_simple, eq. 14); "min-snr" = Hang et al. 2023
+    vlb_weight: float = DEFAULT_VLB_WEIGHT  # lambda of L_hybrid; used only by a model with a learned variance
+    timestep_sampling: str = "uniform"  # "importance": Improved DDPM sec. 3.3 (learned variance only)
     hflip: bool = False  # random horizontal flips: off unless asked (a mirrored 2, R or face with text is not one)
     augment: float = 0.0  # P(each geometric op) of non-leaking augmentation (engine/augment.py); plan.py picks it
     cond_drop: float = 0.1  # P(label -> null class) for class-conditional models (Ho & Salimans 2022 used 0.1-0.2)
@@ -246,6 +264,8 @@ class TrainConfig:
     log_every: int = 25  # host syncs happen only here
     num_preview: int = 16
     preview_steps: int = 50
+    eval_every: int = 1000  # in-training FD/KID/near-copy check (engine/monitor.py); also at 500 and the end
+    eval_samples: int = 256  # EMA samples per check: ~5% of a CPU run's time at 16x16 (benchmarks/RESULTS.md)
     seed: int = 0
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False
@@ -263,6 +283,14 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, f"--ema-decay must be in [0, 1) (got {self.ema_decay})"),
             (self.loss_weighting in WEIGHTINGS, f"--loss-weighting must be one of {', '.join(WEIGHTINGS)}"),
             (
+                isinstance(self.vlb_weight, (int, float)) and math.isfinite(self.vlb_weight) and self.vlb_weight >= 0,
+                f"--vlb-weight must be a number >= 0 (got {self.vlb_weight})",
+            ),
+            (
+                self.timestep_sampling in TIMESTEP_SAMPLING,
+                f"--timestep-sampling must be one of {', '.join(TIMESTEP_SAMPLING)} (got {self.timestep_sampling})",
+            ),
+            (
                 isinstance(self.cond_drop, (int, float)) and 0.0 <= self.cond_drop < 1.0,
                 f"--cond-drop must be in [0, 1) (got {self.cond_drop})",
             ),
@@ -272,6 +300,8 @@ class TrainConfig:
             ),
             (self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})"),
             (self.sample_every >= 0, f"--sample-every must be >= 0 (got {self.sample_every})"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0 (got {self.eval_every})"),
+            (self.eval_samples >= 4, f"--eval-samples must be at least 4 (got {self.eval_samples})"),
             (self.keep >= 1, f"--keep must be at least 1 (got {self.keep})"),
             (self.log_every >= 1, f"log interval must be at least 1 (got {self.log_every})"),
             (self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16 (got {self.precision})"),

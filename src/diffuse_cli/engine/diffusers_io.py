@@ -65,6 +65,11 @@ SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "quadratic": "scaled_linear", "cosi
 SCHEDULE_FROM_DIFFUSERS = {v: k for k, v in SCHEDULE_TO_DIFFUSERS.items()}
 PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
+# DDPMScheduler's variance_type -> DiffusionConfig.variance. The fixed ones only change how DDPM samples (which
+# `diffuse sample --variance` chooses); "learned_range" is Improved DDPM's eq. 15, our "learned". diffusers'
+# "learned" (the network outputs log sigma^2 itself) has no counterpart here.
+VARIANCE_FROM_DIFFUSERS = {"fixed_small": "fixed", "fixed_small_log": "fixed", "fixed_large": "fixed",
+                           "fixed_large_log": "fixed", "learned_range": "learned"}  # fmt: skip
 
 # UNet2DModel's constructor defaults (diffusers 0.30 - 0.42): what a config without the key means.
 _UNET_DEFAULTS: dict[str, Any] = {
@@ -96,6 +101,7 @@ _UNET_FIXED = (
 _SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "prediction_type": "epsilon", "rescale_betas_zero_snr": False,
+    "variance_type": "fixed_small",
 }  # fmt: skip
 
 
@@ -227,7 +233,8 @@ def unet_config(config: UNetConfig, layout: DiffusersLayout | None = None) -> di
 def scheduler_config(diffusion_config: dict, betas: torch.Tensor | None = None) -> dict:
     """DDPMScheduler's scheduler_config.json for a diffuse diffusion config (a dict, as checkpoints store it).
 
-    ``variance_type`` is "fixed_large" (sigma^2 = beta_t), the variance of ``diffuse sample --sampler
+    ``variance_type`` is "learned_range" for a learned-variance model (Nichol & Dhariwal 2021 eq. 15, the
+    U-Net then has 2C outputs), else "fixed_large" (sigma^2 = beta_t), the variance of ``diffuse sample --sampler
     ddpm``; ``clip_sample`` is on like ``diffuse sample``'s default; ``timestep_spacing`` "trailing" is
     our "uniform" grid (it includes t = T - 1). ``betas`` (only for a custom schedule) go out as trained_betas.
     """
@@ -241,7 +248,8 @@ def scheduler_config(diffusion_config: dict, betas: torch.Tensor | None = None) 
         "beta_start": float(d.get("beta_start", 1e-4)), "beta_end": float(d.get("beta_end", 0.02)),
         "beta_schedule": SCHEDULE_TO_DIFFUSERS.get(kind, "linear"),
         "trained_betas": None if kind in SCHEDULE_TO_DIFFUSERS else [float(b) for b in betas],
-        "variance_type": "fixed_large", "clip_sample": True, "clip_sample_range": 1.0,
+        "variance_type": "learned_range" if d.get("variance") == "learned" else "fixed_large",
+        "clip_sample": True, "clip_sample_range": 1.0,
         "prediction_type": PREDICTION_TO_DIFFUSERS[d.get("prediction", "eps")],
         "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
         "timestep_spacing": "trailing", "steps_offset": 0,
@@ -487,8 +495,8 @@ def unet_config_from_diffusers(cfg: dict, where: str = "unet/config.json") -> tu
         layers = int(c["layers_per_block"])
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{where} is not a valid {UNET_CLASS} config ({err})") from err
-    if out_ch != in_ch:
-        raise refuse(f"{out_ch} output channels for {in_ch} input channels (learned variances)")
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise refuse(f"{out_ch} output channels for {in_ch} input channels")
     if not widths or any(w % widths[0] for w in widths):
         raise refuse(f"widths {widths} that are not multiples of the first")
     if len(down) != len(widths) or len(up) != len(widths):
@@ -508,7 +516,7 @@ def unet_config_from_diffusers(cfg: dict, where: str = "unet/config.json") -> tu
             image_size=size, in_channels=in_ch, base_channels=widths[0],
             channel_mults=tuple(w // widths[0] for w in widths), num_res_blocks=layers,
             attention_resolutions=tuple(r for r, a in zip(resolutions, attn_down, strict=True) if a),
-            dropout=float(c["dropout"]), num_heads=1,
+            dropout=float(c["dropout"]), num_heads=1, learned_variance=out_ch == 2 * in_ch,
         )  # fmt: skip
     except (ConfigError, Unsupported) as err:
         raise CheckpointError(f"{where}: {err}") from err
@@ -551,6 +559,9 @@ def diffusion_from_scheduler(cfg: dict, where: str = "scheduler/scheduler_config
     if prediction is None:
         raise CheckpointError(f"{where}: prediction_type {c['prediction_type']!r} is not one of "
                               f"{', '.join(PREDICTION_FROM_DIFFUSERS)}")  # fmt: skip
+    if c["variance_type"] not in VARIANCE_FROM_DIFFUSERS:
+        raise CheckpointError(f"{where}: variance_type {c['variance_type']!r} is not one of "
+                              f"{', '.join(VARIANCE_FROM_DIFFUSERS)}")  # fmt: skip
     trained = c["trained_betas"]
     kind = SCHEDULE_FROM_DIFFUSERS.get(c["beta_schedule"])
     if trained is None and kind is None:
@@ -561,6 +572,7 @@ def diffusion_from_scheduler(cfg: dict, where: str = "scheduler/scheduler_config
             schedule=kind or "linear", timesteps=int(len(trained) if trained is not None else c["num_train_timesteps"]),
             beta_start=float(c["beta_start"]), beta_end=float(c["beta_end"]),
             zero_terminal_snr=bool(c["rescale_betas_zero_snr"]), prediction=prediction,
+            variance=VARIANCE_FROM_DIFFUSERS[c["variance_type"]],
         )  # fmt: skip
         if trained is not None:
             betas = torch.tensor([float(b) for b in trained], dtype=torch.float64)
@@ -590,6 +602,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu"):
     config, layout = unet_config_from_diffusers(_read_json(unet_dir / CONFIG), f"{unet_dir / CONFIG}")
     sched_path = sched_dir / SCHEDULER_CONFIG
     diffusion, diffusion_dict = diffusion_from_scheduler(_read_json(sched_path), str(sched_path))
+    if config.learned_variance != diffusion.learned_variance:
+        raise CheckpointError(
+            f"{root}: the U-Net has {config.out_channels} output channels for {config.in_channels} input channels "
+            f"but the scheduler's variance_type is {'not ' if config.learned_variance else ''}learned_range"
+        )
     files = _weights_files(unet_dir)
     weights = convert_diffusers_state_dict(_read_weights(files), config)
     with torch.device("meta"):

@@ -41,6 +41,7 @@ from .config import (
 )
 from .diffusion import Diffusion
 from .errors import ConfigError
+from .schedules import MAX_TIMESTEPS
 
 __all__ = [
     "DEFAULT_INTERPOLATION_STRENGTH", "DEFAULT_JUMP_LENGTH", "DEFAULT_REPAINT_STEPS", "DEFAULT_RESAMPLINGS",
@@ -60,9 +61,15 @@ def check_strength(strength) -> float:
     return float(strength)
 
 
-def _positive(name: str, value) -> int:
+MAX_RESAMPLINGS = 1000  # RePaint used r = 10 or 20; beyond this a run would never end (the schedule is a list)
+MAX_FRAMES = 1000  # an interpolation strip or GIF longer than this is no longer a picture
+
+
+def _positive(name: str, value, most: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a whole number of at least 1 (got {value!r})")
+    if most is not None and value > most:
+        raise ConfigError(f"{name} must be at most {most} (got {value})")
     return value
 
 
@@ -135,9 +142,9 @@ def jump_schedule(steps: int, jump_length: int, resamplings: int) -> list[int]:
     times (RePaint's time schedule, Lugmayr et al. 2022, sec. 4.2, with its j and r; r = 1 is
     plain reverse diffusion). So there are about ``resamplings * steps`` reverse steps in all.
     """
-    steps = _positive("--steps", steps)
+    steps = _positive("--steps", steps, MAX_TIMESTEPS)  # a grid finer than any T: refused before it is built
     jump_length = _positive("--jump", jump_length)
-    resamplings = _positive("--resample", resamplings)
+    resamplings = _positive("--resample", resamplings, MAX_RESAMPLINGS)
     left = {level: resamplings - 1 for level in range(steps - 1, jump_length - 1, -jump_length)}
     level, path = 0, [0]
     while level < steps:
@@ -220,7 +227,7 @@ def repaint(
             continue
         t = int(grid[a])
         x_in = x
-        x, x0_pred, _ = samplers._denoise(model, diffusion, x, t, abars[a], clip)
+        x, x0_pred, _, _ = samplers._denoise(model, diffusion, x, t, abars[a], clip)
         samplers._report(callback, i, calls, t, x_in, x0_pred)
         i += 1
         unknown = samplers.ddpm_step(x, x0_pred, abars[a], abars[b], variance, generator)
@@ -274,18 +281,18 @@ def ddim_invert(
     for k in range(n):
         j = n - 1 - k  # the level this step reaches; it starts from level j + 1 (clean data for k = 0)
         if k == 0:
-            _, _, eps = samplers._denoise(model, diffusion, x, int(grid[-1]), abars[-1], "none")
+            _, _, eps, _ = samplers._denoise(model, diffusion, x, int(grid[-1]), abars[-1], "none")
             x0_pred = x0  # at the clean level x0 is known; only eps comes from the model
         else:
-            _, x0_pred, eps = samplers._denoise(model, diffusion, x, int(grid[j + 1]), abars[j + 1], "none")
+            _, x0_pred, eps, _ = samplers._denoise(model, diffusion, x, int(grid[j + 1]), abars[j + 1], "none")
         samplers._report(callback, k, n, int(grid[j]), x, x0_pred)
         x = math.sqrt(abars[j]) * x0_pred + math.sqrt(1.0 - abars[j]) * eps  # DDIM eq. 12, eta = 0
     return x
 
 
 def check_frames(frames) -> int:
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
-        raise ConfigError(f"--frames must be at least 2 (got {frames!r})")
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
+        raise ConfigError(f"--frames must be between 2 and {MAX_FRAMES} (got {frames!r})")
     return frames
 
 

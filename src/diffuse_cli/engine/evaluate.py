@@ -9,7 +9,8 @@
 
   The reverse step p(x_{t-1} | x_t) = N(mu(x_t, x0_pred), sigma_t^2 I) has the posterior mean of
   eq. 7 with the network's x0 and a fixed variance: sigma_t^2 = beta_t ("beta") or beta~_t
-  ("posterior"). The decoder of 8-bit images is eq. 13: the Gaussian's mass over each pixel's bin
+  ("posterior"), or a learned-variance model's own (Nichol & Dhariwal 2021, eq. 15; its default,
+  and at t = 0 the decoder's variance too, as in their code). The decoder of 8-bit images is eq. 13: the Gaussian's mass over each pixel's bin
   of width 2/255 (the outermost bins reach to +-inf), with mean x0_pred and variance beta_0
   ("beta", Ho et al.'s sigma_1^2 = beta_1) or, as beta~_0 = 0, beta~ of the second step
   ("posterior"; Nichol & Dhariwal 2021 clip it so). For continuous data (the analytic tests) the
@@ -49,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EVAL_FEATURES, FIXED_VARIANCES, check_seed
+from .config import EVAL_FEATURES, check_seed
 from .diffusion import Diffusion
 from .errors import ConfigError, Unsupported
+from .gaussians import _gaussian_log_density, _normal_kl, discretized_gaussian_log_likelihood  # noqa: F401
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[dict], None]
@@ -62,33 +64,6 @@ _LN2 = math.log(2.0)
 
 
 # --- the variational bound ---------------------------------------------------------------------
-def _normal_kl(mean1: torch.Tensor, var1: torch.Tensor, mean2: torch.Tensor, var2: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats."""
-    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
-
-
-def _log_normal_bin(lo: torch.Tensor, hi: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log P(lo < X < hi) for X ~ N(mean, std^2), accurate in both tails (float64)."""
-    a, b = (lo - mean) / std, (hi - mean) / std
-    flip = (a + b) > 0  # use the tail nearer the interval: P(a < Z < b) = P(-b < Z < -a)
-    a, b = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
-    return log_b + torch.log1p(-torch.exp(log_a - log_b).clamp(max=1.0 - 1e-16))
-
-
-def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log p(x0) under Ho et al. 2020 eq. 13 per element: x0 holds 8-bit values scaled to [-1, 1]."""
-    half_bin = 1.0 / 255.0
-    inf = torch.full_like(x0, math.inf)
-    lo = torch.where(x0 < -1.0 + 1e-3, -inf, x0 - half_bin)
-    hi = torch.where(x0 > 1.0 - 1e-3, inf, x0 + half_bin)
-    return _log_normal_bin(lo, hi, mean, torch.exp(0.5 * log_var))
-
-
-def _gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 / torch.exp(log_var))
-
-
 def _strata(first: int, last: int, terms: int) -> list[tuple[int, int]]:
     """[first, last] cut into ``terms`` strata [lo, hi) of (nearly) equal width; all single steps if terms covers it."""
     n = last - first + 1
@@ -104,7 +79,7 @@ def nll_bound(
     diffusion: Diffusion,
     x0: torch.Tensor,
     *,
-    variance: str = "beta",
+    variance: str | None = None,
     discrete: bool = True,
     terms: int | None = None,
     generator: torch.Generator | None = None,
@@ -116,52 +91,38 @@ def nll_bound(
     x0's dtype. Returns ``{"prior", "kl", "decoder", "total"}``. ``callback`` gets ``{"t"}``
     after each model call.
     """
-    if variance not in FIXED_VARIANCES:
-        raise ConfigError(f"unknown variance {variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
+    variance = diffusion.reverse_variance(variance)
     T = diffusion.num_timesteps
     b = x0.shape[0]
     x0_64 = x0.to(torch.float64)
     dims = tuple(range(1, x0.ndim))
-    tables = {k: getattr(diffusion, k).to(x0.device) for k in ("alphas_cumprod", "betas", "posterior_variance")}
-    # Decoder variance: beta_0 (Ho et al.'s sigma_1^2 = beta_1) for "beta"; for "posterior", whose
-    # beta~_0 is 0, beta~ of the second step (improved-diffusion's clipped log-variance).
-    log_var_0 = float(diffusion.betas[0].log() if variance == "beta" else diffusion.posterior_log_variance_clipped[0])
 
-    def predict(t: int | torch.Tensor, eps: torch.Tensor):
+    def term(t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """L_{t-1} per image (DDPM eq. 5): p's mean from the network's x0, its variance per ``variance``."""
         t_vec = t if isinstance(t, torch.Tensor) else torch.full((b,), t, dtype=torch.int64, device=x0.device)
         x_t = diffusion.q_sample(x0_64, t_vec, eps)
-        pred = model(x_t.to(x0.dtype), t_vec).to(torch.float64)
-        x0_pred, _ = diffusion.split_prediction(pred, x_t, t_vec)
+        out = model(x_t.to(x0.dtype), t_vec).to(torch.float64)
+        mean, log_var, _, _ = diffusion.p_mean_variance(out, x_t, t_vec, variance)
         if callback is not None:
             callback({"t": t})
-        return x_t, t_vec, x0_pred
+        return diffusion.vlb_terms(x0_64, x_t, t_vec, mean, log_var, discrete)
 
     # L_T: q(x_{T-1} | x0) against the N(0, I) the reverse process starts from
     mean_T, var_T = diffusion.q_mean_variance(x0_64, torch.full((b,), T - 1, dtype=torch.int64, device=x0.device))
     prior = _normal_kl(mean_T, var_T, torch.zeros_like(mean_T), torch.ones_like(var_T)).sum(dims)
 
     kl = torch.zeros(b, dtype=torch.float64, device=x0.device)
-    var_table = tables["betas" if variance == "beta" else "posterior_variance"]
     strata = _strata(1, T - 1, T - 1 if terms is None else max(1, int(terms))) if T > 1 else []
     for lo, hi in strata:
         # one uniform t per image in each stratum (independent across images, so the interval over
         # images covers this sampling too), weighted by the stratum's width
         t_vec = torch.randint(lo, hi, (b,), generator=generator).to(x0.device) if hi - lo > 1 else lo
         eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
-        x_t, t_vec, x0_pred = predict(t_vec, eps)
-        mean_q, var_q, _ = diffusion.q_posterior_mean_variance(x0_64, x_t, t_vec)
-        mean_p, _, _ = diffusion.q_posterior_mean_variance(x0_pred, x_t, t_vec)
-        var_p = diffusion._coef(var_table, t_vec, mean_q).expand_as(mean_q)
-        kl += (hi - lo) * _normal_kl(mean_q, var_q, mean_p, var_p).sum(dims)
+        kl += (hi - lo) * term(t_vec, eps)
 
-    # L_0: the decoder p(x0 | x_0-noisy), mean x0_pred (eq. 7 at t = 0), variance beta~ of the second step
+    # L_0: the decoder p(x0 | x_0-noisy) with mean x0_pred (eq. 7 at t = 0) and the variance at t = 0
     eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device)
-    _, _, x0_pred = predict(0, eps)
-    log_var = torch.full_like(x0_64, log_var_0)
-    if discrete:
-        decoder = -discretized_gaussian_log_likelihood(x0_64, x0_pred, log_var).sum(dims)
-    else:
-        decoder = -_gaussian_log_density(x0_64, x0_pred, log_var).sum(dims)
+    decoder = term(0, eps)
     return {"prior": prior, "kl": kl, "decoder": decoder, "total": prior + kl + decoder}
 
 
@@ -200,7 +161,7 @@ def bits_per_dim(
     images: torch.Tensor,
     *,
     batch_size: int = 64,
-    variance: str = "beta",
+    variance: str | None = None,
     terms: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
@@ -238,7 +199,7 @@ def bits_per_dim(
     mean, ci = mean_ci(values)
     return NLLResult(bits_per_dim=mean, ci95=ci, per_image=values,
                      parts={name: float(torch.cat(v).mean()) for name, v in parts.items()},
-                     images=n, terms=k, timesteps=T, variance=variance)  # fmt: skip
+                     images=n, terms=k, timesteps=T, variance=diffusion.reverse_variance(variance))  # fmt: skip
 
 
 # --- features ------------------------------------------------------------------------------------
@@ -389,6 +350,24 @@ def _pick_real(images: torch.Tensor, num: int, gen: torch.Generator) -> torch.Te
     return images
 
 
+MEMORISATION_FEATURES_MAX = 10_000  # training images whose features eval computes for the nearest distances
+
+
+def _memorisation(fake: torch.Tensor, ds, picture: Path, seed: int, device) -> dict:
+    """Near-copies of the training images among the samples (:mod:`.memorisation`), and the picture of each
+    sample beside its nearest training images. Distances in features (randconv) only for data sets of at most
+    MEMORISATION_FEATURES_MAX images; the near-copy criterion itself is in pixels."""
+    from .images import save_image
+    from .memorisation import memorisation, nearest_picture
+
+    small = ds.images.shape[0] <= MEMORISATION_FEATURES_MAX
+    mem = memorisation(fake, ds.images, sample_features=extract_features(fake, device=device) if small else None,
+                       train_features=extract_features(ds.images, device=device) if small else None,
+                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    save_image(nearest_picture(fake, ds.images, mem), picture)
+    return {**mem.to_dict(), "picture": str(picture)}
+
+
 def run(
     checkpoint,
     data_spec: str,
@@ -397,7 +376,7 @@ def run(
     nll: bool = True,
     fd: bool = True,
     features: str = "randconv",
-    variance: str = "beta",
+    variance: str | None = None,
     terms: int | None = None,
     sampler: str = "dpmpp",
     steps: int | None = None,
@@ -468,5 +447,23 @@ def run(
         report["fd"] = {"value": q["frechet_distance"], "features": features, "is_fid": q["is_fid"],
                         "feature_dim": q["feature_dim"], "generated": n, "sampler": sampler, "steps": steps}  # fmt: skip
         report["precision"], report["recall"], report["pr_k"] = q["precision"], q["recall"], q["k"]
+        progress("memorisation", None)(0)
+        report["memorisation"] = _memorisation(fake, ds, log_path.with_name("nearest.png"), seed, dev)
     append_jsonl(log_path, report)
     return report, log_path
+
+
+def kernel_distance(feats1: torch.Tensor, feats2: torch.Tensor) -> float:
+    """Kernel (Inception) Distance, KID (Binkowski et al. 2018, "Demystifying MMD GANs", sec. 4): the unbiased
+    estimate of MMD^2 with the cubic kernel k(x, y) = (x.y / D + 1)^3 between two feature sets (N, D).
+
+    Unlike the Frechet distance it has no bias at small counts: its expectation is 0 when both sets
+    come from one distribution, whatever their sizes (it can then come out slightly negative).
+    """
+    x, y = feats1.to(torch.float64), feats2.to(torch.float64)
+    m, n, d = x.shape[0], y.shape[0], x.shape[1]
+    if m < 2 or n < 2:
+        raise ConfigError("the kernel distance needs at least 2 images in each set")
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    off = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1)) + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return float(off - 2.0 * k_xy.mean())

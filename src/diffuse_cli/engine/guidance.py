@@ -15,7 +15,8 @@ denoising step more firmly away from "any image" and towards "an image of class 
 The combination is the same on eps, x0 or v predictions: at a fixed x_t each is an affine
 function of the others with coefficients that depend only on t (``diffusion.to_x0_eps``), and
 an affine map commutes with ``uncond + w * (cond - uncond)``. So the wrapper combines
-whatever the model predicts, and the samplers never know guidance is there.
+whatever the model predicts, and the samplers never know guidance is there. A learned-variance
+model's variance channels (beyond the image's C) are taken from the conditional model.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def guided(
             return model(x_t, t, null)
         both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
         cond, uncond = both.chunk(2)
-        return uncond + w * (cond - uncond)
+        c = x_t.shape[1]
+        # A learned-variance model's extra channels (Improved DDPM eq. 15) are not a prediction of the
+        # image: keep the conditional model's variance, as GLIDE (Nichol et al. 2022) does.
+        return torch.cat([uncond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
 
     return pred

@@ -21,6 +21,7 @@ from .fileio import atomic_path, atomic_write_bytes
 BG = (255, 255, 255)
 FG = (30, 30, 30)
 GRID_COLOUR = (225, 225, 225)
+MARKED_POINTS = 40  # line_plot marks every point of a series this short
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
 
 
@@ -124,12 +125,17 @@ def line_plot(
     ylabel: str,
     size: tuple[int, int] = (520, 340),
     ylim: tuple[float, float] | None = None,
+    logy: bool = False,
 ) -> Image.Image:
     """A minimal line plot: axes with round ticks, one coloured line per (name, xs, ys), and a legend
     in a row under the axes (so it never covers a curve).
 
-    Non-finite values break the line (e.g. log-SNR = -inf at zero terminal SNR).
+    Non-finite values break the line (e.g. log-SNR = -inf at zero terminal SNR). ``logy``: a log-scale
+    y axis (values <= 0 break the line too).
     """
+    if logy:
+        series = [(n, xs, [math.log10(y) if y > 0 else math.nan for y in ys]) for n, xs, ys in series]
+        ylim = (math.log10(ylim[0]), math.log10(ylim[1])) if ylim else None
     w, h = size
     f = font(12)
     ft = font(14)
@@ -154,7 +160,7 @@ def line_plot(
     for yv in yt:
         _, yp = px(x0, yv)
         d.line([(left, yp), (w - right, yp)], fill=GRID_COLOUR)
-        label = _tick_label(yv, yt[1] - yt[0] if len(yt) > 1 else 1)
+        label = f"{10**yv:.3g}" if logy else _tick_label(yv, yt[1] - yt[0] if len(yt) > 1 else 1)
         d.text((left - 6 - d.textlength(label, font=f), yp - 7), label, fill=FG, font=f)
     for xv in xt:
         xp, _ = px(xv, y0)
@@ -175,6 +181,11 @@ def line_plot(
                 seg = []
         if len(seg) > 1:
             d.line(seg, fill=colour, width=2)
+        if len(xs) <= MARKED_POINTS:  # few points (an evaluation curve): mark each, so a single one shows
+            for x, y in zip(xs, ys, strict=True):
+                if math.isfinite(y):
+                    cx, cy = px(x, min(max(y, y0), y1))
+                    d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
         if legend_h:  # legend: one row under the x label
             ly = h - legend_h + 2
             d.line([(lx, ly + 7), (lx + 20, ly + 7)], fill=colour, width=3)

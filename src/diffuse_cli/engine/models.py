@@ -74,6 +74,11 @@ def load_for_sampling(path: str | os.PathLike, device: str | torch.device = "cpu
         diffusion = Diffusion(DiffusionConfig.from_dict(ck.diffusion)).to(device)
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{ck.path} has an invalid diffusion config: {err}") from err
+    if diffusion.learned_variance != model.config.learned_variance:
+        raise CheckpointError(
+            f"{ck.path} has an inconsistent config: variance {diffusion.config.variance} but "
+            f"{model.config.out_channels} output channels (edited or damaged metadata)"
+        )
     return model, diffusion, ck
 
 

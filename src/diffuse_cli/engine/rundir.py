@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from .errors import ConfigError, OutputError
 from .fileio import atomic_write_text, describe_os_error, ensure_dir, remove_stale_temporaries
 
-RUN_FILES = ("config.json", "log.jsonl", ckpt.MODEL_FILE, ckpt.STATE_DIR, "samples")
+RUN_FILES = ("config.json", "log.jsonl", ckpt.MODEL_FILE, ckpt.STATE_DIR, "samples", "best.safetensors", "report.png")
 
 
 @dataclass
@@ -43,6 +43,16 @@ class RunPaths:
     @property
     def samples(self) -> Path:
         return self.out / "samples"
+
+    @property
+    def best(self) -> Path:
+        """The EMA model at the step with the lowest in-training Frechet distance (engine/monitor.py)."""
+        return self.out / "best.safetensors"
+
+    @property
+    def report(self) -> Path:
+        """The training report picture (engine/report.py), redrawn at each save."""
+        return self.out / "report.png"
 
 
 def check_mode(resume: bool, overwrite: bool) -> None:

@@ -35,8 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import FIXED_VARIANCES
-from .diffusion import Diffusion, to_x0_eps
+from .diffusion import Diffusion, learned_log_variance, split_output, to_x0_eps
 from .errors import ConfigError
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,7 +53,7 @@ DEFAULT_SAMPLER = "dpmpp"
 DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpmpp": 20}  # None: all T steps
 DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpmpp": "logsnr"}
 DEFAULT_ORDER = 3
-DEFAULT_VARIANCE = "beta"
+DEFAULT_VARIANCE = "beta"  # DDPM's, for a fixed-variance model; a learned one uses its own (reverse_variance)
 CLIPS = ("none", "static", "dynamic", "rederive")  # see _denoise
 DEFAULT_CLIP = "static"  # what clip_x0=True (the default, and `diffuse sample --clip`) means; see RESULTS.md
 DYNAMIC_PERCENTILE = 0.995  # Saharia et al. 2022 ("Imagen") and diffusers' dynamic_thresholding_ratio
@@ -217,8 +216,11 @@ def _threshold(x0: torch.Tensor, mode: str) -> torch.Tensor:
 
 def _denoise(
     model: Model, diffusion: Diffusion, x: torch.Tensor, t: int, abar: float, clip: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Call the model once at timestep ``t``; return (x, x0, eps) in x's dtype, x0 clipped per ``clip``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Call the model once at timestep ``t``; return (x, x0, eps, r) in x's dtype, x0 clipped per ``clip``.
+
+    ``r`` is a learned-variance model's variance output (Improved DDPM eq. 15), None otherwise;
+    only DDPM uses it (DDIM and DPM-Solver++ take the mean part).
 
     The prediction is turned into (x0, eps) by :func:`diffusion.to_x0_eps` with float64 scalar
     coefficients (x0 = 0 at alpha_bar = 0, where an eps prediction says nothing about x0).
@@ -237,15 +239,15 @@ def _denoise(
       saturated x0: speckled samples on trained networks. Kept for comparison only.
     """
     t_vec = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-    pred = model(x, t_vec).to(x.dtype)
+    pred, r = split_output(model(x, t_vec).to(x.dtype), diffusion.learned_variance)
     a, s = math.sqrt(abar), math.sqrt(1.0 - abar)  # s > 0: abar < 1 for every t in [0, T)
     x0, eps = to_x0_eps(diffusion.prediction, pred, x, a, s)
     if clip == "none":
-        return x, x0, eps
+        return x, x0, eps, r
     clipped = _threshold(x0, clip)
     if clip == "rederive":
-        return x, clipped, (x - a * clipped) / s
-    return x + a * (clipped - x0), clipped, eps
+        return x, clipped, (x - a * clipped) / s, r
+    return x + a * (clipped - x0), clipped, eps, r
 
 
 def _report(callback: Callback | None, i: int, steps: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -261,7 +263,7 @@ def ddpm(
     x_T: torch.Tensor,
     *,
     steps: int | None = None,
-    variance: str = DEFAULT_VARIANCE,
+    variance: str | None = None,
     spacing: str = DEFAULT_SPACING["ddpm"],
     generator: torch.Generator | None = None,
     clip_x0: bool | str = True,
@@ -272,8 +274,10 @@ def ddpm(
 
     Each step draws x_s ~ N(mu~(x_t, x0_pred), var) with the posterior mean of
     q(x_s | x_t, x0) (DDPM eq. 7; for eps models it equals eq. 11) and var = beta ("beta", the
-    default) or beta~ ("posterior"); the last step adds no noise. With steps = T (the default)
-    s = t - 1 and this is DDPM's Algorithm 2 exactly; with fewer steps the betas are recomputed on the
+    default) or beta~ ("posterior"), or for a learned-variance model (the default there) its own,
+    exp(v log beta + (1 - v) log beta~) with the respaced beta and beta~ of the step (Nichol &
+    Dhariwal 2021, eq. 15 and sec. 4: the learned v adapts to a shortened process); the last step
+    adds no noise. With steps = T (the default) s = t - 1 and this is DDPM's Algorithm 2 exactly; with fewer steps the betas are recomputed on the
     subsequence, beta_{t,s} = 1 - abar_t / abar_s (Nichol & Dhariwal 2021, "Improved DDPM", sec. 4).
 
     Ho et al. found both variances equally good with T steps; so does the benchmark (SW2 at
@@ -282,8 +286,7 @@ def ddpm(
     0.114 / 0.054 / 0.021), hence the default.
     """
     T = diffusion.num_timesteps
-    if variance not in FIXED_VARIANCES:
-        raise ConfigError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(FIXED_VARIANCES)}")
+    variance = diffusion.reverse_variance(variance)
     grid = timestep_grid(diffusion, _check_start(start, T) + 1 if steps is None else steps, spacing, start)
     n = len(grid)
     abars = _alphas_cumprod(diffusion, grid)
@@ -293,19 +296,27 @@ def ddpm(
         abar_t = abars[i]
         abar_s = abars[i + 1] if i + 1 < n else 1.0
         x_in = x
-        x, x0, _ = _denoise(model, diffusion, x, t, abar_t, clip)
+        x, x0, _, r = _denoise(model, diffusion, x, t, abar_t, clip)
         _report(callback, i, n, t, x_in, x0)
-        x = ddpm_step(x, x0, abar_t, abar_s, variance, generator)
+        x = ddpm_step(x, x0, abar_t, abar_s, variance, generator, r)
     return x
 
 
 def ddpm_step(
-    x: torch.Tensor, x0: torch.Tensor, abar_t: float, abar_s: float, variance: str, generator
+    x: torch.Tensor,
+    x0: torch.Tensor,
+    abar_t: float,
+    abar_s: float,
+    variance: str,
+    generator,
+    r: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One ancestral step x_t -> x_s ~ N(mu~(x_t, x0), var), respaced (beta_{t,s} = 1 - abar_t / abar_s).
 
-    mu~ is the posterior mean of q(x_s | x_t, x0) (DDPM eq. 7), var = beta_{t,s} ("beta") or
-    beta~ ("posterior"); the step to clean data (abar_s = 1) adds no noise.
+    mu~ is the posterior mean of q(x_s | x_t, x0) (DDPM eq. 7), var = beta_{t,s} ("beta"), beta~
+    ("posterior"), or ("learned") exp(v log beta_{t,s} + (1 - v) log beta~) from a learned-variance
+    model's output ``r`` (Nichol & Dhariwal 2021, eq. 15 on the respaced step, sec. 4); the step to
+    clean data (abar_s = 1) adds no noise.
     """
     alpha_ts = abar_t / abar_s  # the respaced alpha of the step t -> s
     beta_ts = 1.0 - alpha_ts
@@ -313,8 +324,12 @@ def ddpm_step(
     coef_xt = math.sqrt(alpha_ts) * (1.0 - abar_s) / (1.0 - abar_t)
     x_prev = coef_x0 * x0 + coef_xt * x
     if abar_s < 1.0:
-        var = beta_ts * (1.0 - abar_s) / (1.0 - abar_t) if variance == "posterior" else beta_ts
-        x_prev = x_prev + math.sqrt(var) * _noise(x, generator)
+        tilde_ts = beta_ts * (1.0 - abar_s) / (1.0 - abar_t)  # beta~ of the step, DDPM eq. 7
+        if variance == "learned":
+            std = torch.exp(0.5 * learned_log_variance(r, math.log(beta_ts), math.log(tilde_ts)))
+        else:
+            std = math.sqrt(tilde_ts if variance == "posterior" else beta_ts)
+        x_prev = x_prev + std * _noise(x, generator)
     return x_prev
 
 
@@ -350,7 +365,7 @@ def ddim(
     for i, t in enumerate(grid.tolist()):
         abar_t = abars[i]
         abar_s = abars[i + 1] if i + 1 < n else 1.0
-        _, x0, eps = _denoise(model, diffusion, x, t, abar_t, clip)
+        _, x0, eps, _ = _denoise(model, diffusion, x, t, abar_t, clip)
         _report(callback, i, n, t, x, x0)
         sigma = eta * math.sqrt((1.0 - abar_s) / (1.0 - abar_t) * (1.0 - abar_t / abar_s))  # eq. 16
         x_prev = math.sqrt(abar_s) * x0 + math.sqrt(max(1.0 - abar_s - sigma**2, 0.0)) * eps  # eq. 12
@@ -448,7 +463,7 @@ def dpmpp(
     for i, t in enumerate(grid.tolist()):
         abar_s = abars[i]
         x_in = x
-        x, x0, eps = _denoise(model, diffusion, x, t, abar_s, clip)
+        x, x0, eps, _ = _denoise(model, diffusion, x, t, abar_s, clip)
         _report(callback, i, n, t, x_in, x0)
         if i + 1 == n:
             x = x0  # lambda_t = inf: e^-h = 0 and sigma_t = 0

@@ -15,6 +15,10 @@ draws the same numbers and keeps its own slice. So N processes train exactly the
 1-process run, and a run can resume on a different number of processes. Dropout uses
 torch's global RNG.
 
+A learned-variance model (Nichol & Dhariwal 2021) trains with L_hybrid (``Diffusion.training_losses``
+with ``vlb_weight``); with ``timestep_sampling="importance"`` its t is drawn by :mod:`.importance`
+(their sec. 3.3) instead of uniformly, and each sample's loss is weighted by 1 / (T p_t).
+
 Class-conditional models (``num_classes`` > 0) train for classifier-free guidance (Ho &
 Salimans 2022, Algorithm 1): each label is replaced by the null class with probability
 ``cond_drop``. Those coin flips are drawn last, and only for a conditional model, so
@@ -43,6 +47,7 @@ from .data import to_model_range
 from .diffusion import Diffusion
 from .distributed import Dist
 from .errors import ConfigError
+from .importance import ImportanceSampler
 
 
 class EMA:
@@ -89,6 +94,7 @@ class TrainStep:
     net: nn.Module | None = None  # what is called: the model, DDP-wrapped on several processes
     loss_fn: object = None  # net + loss, possibly compiled
     labels: torch.Tensor | None = None  # int64 (N,) on the training device: only for a class-conditional model
+    importance: ImportanceSampler | None = None  # draws t (Improved DDPM sec. 3.3); None: uniform t
 
     def __post_init__(self) -> None:
         self.dist = self.dist or Dist()
@@ -97,6 +103,7 @@ class TrainStep:
         self.device = self.images.device
         self.memory_format = devices.memory_format(self.device, self.amp)
         self.data_s = 0.0  # host seconds spent getting batches (the loop reads and resets it when it logs)
+        self.drawn: tuple[torch.Tensor, torch.Tensor] | None = None  # importance only: global t, local weights
 
     def distribute(self) -> None:
         """Wrap the model in DDP when there are several processes (after any resume, before training)."""
@@ -122,7 +129,9 @@ class TrainStep:
     ) -> torch.Tensor:
         net = self.net if y is None and aug is None else (lambda x_t, t_: self.net(x_t, t_, y, aug))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            return self.diffusion.training_losses(net, x0, t=t, eps=eps, weighting=self.config.loss_weighting)
+            return self.diffusion.training_losses(
+                net, x0, t=t, eps=eps, weighting=self.config.loss_weighting, vlb_weight=self.config.vlb_weight
+            )
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps, y, aug). Draws in a fixed order.
@@ -134,7 +143,10 @@ class TrainStep:
         cfg, gen, dev = self.config, self.gen, self.device
         b = cfg.batch_size
         idx = torch.randint(0, self.images.shape[0], (b,), generator=gen, device=dev)
-        t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=gen, device=dev)
+        if self.importance is None:
+            t = torch.randint(0, self.diffusion.num_timesteps, (b,), generator=gen, device=dev)
+        else:
+            t, weight = self.importance.draw(b, gen)
         eps = torch.randn((b, *self.images.shape[1:]), generator=gen, device=dev)
         flip = torch.rand((b,), generator=gen, device=dev) < 0.5 if cfg.hflip else None
         y = None
@@ -155,7 +167,18 @@ class TrainStep:
             x0 = augmentation.apply(x0, aug)
         x0 = x0.contiguous(memory_format=self.memory_format)
         self.data_s += time.perf_counter() - t_data
+        if self.importance is not None:
+            self.drawn = (t, weight[sl])
         return x0, t[sl], eps[sl], None if y is None else y[sl], aug
+
+    def _importance_weighted(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """The batch loss weighted by 1 / (T p_t); the whole global batch's losses update the sampler on every rank."""
+        t, weight = self.drawn
+        local = per_sample.shape[0]
+        every = per_sample.new_zeros(t.shape[0], dtype=torch.float32)
+        every[self.dist.rank * local : (self.dist.rank + 1) * local] = per_sample.detach().float()
+        self.importance.update(t, self.dist.mean(every) * self.dist.world_size)
+        return (per_sample * weight).mean()
 
     def __call__(self, step: int) -> torch.Tensor:
         cfg = self.config
@@ -163,7 +186,11 @@ class TrainStep:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
         given = {k: v for k, v in (("y", y), ("aug", aug)) if v is not None}  # the compiled graph sees what it gets
-        loss = self.loss_fn(x0, t, eps, **given).mean()
+        per_sample = self.loss_fn(x0, t, eps, **given)
+        if self.importance is not None:
+            loss = self._importance_weighted(per_sample)
+        else:
+            loss = per_sample.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -202,6 +229,11 @@ def make_train_step(
         )
     from .unet import UNet
 
+    if model_config.learned_variance != (diffusion_config.variance == "learned"):
+        raise ConfigError(
+            f"the diffusion's variance is {diffusion_config.variance} but the U-Net has "
+            f"{model_config.out_channels} output channels for {model_config.in_channels} input channels"
+        )
     dist = dist or Dist()
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     diffusion = Diffusion(diffusion_config).to(device)
@@ -213,4 +245,11 @@ def make_train_step(
     gen = torch.Generator(device=device).manual_seed(config.seed)
     data = devices.to_device(images, device) if isinstance(images, torch.Tensor) else images
     y = None if labels is None else labels.to(device=device, dtype=torch.long)
-    return TrainStep(model, diffusion, opt, ema, gen, data, config, amp=amp, dist=dist, labels=y)
+    importance = None
+    if config.timestep_sampling == "importance":
+        if not diffusion.learned_variance:
+            raise ConfigError(
+                "importance sampling of t (Improved DDPM sec. 3.3) is for L_vlb: use it with --variance learned"
+            )
+        importance = ImportanceSampler(diffusion.num_timesteps, device)
+    return TrainStep(model, diffusion, opt, ema, gen, data, config, amp=amp, dist=dist, labels=y, importance=importance)

@@ -13,6 +13,7 @@ makes resume bit-exact on CPU. The engine never prints: progress goes to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -32,6 +33,7 @@ from .data.placement import place_images
 from .distributed import StopFlag, init_distributed
 from .errors import ConfigError, Interrupted, TrainingDiverged
 from .fileio import append_jsonl, atomic_write_text
+from .monitor import Monitor, doubling_due, eval_due, read_history, stats_location
 from .step import TrainStep, lr_at, make_train_step
 from .unet import count_parameters
 
@@ -44,17 +46,14 @@ __all__ = ["train"]
 
 def preview_due(step: int, every: int) -> bool:
     """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never)."""
-    if not every:
-        return False
-    if step % every == 0:
-        return True
-    k = step // FIRST_PREVIEW
-    return step < every and step % FIRST_PREVIEW == 0 and k & (k - 1) == 0
+    return doubling_due(step, every, FIRST_PREVIEW)
 
 
 def _save(ts: TrainStep, out: Path, step: int, meta: dict, keep: int, emit: Callback) -> None:
     """Write the training state and the EMA model (rank 0 only; see ``Dist.main_only``)."""
     tensors, extra = rundir.state_tensors(ts.model, ts.ema.model, ts.opt, ts.gen, ts.device)
+    if ts.importance is not None:
+        tensors.update(ts.importance.state_tensors())
     sp = ckpt.save(ckpt.state_path(out, step), tensors, kind="state", step=step, extra=extra, **meta)
     model_path = rundir.RunPaths(out).model
     ckpt.save(model_path, ts.ema.model.state_dict(), kind="model", step=step, **meta)
@@ -88,6 +87,32 @@ def _preview(ts: TrainStep, out: Path, step: int, config: TrainConfig, emit: Cal
     p = rundir.RunPaths(out).samples / f"step-{step:06d}.png"
     img.save_image(img.upscale(img.make_grid(x0, nrow=nrow), 256), p)
     emit({"event": "preview", "step": step, "path": str(p)})
+
+
+def _make_monitor(data, ts: TrainStep, config: TrainConfig, out: Path):
+    """The in-training evaluation (rank 0 only), with this run's earlier records on resume."""
+    store, key = stats_location(data)
+    return Monitor(data.images, samples=config.eval_samples, seed=config.seed, device=ts.device, amp=ts.amp,
+                   store=store, key=key, history=read_history(rundir.RunPaths(out).log))  # fmt: skip
+
+
+def _evaluate(ts: TrainStep, out: Path, step: int, meta: dict, monitor, emit: Callback) -> None:
+    """Run the monitor on the EMA model; log it, keep the best EMA model as best.safetensors, warn when copying."""
+    paths = rundir.RunPaths(out)
+    rec = monitor(ts.ema.model, ts.diffusion, step)
+    best, warn = rec.pop("best"), rec.pop("warn", None)
+    append_jsonl(paths.log, rec)
+    if best:
+        ckpt.save(paths.best, ts.ema.model.state_dict(), kind="model", step=step, extra={"fd": rec["fd"]}, **meta)
+    emit({"event": "eval", **rec, "best": best, "path": str(paths.best)})
+    if warn:
+        emit({"event": "warning", "message": warn})
+
+
+def _draw_report(out: Path) -> None:
+    from .report import draw_report
+
+    draw_report([out], rundir.RunPaths(out).report)
 
 
 def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]:
@@ -139,6 +164,8 @@ def _set_up(
     if state is not None:
         model_config = UNetConfig.from_dict(state.model)
         diffusion_config = DiffusionConfig.from_dict(state.diffusion)
+    # the U-Net's output follows the diffusion: 2C channels for a learned variance (Improved DDPM)
+    model_config = dataclasses.replace(model_config, learned_variance=diffusion_config.variance == "learned")
     n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
     if (model_config.in_channels, model_config.image_size) != (c, s):
         m = model_config
@@ -158,6 +185,8 @@ def _set_up(
     start = 0
     if state is not None:
         rundir.restore_state(state, ts.model, ts.ema.model, ts.opt, ts.gen, dev, dist.rank)
+        if ts.importance is not None:
+            ts.importance.load_state_tensors(state.tensors)
         start = state.step
         dist.main_only(functools.partial(rundir.truncate_log, paths.log, start), dev)
         del state  # the tensors now live in the model; free the copy
@@ -204,6 +233,16 @@ def _set_up(
     return ts, start, meta
 
 
+def _summary(out: Path, step: int, loss: float, elapsed: float, is_main: bool, out_of_time: bool, monitor) -> dict:
+    """What train() returns: the paths, the final step and loss, and the best evaluated step."""
+    paths = rundir.RunPaths(out)
+    best = monitor is not None and monitor.best_step is not None
+    return {"out": str(out), "model": str(paths.model), "step": step, "loss": loss, "samples": str(paths.samples),
+            "elapsed": elapsed, "is_main": is_main, "out_of_time": out_of_time,
+            "best_step": monitor.best_step if best else None, "best_fd": monitor.best_fd if best else None,
+            "best": str(paths.best) if best else None, "report": str(paths.report)}  # fmt: skip
+
+
 def train(
     data,  # data.ImageDataset
     out_dir: str | os.PathLike,
@@ -228,6 +267,7 @@ def train(
     dist, dev = init_distributed(device)
     try:
         ts, start, meta = _set_up(data, out, model_config, diffusion_config, config, resume, overwrite, dist, dev, emit)
+        monitor = _make_monitor(data, ts, config, out) if config.eval_every and dist.is_main else None
 
         # --- the loop ----------------------------------------------------------------------
         loss_sum, loss_count, last_loss = torch.zeros((), device=dev), 0, float("nan")
@@ -276,6 +316,12 @@ def train(
                     last_saved = step
                 if config.sample_every and config.num_preview > 0 and (done or preview_due(step, config.sample_every)):
                     dist.main_only(functools.partial(_preview, ts, out, step, config, emit), dev)
+                if eval_due(step, config.eval_every, done):
+                    t_eval = _clock()
+                    dist.main_only(functools.partial(_evaluate, ts, out, step, meta, monitor, emit), dev)
+                    t_log += _clock() - t_eval  # img/s counts training only
+                if want_save:
+                    dist.main_only(functools.partial(_draw_report, out), dev)
 
                 # stop requests, agreed on by all ranks so no one waits in a collective alone
                 if (not dist.enabled or want_log) and dist.any(stop.signal is not None, dev):
@@ -291,15 +337,6 @@ def train(
                 if done:
                     break
         emit({"event": "end", "step": step, "step_obj": ts, "dist": dist})
-        return {
-            "out": str(out),
-            "model": str(paths.model),
-            "step": step,
-            "loss": last_loss,
-            "samples": str(paths.samples),
-            "elapsed": _clock() - t0,
-            "is_main": dist.is_main,
-            "out_of_time": step < config.steps,
-        }
+        return _summary(out, step, last_loss, _clock() - t0, dist.is_main, step < config.steps, monitor)
     finally:
         dist.close()
