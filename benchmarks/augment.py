@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from diffuse_cli.engine import models
+from diffuse_cli.engine import memorisation, models
 from diffuse_cli.engine.config import AUGMENT_DIM, DiffusionConfig, TrainConfig, UNetConfig
 from diffuse_cli.engine.data import from_model_range, load_builtin
 from diffuse_cli.engine.generate import generate
@@ -51,8 +51,7 @@ from ._trained import cache_dir
 
 MARK_START, MARK_END = "<!-- augment:start -->", "<!-- augment:end -->"
 VARIANTS = ("none", "flip", "default")
-NEAR_COPY_RATIO = 1 / 3  # Carlini et al. 2023: d(sample, nearest) < 1/3 of the mean over its 50 nearest
-NEIGHBOURS = 50
+NEAR_COPY_RATIO, NEIGHBOURS = memorisation.NEAR_COPY_RATIO, memorisation.NEAR_COPY_K
 
 
 def subset(n: int, size: int = 16) -> torch.Tensor:
@@ -78,13 +77,10 @@ def configs(variant: str, n: int, steps: int, batch: int, size: int) -> tuple[UN
 
 
 def near_copies(samples: torch.Tensor, train_u8: torch.Tensor) -> dict:
-    """Near-copy share (Carlini et al. 2023 criterion) and the mean nearest-neighbour distance in pixels (0..1)."""
-    a = samples.flatten(1).float() / 255
-    b = train_u8.flatten(1).float() / 255
-    d = torch.cdist(a, b).sort(dim=1).values
-    k = min(NEIGHBOURS, d.shape[1])
-    ratio = d[:, 0] / d[:, :k].mean(1).clamp_min(1e-12)
-    return {"near_copy": float((ratio < NEAR_COPY_RATIO).float().mean()), "nn_dist": float(d[:, 0].mean())}
+    """Near-copy share (``engine.memorisation``: Carlini et al. 2023's criterion) and the mean distance to the
+    nearest training image, in pixels scaled to 0..1."""
+    d1 = memorisation.nearest(samples, train_u8)[0][:, 0] / 255
+    return {"near_copy": memorisation.near_copy_share(samples, train_u8), "nn_dist": float(d1.mean())}
 
 
 def moments(images_u8: torch.Tensor) -> dict[str, torch.Tensor]:
