@@ -45,7 +45,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
 
-# Every CPU benchmark, each rewriting only its own section of benchmarks/RESULTS.md (about an hour on 2 idle
+# Every CPU benchmark, each rewriting only its own section of benchmarks/RESULTS.md (several hours on 2 idle
 # cores; measure with nothing else running). bench-gpu is the GPU script (on a machine with CUDA).
 RESULTS := --markdown benchmarks/RESULTS.md
 bench: $(STAMP)
@@ -54,6 +54,11 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.data_startup $(RESULTS)
 	$(BIN)/python -m benchmarks.conditional $(RESULTS) --picture docs/guidance.png
 	$(BIN)/python -m benchmarks.defaults --budget 5m --threads-check --reuse-ours $(RESULTS)
+	$(BIN)/python -m benchmarks.monitor $(RESULTS)
+	$(BIN)/python -m benchmarks.inpaint --num 100 $(RESULTS)
+	$(BIN)/python -m benchmarks.learned_variance --size 8 --json benchmarks/.cache/lv8.json
+	$(BIN)/python -m benchmarks.learned_variance --size 16 --json benchmarks/.cache/lv16.json
+	$(BIN)/python -m benchmarks.learned_variance --report benchmarks/.cache/lv8.json benchmarks/.cache/lv16.json $(RESULTS)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu --device cuda:0 $(RESULTS)

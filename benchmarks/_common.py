@@ -35,3 +35,20 @@ def diffusers_model(cfg):
     from diffuse_cli.engine.diffusers_io import unet_config
 
     return UNet2DModel.from_config(unet_config(cfg))
+
+
+def write_synthetic_pngs(args: tuple[str, int, int, int, bool]) -> None:
+    """Write images ``start .. stop - 1`` of a synthetic RGB folder (``size`` x ``size``: a colour gradient plus
+    noise, seeded per image), into sub-folders of 1,000 when ``nested``; ``args`` is one tuple so a process pool
+    can map it."""
+    import numpy as np
+    from PIL import Image
+
+    folder, start, stop, size, nested = args
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        c0, cx, cy = rng.uniform(0, 255, (3, 3))
+        img = c0 + cx * x[..., None] * 0.5 + cy * y[..., None] * 0.5 + rng.normal(0, 12, (size, size, 3))
+        sub = Path(folder) / f"{i // 1000:03d}" if nested else Path(folder)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(sub / f"{i:06d}.png")

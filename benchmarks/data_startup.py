@@ -41,7 +41,7 @@ import tempfile  # noqa: E402 - after T_START
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402 - after T_START
 from pathlib import Path  # noqa: E402 - after T_START
 
-from ._common import replace_section  # noqa: E402 - after T_START
+from ._common import replace_section, write_synthetic_pngs  # noqa: E402 - after T_START
 
 MARK_START, MARK_END = "<!-- data:start -->", "<!-- data:end -->"
 SIZE = 32
@@ -49,20 +49,6 @@ BATCH = 256
 
 
 # --------------------------------------------------------------------------- the folder
-
-
-def _write_pngs(args: tuple[str, int, int]) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder, start, stop = args
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
-    for i in range(start, stop):
-        rng = np.random.default_rng(i)
-        c0, cx, cy = rng.uniform(0, 255, (3, 3))
-        img = c0 + cx * x[..., None] * 0.5 + cy * y[..., None] * 0.5 + rng.normal(0, 12, (SIZE, SIZE, 3))
-        sub = Path(folder) / f"{i // 1000:03d}"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(sub / f"{i:06d}.png")
 
 
 def make_folder(folder: Path, n: int, workers: int) -> float:
@@ -74,9 +60,9 @@ def make_folder(folder: Path, n: int, workers: int) -> float:
     shutil.rmtree(folder, ignore_errors=True)
     for k in range((n + 999) // 1000):
         (folder / f"{k:03d}").mkdir(parents=True, exist_ok=True)
-    chunks = [(str(folder), s, min(n, s + 500)) for s in range(0, n, 500)]
+    chunks = [(str(folder), s, min(n, s + 500), SIZE, True) for s in range(0, n, 500)]
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_write_pngs, chunks))
+        list(pool.map(write_synthetic_pngs, chunks))
     done.write_text("ok\n")
     return time.perf_counter() - t0
 

@@ -3,6 +3,9 @@ import os
 import pytest
 
 os.environ.setdefault("COLUMNS", "120")
+# Training and sampling run on one thread whatever the machine's load (device.ThreadPolicy honours
+# OMP_NUM_THREADS as it honours --threads), so no result depends on what else the machine is doing.
+os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["DIFFUSE_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="diffuse-test-cache-")  # never ~/.cache
 
 

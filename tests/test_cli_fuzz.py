@@ -451,6 +451,12 @@ def test_former_crashes(args, place):
     assert r.exit_code in (0, 1, 2) and "Traceback" not in r.output
 
 
+def train_one_step(out: Path):
+    return runner.invoke(
+        app, ["train", "builtin:digits", "--preset", "tiny", "--steps", "1", "--device", "cpu", "--out", str(out)]
+    )
+
+
 def test_out_of_memory_is_one_line(place, monkeypatch, tmp_path):
     """An allocation failure anywhere (here: building the model) is one line with a hint, exit 1."""
     from diffuse_cli.engine import unet
@@ -462,21 +468,7 @@ def test_out_of_memory_is_one_line(place, monkeypatch, tmp_path):
         )
 
     monkeypatch.setattr(unet.UNet, "__init__", boom)
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            "builtin:digits",
-            "--preset",
-            "tiny",
-            "--steps",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "r"),
-        ],
-    )
+    r = train_one_step(tmp_path / "r")
     assert r.exit_code == 1, r.output
     assert r.stderr.strip() == (
         "error: out of memory (tried to allocate 160000000000 bytes); try a smaller --batch-size, --image-size or model"
@@ -487,21 +479,7 @@ def test_out_of_memory_is_one_line(place, monkeypatch, tmp_path):
         raise RuntimeError("some other internal failure")
 
     monkeypatch.setattr(unet.UNet, "__init__", other)
-    r = runner.invoke(
-        app,
-        [
-            "train",
-            "builtin:digits",
-            "--preset",
-            "tiny",
-            "--steps",
-            "1",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path / "r2"),
-        ],
-    )
+    r = train_one_step(tmp_path / "r2")
     assert isinstance(r.exception, RuntimeError)  # not an allocation failure: `main` reports it as unexpected
 
 

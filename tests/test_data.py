@@ -476,9 +476,14 @@ def test_errors(tmp_path):
 
 
 def test_load_dataset_folder_default_size(tmp_path):
-    _write(tmp_path, "a.jpg", _encoded(_noise((50, 40)), "JPEG"))
-    ds = D.load_dataset(tmp_path, None, None)  # the images' own size: the shorter side, 40
-    assert ds.images.shape == (1, 3, 40, 40) and ds.labels is None and ds.summary.size_note == "the images' own size"
+    _write(tmp_path, "a.jpg", _encoded(_noise((48, 40)), "JPEG"))
+    _write(tmp_path, "b.jpg", _encoded(_noise((40, 48)), "JPEG"))
+    ds = D.load_dataset(tmp_path, None, None)  # two aspect ratios: the shorter side, 40, square
+    assert ds.images.shape == (2, 3, 40, 40) and ds.labels is None and ds.summary.size_note == "the images' own size"
+    (tmp_path / "b.jpg").unlink()
+    ds = D.load_dataset(tmp_path, None, None)  # one aspect ratio: kept, 40 high and 48 wide
+    assert ds.images.shape == (1, 3, 40, 48) and ds.summary.size_note == "the images' own size"
+    assert ds.image_size == (40, 48)
 
 
 # --------------------------------------------------------------------------- value ranges and flips
@@ -591,9 +596,11 @@ def _folder(tmp_path, sizes):
     [
         ([(16, 16)] * 5, 16, "own size"),
         ([(28, 28)] * 3 + [(64, 64)], 28, "own size"),  # the most common size wins
-        ([(30, 40)] * 4, 32, "30 px rounded to 32"),  # non-square: the shorter side, rounded to a multiple of 4
+        ([(30, 40)] * 4, (44, 32), "40x30; 44x32 keeps their aspect ratio"),  # one aspect ratio: H x W, rounded
+        ([(30, 40), (40, 30)] * 2, 32, "30 px rounded to 32"),  # mixed shapes: the shorter side, square
         ([(3, 3)] * 2, 8, "3 px rounded to 8"),  # tiny images: at least 8
-        ([(1024, 768)] * 2, MAX_AUTO_IMAGE_SIZE, "capped"),  # huge images: a cap and how to change it
+        ([(1024, 768)] * 2, (MAX_AUTO_IMAGE_SIZE, 88), "capped"),  # huge images: a cap and how to change it
+        ([(1024, 768), (1000, 1000)], MAX_AUTO_IMAGE_SIZE, "capped"),
         ([(16, 16), (20, 20), (20, 20), (16, 16)], 20, "own size"),  # a tie: the larger
     ],
 )

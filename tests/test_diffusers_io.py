@@ -290,15 +290,14 @@ def test_other_model_classes_are_refused_by_name(tmp_path):
         models.load_for_sampling(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
-    (folder / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "resnet_time_scale_shift": "scale_shift"}))
-    with pytest.raises(CheckpointError, match="scale-shift"):
+    (folder / "unet" / "config.json").write_text(json.dumps({**unet_cfg, "resnet_time_scale_shift": "spatial"}))
+    with pytest.raises(CheckpointError, match="spatial"):
         models.load_for_sampling(folder)
 
 
 @pytest.mark.parametrize(
     "kw,fragment",
     [(dict(base_channels=48), "norm_num_groups"),
-     (dict(num_classes=3), "class-conditional"),
      (dict(num_heads=2, attention_resolutions=(8,)), "attention_head_dim")],
 )  # fmt: skip
 def test_export_refuses_what_unet2dmodel_cannot_express(tmp_path, kw, fragment):

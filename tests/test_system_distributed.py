@@ -157,6 +157,16 @@ def test_two_process_run_resumes_in_one_process(runs, tmp_path):
     assert log == [2, 4, 6]
 
 
+@pytest.mark.slow  # one more torchrun launch (about 10 s on 2 busy cores)
+def test_micro_batches_under_torchrun_train_the_one_process_run(runs, tmp_path):
+    """2 processes x 4 images, each in passes of 3 + 1 (gradient accumulation, DDP syncing only the last pass):
+    still the 1-process run of 8 images."""
+    root, _ = runs
+    res = train(tmp_path / "micro", 4, 2, "--micro-batch", "3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_same_training(state(tmp_path / "micro", 4), state(root / "one", 4))
+
+
 def test_failure_on_rank_zero_stops_every_rank(tmp_path):
     out = tmp_path / "busy"
     out.mkdir()

@@ -241,3 +241,5 @@ def test_previews_come_early_then_regularly():
     due = [s for s in range(1, 5001) if training.preview_due(s, 1000)]
     assert due == [100, 200, 400, 800, 1000, 2000, 3000, 4000, 5000]
     assert not any(training.preview_due(s, 0) for s in range(1, 300))
+    # and at the end of a run, unless it is shorter than the first preview (a 1-step run: noise, and most of its time)
+    assert training.preview_due(137, 1000, done=True) and not training.preview_due(99, 1000, done=True)

@@ -143,6 +143,14 @@ ZtsnrOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (0 or more): same seed, same result.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for torch, fixed (a setting of this machine: --resume does not keep it). "
+        "[default: the cores no other process keeps busy, re-checked as the run goes]",
+    ),
+]
 
 
 def d(value) -> str:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..engine.config import EVAL_FEATURES, REVERSE_VARIANCES, SAMPLER_NAMES
-from .app import DeviceOpt, SeedOpt, choices, console, err_console, run
+from .app import DeviceOpt, SeedOpt, ThreadsOpt, choices, console, err_console, run
 
 FeatureKind = choices("FeatureKind", EVAL_FEATURES)
 Variance = choices("Variance", REVERSE_VARIANCES)
@@ -85,6 +85,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per model call.", min=1)] = 64,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     format: Annotated[
         EvalFormat, typer.Option("--format", "-f", help="table for people, json for programs.")
     ] = EvalFormat("table"),
@@ -123,7 +124,7 @@ def eval_(
         report, log_path = run(
             evaluate.run, checkpoint, data, num_images=num_images, nll=nll, fd=fd, features=features.value,
             variance=variance.value if variance else None, terms=terms, sampler=sampler.value, steps=steps, batch_size=batch_size, seed=seed,
-            device=device, log=log, callback=bars.on_event,
+            device=device, threads=threads, log=log, callback=bars.on_event,
         )  # fmt: skip
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")

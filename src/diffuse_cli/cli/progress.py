@@ -121,6 +121,10 @@ class TrainProgress:
                     f"{e['elapsed']:.0f}s"
                 )
 
+    def _on_threads(self, e: dict) -> None:
+        if self.is_main:
+            self.bar.console.print(f"  step {e['step']}: the machine's load changed; now {e['threads']} CPU threads")
+
     def _on_warning(self, e: dict) -> None:
         self.bar.console.print(f"[yellow]warning:[/] {e['message']}")
 

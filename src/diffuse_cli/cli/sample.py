@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..engine.config import DEFAULT_GUIDANCE, DEFAULT_STRENGTH, SAMPLER_NAMES
-from .app import DeviceOpt, SeedOpt, choices, console, d, run
+from .app import DeviceOpt, SeedOpt, ThreadsOpt, choices, console, d, run
 
 SamplerName = choices("SamplerName", SAMPLER_NAMES)
 
@@ -78,6 +78,7 @@ def sample(
         int, typer.Option("--batch-size", "-b", help="Images per model call (does not change the images).")
     ] = 64,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     gif: GifOpt = None,
     clip: Annotated[bool, typer.Option("--clip/--no-clip", help="Clip predicted x_0 to [-1, 1] at each step.")] = True,
     overwrite: Annotated[
@@ -144,8 +145,9 @@ def sample(
     trajectory = Trajectory() if gif is not None else None
     with CountingProgress("sample", job.num) as bar:
         images = run(
-            sample_files.run, job, seed=seed, batch_size=batch_size, progress=bar.advance, trajectory=trajectory
-        )
+            sample_files.run, job, seed=seed, batch_size=batch_size, progress=bar.advance, trajectory=trajectory,
+            threads=threads,
+        )  # fmt: skip
     run(sample_files.save, job, images, **outputs, trajectory=trajectory)
     if out is not None:
         console.print(f"{job.num} images written to [bold]{out}/[/]")

@@ -17,7 +17,7 @@ from ..engine.config import (
     DiffusionConfig,
     TrainConfig,
 )
-from .app import DeviceOpt, Schedule, ZtsnrOpt, choices, console, d, duration, run
+from .app import DeviceOpt, Schedule, ThreadsOpt, ZtsnrOpt, choices, console, d, duration, run
 
 Prediction = choices("Prediction", PREDICTIONS)
 Weighting = choices("Weighting", WEIGHTINGS)
@@ -54,9 +54,11 @@ BatchOpt = _opt(
     help="GLOBAL batch size, split over all torchrun processes. [default: 32 on a CPU, 128 on a GPU]",
 )
 SizeOpt = _opt(
-    int | None,
+    str | None,
     "--image-size",
-    help="Resize + center-crop to this size. [default: the images' own size, at most 64; 8 for digits]",
+    help="Resize + center-crop to this size: 32, or HxW such as 24x40 (height x width). [default: the images' own "
+    "size, at most 64 on the shorter side, HxW when they share an aspect ratio; 8 for digits]",
+    metavar="N|HxW",
 )
 ChannelsOpt = _opt(int | None, "--channels", help="1 (grayscale) or 3 (RGB). [default: from the data]")
 PresetOpt = _opt(Preset, "--preset", help="Model size; auto picks by image size.")
@@ -125,8 +127,11 @@ EvalEveryOpt = _opt(
     f"(0: never). {d(_T.eval_every)}",
 )
 EvalSamplesOpt = _opt(int | None, "--eval-samples", help=f"Samples per in-training evaluation. {d(_T.eval_samples)}")
-ThreadsOpt = _opt(
-    int | None, "--threads", help="CPU threads for torch. [default: the cores no other process keeps busy]"
+MicroBatchOpt = _opt(
+    int | None,
+    "--micro-batch",
+    help="Images per forward/backward pass on each process: the batch is split and its gradients accumulated "
+    "(the same update, less memory; a setting of this machine, not kept by --resume). [default: the whole batch]",
 )
 CompileOpt = _opt(bool, "--compile", help="torch.compile the forward pass and loss (faster on GPU after a warm-up).")
 CacheDirOpt = _opt(
@@ -186,6 +191,7 @@ def train(
     keep: _opt(int | None, "--keep", help=f"How many periodic states to keep. {d(_T.keep)}") = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
+    micro_batch: MicroBatchOpt = None,
     precision: _opt(Precision, "--precision", help="auto = bf16 autocast on CUDA, fp32 elsewhere.") = Precision("auto"),
     compile: CompileOpt = False,
     seed: _opt(int | None, "--seed", help=f"Random seed (0 or more): same seed, same run. {d(_T.seed)}") = None,
@@ -227,7 +233,7 @@ def _options(given: dict) -> dict:
         cache=not g["no_cache"],
         train=pick("steps", "batch_size", "lr", "warmup", "ema_decay", "cond_drop", "save_every", "sample_every",
                    "eval_every", "eval_samples", "keep", "seed", "loss_weighting", "vlb_weight", "timestep_sampling",
-                   "precision", "compile", "threads", "augment", hflip="flip", time_limit="time"),
+                   "precision", "compile", "threads", "augment", "micro_batch", hflip="flip", time_limit="time"),
         model=pick("base_channels", "channel_mults", "num_res_blocks", "dropout", attention_resolutions="attention_res"),
         diffusion=pick("beta_start", "beta_end", "zero_terminal_snr", "prediction", "timesteps", "variance", schedule="kind"),
     )  # fmt: skip
@@ -260,7 +266,8 @@ def _train(data_spec: str, out: Path | None, options: dict) -> None:
             f"[bold green]done[/] {result['step']} steps in {duration(result['elapsed'])}{why}, final loss {result['loss']:.4f}"
         )
         say(f"  model    {result['model']}")
-        say(f"  previews {result['samples']}/")
+        if any(Path(result["samples"]).glob("*.png")):  # a run under 100 steps writes none
+            say(f"  previews {result['samples']}/")
         if result.get("best_step") is not None:
             say(f"  best     {result['best']} (step {result['best_step']}: the lowest Frechet distance, "
                 f"{result['best_fd']:.4g}, of the in-training evaluations)")  # fmt: skip

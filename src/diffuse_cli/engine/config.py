@@ -102,7 +102,7 @@ class DiffusionConfig:
 class UNetConfig:
     """Architecture of :class:`UNet`; the defaults are DDPM's CIFAR-10 model (35.7M parameters)."""
 
-    image_size: int = 32  # CIFAR-10; must be divisible by 2 ** (len(channel_mults) - 1)
+    image_size: int | tuple[int, int] = 32  # CIFAR-10; or (height, width); sides divisible by 2 ** (levels - 1)
     in_channels: int = 3  # 3 for RGB, 1 for greyscale
     base_channels: int = 128  # DDPM's CIFAR-10 width
     channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # DDPM: 32 -> 16 -> 8 -> 4 for 32x32 inputs
@@ -111,6 +111,11 @@ class UNetConfig:
     dropout: float = 0.1  # DDPM's value for CIFAR-10; overfitting is the main risk on small data
     num_heads: int = 1  # DDPM used single-head attention
     num_classes: int = 0  # 0: unconditional (DDPM); K > 0: a class embedding with K + 1 rows, the last the "null" class
+    # The rest of the DDPM family of diffusers' UNet2DModel; the defaults are DDPM's (and every preset's).
+    norm_groups: int = 0  # GroupNorm groups in every norm (UNet2DModel's norm_num_groups); 0: gcd(32, width) each
+    scale_shift: bool = False  # time conditioning as norm(h) (1 + s) + b (AdaGN, Dhariwal & Nichol 2021, sec. 3)
+    head_channels: int = 0  # channels per attention head (UNet2DModel's attention_head_dim); 0: num_heads heads
+    null_class: bool = True  # a conditional model has the null row K; False: K rows only (no guidance possible)
     learned_variance: bool = False  # 2C outputs: the prediction, then v of Improved DDPM's learned variance (eq. 15)
     augment_dim: int = 0  # 0: none; AUGMENT_DIM: reads EDM's augmentation vector (Karras et al. 2022, app. C.4)
 
@@ -118,12 +123,18 @@ class UNetConfig:
         # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
-        for name in ("image_size", "base_channels", "num_res_blocks", "num_heads"):
+        object.__setattr__(self, "image_size", normalize_size(self.image_size))
+        for name in ("base_channels", "num_res_blocks", "num_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise ConfigError(f"num_classes must be a non-negative integer, got {self.num_classes!r}")
+        for name in ("num_classes", "norm_groups", "head_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("scale_shift", "null_class"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.learned_variance, bool):
             raise ConfigError(f"learned_variance must be true or false, got {self.learned_variance!r}")
         if self.augment_dim not in (0, AUGMENT_DIM):
@@ -138,14 +149,15 @@ class UNetConfig:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         divisor = 2 ** (len(self.channel_mults) - 1)
-        if self.image_size % divisor:
-            lo = self.image_size // divisor * divisor
-            near = [s for s in (lo, lo + divisor) if s > 0]
-            raise ConfigError(
-                f"image_size {self.image_size} must be divisible by {divisor} "
-                f"(2^{len(self.channel_mults) - 1} for {len(self.channel_mults)} levels); "
-                f"try {' or '.join(map(str, near))}, or use fewer channel_mults"
-            )
+        for side in sorted(set(self.hw)):
+            if side % divisor:
+                lo = side // divisor * divisor
+                near = [s for s in (lo, lo + divisor) if s > 0]
+                raise ConfigError(
+                    f"image_size {format_size(self.image_size)} must be divisible by {divisor} "
+                    f"(2^{len(self.channel_mults) - 1} for {len(self.channel_mults)} levels); "
+                    f"try {' or '.join(map(str, near))}, or use fewer channel_mults"
+                )
         levels = self.resolutions
         bad = [r for r in self.attention_resolutions if r not in levels]
         if bad:
@@ -153,15 +165,15 @@ class UNetConfig:
                 f"attention_resolutions {bad} match no level of this U-Net; "
                 f"its resolutions are {', '.join(map(str, levels))}"
             )
-        widths = {
-            self.base_channels * m
-            for m, r in zip(self.channel_mults, levels, strict=True)
-            if r in self.attention_resolutions
-        }
-        widths.add(self.base_channels * self.channel_mults[-1])  # the middle block always attends
-        for w in sorted(widths):
-            if w % self.num_heads:
+        for w in sorted(self.attention_widths):
+            if self.head_channels and w % self.head_channels:
+                raise ConfigError(f"head_channels {self.head_channels} must divide the attention width {w}")
+            if not self.head_channels and w % self.num_heads:
                 raise ConfigError(f"num_heads {self.num_heads} must divide the attention width {w}")
+        if self.norm_groups:
+            bad = sorted(w for w in self.normalized_widths if w % self.norm_groups)
+            if bad:
+                raise ConfigError(f"norm_groups {self.norm_groups} must divide every normalised width (not {bad[0]})")
 
     @property
     def out_channels(self) -> int:
@@ -169,9 +181,42 @@ class UNetConfig:
         return self.in_channels * (2 if self.learned_variance else 1)
 
     @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the images."""
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else self.image_size
+
+    @property
     def resolutions(self) -> tuple[int, ...]:
-        """Spatial size of each level, from the input down (e.g. 32, 16, 8, 4)."""
-        return tuple(self.image_size // 2**i for i in range(len(self.channel_mults)))
+        """Size of each level, from the input down (e.g. 32, 16, 8, 4): its shorter side for non-square images,
+        the number ``attention_resolutions`` refers to."""
+        return tuple(min(self.hw) // 2**i for i in range(len(self.channel_mults)))
+
+    @property
+    def attention_widths(self) -> set[int]:
+        """The channel counts at which the U-Net attends (the middle block always does)."""
+        widths = {self.base_channels * m for m, r in zip(self.channel_mults, self.resolutions, strict=True)
+                  if r in self.attention_resolutions}  # fmt: skip
+        return widths | {self.base_channels * self.channel_mults[-1]}
+
+    @property
+    def normalized_widths(self) -> set[int]:
+        """Every channel count a GroupNorm sees: residual blocks' inputs (skips concatenated) and outputs."""
+        ch = self.base_channels
+        skips, cur, widths = [ch], ch, {ch}
+        for level, mult in enumerate(self.channel_mults):
+            cur = ch * mult
+            skips += [cur] * (self.num_res_blocks + (level < len(self.channel_mults) - 1))
+            widths.add(cur)
+        for mult in reversed(self.channel_mults):
+            for _ in range(self.num_res_blocks + 1):
+                widths.add(cur + skips.pop())
+                cur = ch * mult
+                widths.add(cur)
+        return widths
+
+    def heads(self, width: int) -> int:
+        """Attention heads at ``width`` channels: width / head_channels, else num_heads."""
+        return width // self.head_channels if self.head_channels else self.num_heads
 
     def to_dict(self) -> dict:
         """A JSON-friendly dict (tuples become lists)."""
@@ -186,6 +231,8 @@ class UNetConfig:
         for k in ("channel_mults", "attention_resolutions"):
             if k in kw:
                 kw[k] = tuple(kw[k])
+        if isinstance(kw.get("image_size"), list):
+            kw["image_size"] = tuple(kw["image_size"])
         return cls(**kw)
 
     @classmethod
@@ -201,19 +248,50 @@ class UNetConfig:
         """
         if name not in PRESETS and name != "auto":
             raise ConfigError(f"unknown preset {name!r}; choose auto or one of {', '.join(PRESETS)}")
+        image_size = normalize_size(image_size)
+        hw = (image_size, image_size) if isinstance(image_size, int) else image_size
+        side = min(hw)  # levels are counted on the shorter side (see resolutions)
         if name == "auto":
-            name = auto_preset(image_size, device)
+            name = auto_preset(side, device)
         kw = dict(PRESETS[name])
-        if image_size >= 64:
-            kw["channel_mults"] = tuple(kw["channel_mults"]) + (2,) * ((image_size // 32).bit_length() - 1)
+        if side >= 64:
+            kw["channel_mults"] = tuple(kw["channel_mults"]) + (2,) * ((side // 32).bit_length() - 1)
         kw.update({k: v for k, v in overrides.items() if v is not None})
-        if overrides.get("attention_resolutions") is None and image_size % 2 ** (len(kw["channel_mults"]) - 1) == 0:
-            levels = [image_size // 2**i for i in range(len(kw["channel_mults"]))]
+        divisor = 2 ** (len(kw["channel_mults"]) - 1)
+        if overrides.get("attention_resolutions") is None and all(n % divisor == 0 for n in hw):
+            levels = [side // 2**i for i in range(len(kw["channel_mults"]))]
             wanted = kw["attention_resolutions"]
             if wanted == ("middle",):  # the second level, at most 16x16 (attention costs (H W)^2)
                 wanted = tuple(max((r for r in levels[1:] if r <= 16), default=None) for _ in "x")
             kw["attention_resolutions"] = tuple(r for r in wanted if r in levels)
         return cls(**kw, image_size=image_size, in_channels=in_channels)
+
+
+def normalize_size(size) -> int | tuple[int, int]:
+    """An image size as UNetConfig keeps it: a side for squares, (height, width) otherwise; else ConfigError."""
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        h, w = size
+        size = h if h == w else (h, w)
+    parts = size if isinstance(size, tuple) else (size,)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in parts):
+        raise ConfigError(f"image_size must be a positive integer or a (height, width) pair, got {size!r}")
+    return size
+
+
+def format_size(size) -> str:
+    """``32`` for a square side, ``24x40`` (height x width) for a pair."""
+    return f"{size[0]}x{size[1]}" if isinstance(size, (tuple, list)) else str(size)
+
+
+def parse_size(text: str) -> int | tuple[int, int]:
+    """``--image-size``: ``32`` (square) or ``HxW`` such as ``24x40`` (height x width) -> UNetConfig's form."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(text))
+    if not m:
+        raise ConfigError(f"--image-size must be a size like 32 or HxW like 24x40 (got {text!r})")
+    h, w = int(m[1]), int(m[2] or m[1])
+    return normalize_size((h, w))
 
 
 def auto_preset(image_size: int, device: str = "cpu") -> str:
@@ -270,7 +348,8 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
     compile: bool = False
     time_limit: float | None = None  # seconds of training in this process (--time); None: until `steps`
-    threads: int | None = None  # CPU threads for torch; None: as many as are free (device.default_threads)
+    threads: int | None = None  # CPU threads for torch; None: as many as are free, re-checked (device.ThreadPolicy)
+    micro_batch: int | None = None  # images per forward/backward pass on each process (gradient accumulation)
 
     def __post_init__(self) -> None:
         checks = [
@@ -307,6 +386,14 @@ class TrainConfig:
             (self.precision in PRECISIONS, f"--precision must be auto, fp32 or bf16 (got {self.precision})"),
             (self.time_limit is None or self.time_limit > 0, f"--time must be positive (got {self.time_limit})"),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1 (got {self.threads})"),
+            (
+                self.micro_batch is None or self.micro_batch >= 1,
+                f"--micro-batch must be at least 1 (got {self.micro_batch})",
+            ),
+            (
+                self.micro_batch is None or self.timestep_sampling == "uniform",
+                "--micro-batch works with uniform timesteps only (importance sampling weighs the whole batch at once)",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -319,16 +406,23 @@ class TrainConfig:
     def resumed(self, **given) -> TrainConfig:
         """This stored run's config with the options given again on the command line applied.
 
-        Everything but the device-side settings (precision, compile) survives a resume unless
-        given again; e.g. a larger ``steps`` continues the run further.
+        Everything but the settings of the machine survives a resume unless given again; e.g. a
+        larger ``steps`` continues the run further. Machine settings (:data:`MACHINE_SETTINGS`:
+        threads, micro-batch) describe the computer, not the run: they are what is given now, or
+        their defaults, never the stored run's.
         """
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+        machine = {k: given.get(k) for k in MACHINE_SETTINGS}
+        return dataclasses.replace(self, **{**{k: v for k, v in given.items() if v is not None}, **machine})
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+
+#: TrainConfig fields that describe the machine a run is on, not the run: --resume does not carry them over.
+#: (The update is the same for any micro-batch: it splits the batch, not the math.)
+MACHINE_SETTINGS = ("threads", "micro_batch")
 
 UNLIMITED_STEPS = 10**9  # --time without --steps: the budget ends the run
 

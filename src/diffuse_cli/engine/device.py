@@ -7,7 +7,9 @@
   cuDNN on recent GPUs work in NHWC natively, so no layout reorder per conv);
 * :func:`make_optimizer` builds AdamW with the fused single-kernel update when
   this torch build has it for the device, else the default implementation;
-* :func:`to_device` copies data through pinned memory without blocking the host on CUDA.
+* :func:`to_device` copies data through pinned memory without blocking the host on CUDA;
+* :class:`ThreadPolicy` sets torch's CPU threads to the cores other processes leave free, and
+  re-decides now and then as their load changes (:class:`OtherLoad` reads it without sleeping).
 
 Two more trade a little for speed and say so: :func:`enable_tf32` (CUDA only:
 fp32 matmuls and convs on TF32 tensor cores) and :func:`compile_model` (an
@@ -21,6 +23,7 @@ Measured numbers live in ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 import torch
@@ -172,8 +175,6 @@ def _cpu_times() -> tuple[int, int] | None:
 def busy_cores(window_s: float = 0.25) -> float:
     """How many cores other processes keep busy now: measured over ``window_s`` from /proc/stat (this
     process sleeps meanwhile), else the 1-minute load average."""
-    import time
-
     before = _cpu_times()
     if before is not None:
         time.sleep(window_s)
@@ -187,6 +188,18 @@ def busy_cores(window_s: float = 0.25) -> float:
         return 0.0
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def threads_for(busy: float, cores: int) -> int:
+    """Threads to run with on ``cores`` usable cores while other processes keep ``busy`` of them busy."""
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
 def default_threads() -> int:
     """CPU threads for torch when --threads is not given: the cores this process may use, less those
     other processes keep busy right now (:func:`busy_cores`).
@@ -195,17 +208,108 @@ def default_threads() -> int:
     busy process, every parallel region waits for it, and training slowed 10-40x on a 2-core machine
     with the other core busy (see benchmarks/RESULTS.md). Leaving busy cores alone avoids that.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, cores - int(busy_cores() + 0.5)))
+    return threads_for(busy_cores(), _usable_cores())
 
 
-def set_threads(n: int | None, device: torch.device) -> int:
-    """Set torch's intra-op threads for a CPU run (``None``: :func:`default_threads`); returns the count."""
-    if device.type != "cpu":
-        return torch.get_num_threads()
-    n = n or default_threads()
-    torch.set_num_threads(n)
-    return n
+class OtherLoad:
+    """Cores that *other* processes kept busy since the previous reading, without sleeping.
+
+    /proc/stat counts every core's busy time; this process's own CPU time (``time.process_time``,
+    all its threads, spin-waits included) is subtracted, so what is left is the rest of the machine,
+    averaged over the whole interval rather than sampled for a moment. None where /proc/stat is missing.
+    """
+
+    def __init__(self) -> None:
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._last = self._snapshot()
+
+    def _snapshot(self) -> tuple[float, float, float] | None:
+        times = _cpu_times()
+        if times is None:
+            return None
+        idle, total = times
+        return time.monotonic(), (total - idle) / self._hz, time.process_time()
+
+    def __call__(self) -> float | None:
+        now = self._snapshot()
+        before, self._last = self._last, now
+        if now is None or before is None or now[0] - before[0] <= 0:
+            return None
+        busy_all = now[1] - before[1]
+        mine = now[2] - before[2]
+        return max(0.0, (busy_all - mine) / (now[0] - before[0]))
+
+
+#: Seconds between two thread decisions: long enough to average out a burst, short enough to follow the
+#: machine within a few log lines.
+RECHECK_S = 10.0
+_MIN_WINDOW_S = 0.1  # a first reading over less than this is noise: wait for the rest
+
+
+class ThreadPolicy:
+    """Torch's CPU threads that follow the machine (``--threads`` not given): re-decided now and then.
+
+    The count is :func:`threads_for` the cores other processes kept busy since the last decision
+    (:class:`OtherLoad`), so a burst of other work at start-up no longer fixes a whole run at one
+    thread, and a run started on a busy machine takes the cores back when they free up. ``fixed``
+    (``--threads``, else ``OMP_NUM_THREADS`` when set, as torchrun sets it per process) is used as given.
+    Callers call :meth:`update` at natural pauses (log lines, between sampling batches); it returns
+    the new count when it changed. ``others``, ``cores`` and ``clock`` are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        fixed: int | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        every_s: float = RECHECK_S,
+        others=None,
+        cores: int | None = None,
+        clock=time.monotonic,
+    ):
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        self.fixed = fixed or (int(env) if env.isdigit() and int(env) > 0 else None)
+        self.cpu = torch.device(device).type == "cpu"
+        self.every_s = every_s
+        self.cores = cores or _usable_cores()
+        self.clock = clock
+        self.others = others if others is not None else (OtherLoad() if self.cpu and not self.fixed else None)
+        self.started = clock()
+        self.last: float | None = None
+        self.threads = torch.get_num_threads()
+
+    @property
+    def adaptive(self) -> bool:
+        return self.cpu and not self.fixed
+
+    def start(self) -> int:
+        """Decide now (from the load since this policy was made, at least ``_MIN_WINDOW_S``); returns the count."""
+        if not self.cpu:
+            return torch.get_num_threads()
+        if self.fixed:
+            return self._set(self.fixed)
+        wait = _MIN_WINDOW_S - (self.clock() - self.started)
+        if wait > 0 and self.clock is time.monotonic:
+            time.sleep(wait)
+        return self._decide()
+
+    def update(self) -> int | None:
+        """Re-decide if ``every_s`` passed since the last decision; the new count if it changed, else None."""
+        if not self.adaptive or (self.last is not None and self.clock() - self.last < self.every_s):
+            return None
+        before = self.threads
+        n = self._decide()
+        return n if n != before else None
+
+    def _decide(self) -> int:
+        busy = self.others() if self.others is not None else None
+        self.last = self.clock()
+        if busy is None:  # no /proc/stat: the old sampled reading
+            busy = busy_cores()
+        return self._set(threads_for(busy, self.cores))
+
+    def _set(self, n: int) -> int:
+        self.threads = n
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return n

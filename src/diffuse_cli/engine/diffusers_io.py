@@ -17,9 +17,12 @@ Mapping (diffusers -> diffuse):
 * ``block_out_channels`` = base_channels x channel_mults; ``layers_per_block`` = num_res_blocks;
   ``AttnDownBlock2D`` / ``AttnUpBlock2D`` exactly at the levels in attention_resolutions (the
   middle block always attends); ``attention_head_dim`` None = one head, else width / head_dim
-  heads, which must be the same at every attending width (we have one ``num_heads``);
-  ``norm_num_groups`` must equal the group count our U-Net gives every normalised width
-  (gcd(32, width)).
+  heads (``num_heads`` when that is one count, else ``head_channels``); ``norm_num_groups`` =
+  ``norm_groups`` (0 when it is what gcd(32, width) gives anyway); ``resnet_time_scale_shift``
+  "scale_shift" = ``scale_shift``; ``num_class_embeds`` K = ``num_classes`` K without a null
+  row (a diffuse export adds ``_diffuse_null_class``); ``sample_size`` [H, W] = ``image_size`` (H, W).
+  Refused by name: other block types, time embeddings, class-embedding types, activations,
+  "spatial" conditioning.
 * ``beta_schedule``: linear = linear, scaled_linear = quadratic, squaredcos_cap_v2 = cosine,
   sigmoid = sigmoid (same formulas); ``trained_betas`` are used as given;
   ``rescale_betas_zero_snr`` = zero_terminal_snr; ``prediction_type`` epsilon / sample /
@@ -28,11 +31,14 @@ Mapping (diffusers -> diffuse):
   [sin, cos] (``flip_sin_to_cos=False``) with frequencies 10000^(-i / (half - 1))
   (``freq_shift=1``), downsampling by a right/bottom zero pad and an unpadded stride-2 conv
   (``downsample_padding=0``) and GroupNorm eps 1e-6. :class:`DiffusersUNet` runs our U-Net
-  with those four settings; everything else is identical.
+  with those four settings; everything else is identical. A fifth is UNet2DModel's own: with
+  scale-shift conditioning its middle attention has no GroupNorm unless ``attn_norm_num_groups``
+  gives one (``DiffusersLayout.mid_attention_groups``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -93,11 +99,10 @@ _UNET_FIXED = (
     ("downsample_type", "conv", "downsampling without a conv"),
     ("upsample_type", "conv", "upsampling without a conv"),
     ("act_fn", "silu", "an activation other than SiLU"),
-    ("resnet_time_scale_shift", "default", "scale-shift time conditioning"),
     ("add_attention", True, "a middle block without attention"),
-    ("class_embed_type", None, "class conditioning"),
-    ("num_class_embeds", None, "class conditioning"),
+    ("class_embed_type", None, "class conditioning through a timestep embedding or identity"),
 )
+TIME_SCALE_SHIFT = {"default": False, "scale_shift": True}  # resnet_time_scale_shift -> UNetConfig.scale_shift
 _SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "prediction_type": "epsilon", "rescale_betas_zero_snr": False,
@@ -114,6 +119,9 @@ class DiffusersLayout:
     freq_shift: int = 0  # frequencies 10000^(-i / (half - freq_shift))
     downsample_padding: int = 1  # 1: pad 1 all round; 0: pad right/bottom only (the DDPM authors' code)
     norm_eps: float = 1e-5  # GroupNorm eps
+    # The middle block's attention norm: None as every other norm; 0 none (UNet2DModel with scale-shift
+    # conditioning and no attn_norm_num_groups); n > 0: n groups (attn_norm_num_groups).
+    mid_attention_groups: int | None = None
 
     @property
     def native(self) -> bool:
@@ -152,6 +160,10 @@ class DiffusersUNet(UNet):
     def __init__(self, config: UNetConfig, layout: DiffusersLayout):
         super().__init__(config)
         self.layout = layout
+        if layout.mid_attention_groups is not None:
+            width = self.mid_attn.norm.num_channels
+            self.mid_attn.norm = (nn.GroupNorm(layout.mid_attention_groups, width) if layout.mid_attention_groups
+                                  else nn.Identity())  # fmt: skip
         for m in self.modules():
             if isinstance(m, nn.GroupNorm):
                 m.eps = layout.norm_eps
@@ -178,29 +190,31 @@ def _group_counts(config: UNetConfig) -> set[int]:
 
 
 def _attention_widths(config: UNetConfig) -> set[int]:
-    widths = {config.base_channels * m for m, r in zip(config.channel_mults, config.resolutions, strict=True)
-              if r in config.attention_resolutions}  # fmt: skip
-    widths.add(config.base_channels * config.channel_mults[-1])  # the middle block
-    return widths
+    return config.attention_widths
 
 
 # --- export -----------------------------------------------------------------------------------
 def unet_config(config: UNetConfig, layout: DiffusersLayout | None = None) -> dict:
-    """UNet2DModel's config.json for our U-Net, or Unsupported naming what diffusers cannot express."""
+    """UNet2DModel's config.json for our U-Net, or Unsupported naming what diffusers cannot express.
+
+    A class-conditional model gets ``num_class_embeds`` (its rows, the null class included, which
+    ``_diffuse_null_class`` names: keys starting with ``_`` are ignored by diffusers); DDPMPipeline
+    passes no labels, so such a U-Net is called directly with ``class_labels``.
+    """
     layout = layout or DiffusersLayout()
-    if getattr(config, "num_classes", 0):
-        raise Unsupported(
-            "this model is class-conditional; diffusers' DDPMPipeline has no class input, so it cannot "
-            "be exported (train with --classes none for an exportable model)"
-        )
-    groups = _group_counts(config)
-    if len(groups) != 1:
-        raise Unsupported(
-            f"diffusers' UNet2DModel uses one norm_num_groups for every GroupNorm, but this model's widths "
-            f"(base_channels {config.base_channels}) give {sorted(groups)} groups (gcd(32, width)); "
-            "widths that are multiples of 32 export"
-        )
-    if config.num_heads == 1:
+    if config.norm_groups:
+        groups = {config.norm_groups}
+    else:
+        groups = _group_counts(config)
+        if len(groups) != 1:
+            raise Unsupported(
+                f"diffusers' UNet2DModel uses one norm_num_groups for every GroupNorm, but this model's widths "
+                f"(base_channels {config.base_channels}) give {sorted(groups)} groups (gcd(32, width)); "
+                "widths that are multiples of 32 export"
+            )
+    if config.head_channels:
+        head_dim = config.head_channels
+    elif config.num_heads == 1:
         head_dim = None
     else:
         widths = _attention_widths(config)
@@ -211,10 +225,20 @@ def unet_config(config: UNetConfig, layout: DiffusersLayout | None = None) -> di
                 "use num_heads 1 or attend only at levels of one width"
             )
         head_dim = widths.pop() // config.num_heads
+    norm_groups = groups.pop()
+    # UNet2DModel's middle attention: norm_num_groups groups by default, none with scale-shift, unless
+    # attn_norm_num_groups says otherwise.
+    mid = norm_groups if layout.mid_attention_groups is None else layout.mid_attention_groups
+    attn_groups = None if mid == (0 if config.scale_shift else norm_groups) else mid
+    if mid == 0 and not config.scale_shift:
+        raise Unsupported("a middle attention without a norm exists in UNet2DModel only with scale-shift conditioning")
     res = config.resolutions
-    return {
+    h, w = config.hw
+    classes = config.num_classes + config.null_class if config.num_classes else None
+    out = {
         "_class_name": UNET_CLASS, "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": config.image_size, "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "sample_size": h if h == w else [h, w], "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
         "center_input_sample": False, "time_embedding_type": "positional", "time_embedding_dim": None,
         "freq_shift": layout.freq_shift, "flip_sin_to_cos": layout.flip_sin_to_cos,
         "down_block_types": ["AttnDownBlock2D" if r in config.attention_resolutions else "DownBlock2D" for r in res],
@@ -224,10 +248,13 @@ def unet_config(config: UNetConfig, layout: DiffusersLayout | None = None) -> di
         "layers_per_block": config.num_res_blocks, "mid_block_scale_factor": 1,
         "downsample_padding": layout.downsample_padding, "downsample_type": "conv", "upsample_type": "conv",
         "dropout": config.dropout, "act_fn": "silu", "attention_head_dim": head_dim,
-        "norm_num_groups": groups.pop(), "attn_norm_num_groups": None, "norm_eps": layout.norm_eps,
-        "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
-        "num_class_embeds": None, "num_train_timesteps": None,
+        "norm_num_groups": norm_groups, "attn_norm_num_groups": attn_groups, "norm_eps": layout.norm_eps,
+        "resnet_time_scale_shift": "scale_shift" if config.scale_shift else "default", "add_attention": True,
+        "class_embed_type": None, "num_class_embeds": classes, "num_train_timesteps": None,
     }  # fmt: skip
+    if config.num_classes and config.null_class:
+        out["_diffuse_null_class"] = config.num_classes
+    return out
 
 
 def scheduler_config(diffusion_config: dict, betas: torch.Tensor | None = None) -> dict:
@@ -266,7 +293,7 @@ def to_diffusers_state_dict(state: dict[str, torch.Tensor], config: UNetConfig) 
     n = config.num_res_blocks
     levels = len(config.channel_mults)
     top = {"conv_in": "conv_in", "time_mlp.0": "time_embedding.linear_1", "time_mlp.2": "time_embedding.linear_2",
-           "norm_out": "conv_norm_out", "conv_out": "conv_out"}  # fmt: skip
+           "norm_out": "conv_norm_out", "conv_out": "conv_out", "class_emb": "class_embedding"}  # fmt: skip
     res_names = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
                  "skip": "conv_shortcut"}  # fmt: skip
     out: dict[str, torch.Tensor] = {}
@@ -483,16 +510,16 @@ def unet_config_from_diffusers(cfg: dict, where: str = "unet/config.json") -> tu
     for key, need, meaning in _UNET_FIXED:
         if c.get(key) != need and not (key == "time_embedding_dim" and c.get(key) == 4 * c["block_out_channels"][0]):
             raise refuse(f"{meaning} ({key}={c.get(key)!r})")
+    if c["resnet_time_scale_shift"] not in TIME_SCALE_SHIFT:
+        raise refuse(f"{c['resnet_time_scale_shift']!r} time conditioning (resnet_time_scale_shift)")
     try:
         widths = [int(w) for w in c["block_out_channels"]]
         down, up = list(c["down_block_types"]), list(c["up_block_types"])
         size = c["sample_size"]
-        if isinstance(size, (list, tuple)):
-            if len(size) != 2 or size[0] != size[1]:
-                raise refuse(f"non-square images (sample_size={size})")
-            size = size[0]
-        size, in_ch, out_ch = int(size), int(c["in_channels"]), int(c["out_channels"])
+        size = tuple(int(n) for n in size) if isinstance(size, (list, tuple)) else int(size)
+        in_ch, out_ch = int(c["in_channels"]), int(c["out_channels"])
         layers = int(c["layers_per_block"])
+        classes = int(c["num_class_embeds"] or 0)
     except (TypeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{where} is not a valid {UNET_CLASS} config ({err})") from err
     if out_ch not in (in_ch, 2 * in_ch):
@@ -510,36 +537,42 @@ def unet_config_from_diffusers(cfg: dict, where: str = "unet/config.json") -> tu
     attn_up = [b == "AttnUpBlock2D" for b in reversed(up)]
     if attn_down != attn_up:
         raise refuse("attention on different levels going down and up")
-    resolutions = [size // 2**i for i in range(len(widths))]
+    null = classes > 1 and c.get("_diffuse_null_class") == classes - 1  # exported by diffuse: the last row is null
+    head_dim = c["attention_head_dim"]
+    if isinstance(head_dim, (list, tuple)):
+        head_dim = head_dim[0] if len(set(head_dim)) == 1 else head_dim
+    groups = c["norm_num_groups"]
     try:
+        side = min(size) if isinstance(size, tuple) else size
+        resolutions = [side // 2**i for i in range(len(widths))]
         config = UNetConfig(
             image_size=size, in_channels=in_ch, base_channels=widths[0],
             channel_mults=tuple(w // widths[0] for w in widths), num_res_blocks=layers,
             attention_resolutions=tuple(r for r, a in zip(resolutions, attn_down, strict=True) if a),
-            dropout=float(c["dropout"]), num_heads=1, learned_variance=out_ch == 2 * in_ch,
+            dropout=float(c["dropout"]), num_heads=1, learned_variance=out_ch == 2 * in_ch, num_classes=classes - null, null_class=bool(null) or not classes,
+            scale_shift=TIME_SCALE_SHIFT[c["resnet_time_scale_shift"]],
+            head_channels=0 if head_dim is None else int(head_dim),
+            norm_groups=0 if groups is None else int(groups),
         )  # fmt: skip
-    except (ConfigError, Unsupported) as err:
+    except (ConfigError, Unsupported, TypeError, ValueError) as err:
         raise CheckpointError(f"{where}: {err}") from err
-    head_dim = c["attention_head_dim"]
-    if isinstance(head_dim, (list, tuple)):
-        head_dim = head_dim[0] if len(set(head_dim)) == 1 else head_dim
-    if head_dim is not None:
-        attn = _attention_widths(config)
-        heads = {w // int(head_dim) for w in attn} if all(w % int(head_dim) == 0 for w in attn) else set()
-        if len(heads) != 1:
-            raise refuse(f"attention_head_dim={head_dim!r}, giving different head counts at widths {sorted(attn)}")
-        config = UNetConfig(**{**config.to_dict(), "num_heads": heads.pop()})
-    groups = _group_counts(config)
-    if c["norm_num_groups"] is None or groups != {int(c["norm_num_groups"])}:
-        raise refuse(
-            f"norm_num_groups={c['norm_num_groups']} (this layout needs {sorted(groups)} here: gcd(32, width))"
-        )
-    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
-        raise refuse(f"attn_norm_num_groups={c['attn_norm_num_groups']}")
+    if groups is None:
+        raise refuse("norm_num_groups=None")
+    # Store what our defaults already say in their terms: one head count, groups as gcd(32, width).
+    heads = {config.heads(w) for w in config.attention_widths}
+    if config.head_channels and len(heads) == 1:
+        config = dataclasses.replace(config, head_channels=0, num_heads=heads.pop())
+    if _group_counts(dataclasses.replace(config, norm_groups=0)) == {config.norm_groups}:
+        config = dataclasses.replace(config, norm_groups=0)
     if c["downsample_padding"] not in (0, 1):
         raise refuse(f"downsample_padding={c['downsample_padding']}")
+    attn_groups = c["attn_norm_num_groups"]
+    mid = (0 if config.scale_shift else int(groups)) if attn_groups is None else int(attn_groups)
+    if mid and (config.attention_widths and (widths[-1] % mid)):
+        raise refuse(f"attn_norm_num_groups={attn_groups}")
     layout = DiffusersLayout(flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=int(c["freq_shift"]),
-                             downsample_padding=int(c["downsample_padding"]), norm_eps=float(c["norm_eps"]))  # fmt: skip
+                             downsample_padding=int(c["downsample_padding"]), norm_eps=float(c["norm_eps"]),
+                             mid_attention_groups=None if mid == int(groups) else mid)  # fmt: skip
     if layout.freq_shift >= config.base_channels // 2:
         raise refuse(f"freq_shift={layout.freq_shift}")
     return config, layout

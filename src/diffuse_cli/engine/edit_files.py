@@ -146,7 +146,7 @@ def interpolate(
     """``frames`` images from image ``a`` to image ``b`` (:func:`editing.interpolate`), written to ``out``:
     a strip (a | frames | b) for .png, an animation for .gif. Returns the frames, uint8 (frames, C, S, S)."""
     from .config import check_seed
-    from .device import resolve_device
+    from .device import ThreadPolicy, resolve_device
 
     check_seed(seed)
     editing.check_frames(frames)
@@ -157,6 +157,7 @@ def interpolate(
     dev = resolve_device(device)
     model, diffusion, ck = load_for_sampling(checkpoint, dev)
     xa, xb = (sample_files.load_image(p, ck).to(dev)[0] for p in (a, b))
+    ThreadPolicy(None, dev).start()  # CPU threads: the cores other processes leave free (one batch: decided once)
     x = editing.interpolate(
         model, diffusion, xa, xb, frames, method=method, strength=strength, sampler=sampler, steps=steps, seed=seed,
         clip_x0=clip,

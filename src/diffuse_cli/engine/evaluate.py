@@ -383,6 +383,7 @@ def run(
     batch_size: int = 64,
     seed: int = 0,
     device: str = "auto",
+    threads: int | None = None,
     log=None,
     callback: Callback | None = None,
 ) -> tuple[dict, Path]:
@@ -395,7 +396,7 @@ def run(
 
     from . import samplers
     from .data import load_dataset
-    from .device import resolve_device
+    from .device import ThreadPolicy, resolve_device
     from .fileio import append_jsonl, check_appendable
     from .generate import generate
     from .models import load_for_sampling
@@ -411,14 +412,18 @@ def run(
         Path(log) if log is not None else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.jsonl"
     )
     dev = resolve_device(device)
+    policy = ThreadPolicy(threads, dev)  # ``threads`` None: follow the machine's load (re-checked per batch)
     model, diffusion, ck = load_for_sampling(checkpoint, dev)
     T = diffusion.num_timesteps
     if fd:
         steps = steps if steps is not None else samplers.default_steps(sampler, T)
         samplers.timestep_grid(diffusion, steps)  # checks --steps before any work
-    c, s = ck.model["in_channels"], ck.model["image_size"]
+    c, size = model.config.in_channels, model.config.image_size
     ds = load_dataset(
-        data_spec, s, c, lambda done, total: emit({"event": "progress", "task": "decode", "done": done, "total": total})
+        data_spec,
+        size,
+        c,
+        lambda done, total: emit({"event": "progress", "task": "decode", "done": done, "total": total}),
     )
     gen = torch.Generator().manual_seed(seed)
     real = _pick_real(ds.images, num_images, gen)
@@ -432,16 +437,18 @@ def run(
     def progress(task: str, total: int | None):
         return lambda done, tot=total: emit({"event": "progress", "task": task, "done": done, "total": tot})
 
+    policy.start()
     if nll:
         bar = progress("bits/dim", None)
         res = bits_per_dim(model, diffusion, real, batch_size=batch_size, variance=variance, terms=terms, generator=gen,
-                           device=dev, callback=lambda e: bar(e["done"], e["total"]))  # fmt: skip
+                           device=dev, callback=lambda e: (bar(e["done"], e["total"]), policy.update()))  # fmt: skip
         report["nll"] = res.to_dict()
     if fd:
         from .data import from_model_range
 
-        fake = from_model_range(generate(model, diffusion, n, (c, s, s), sampler=sampler, steps=steps, seed=seed,
-                                         batch_size=batch_size, device=dev, clip_x0=True, progress=progress("generate", n)))  # fmt: skip
+        fake = from_model_range(generate(model, diffusion, n, (c, *model.config.hw), sampler=sampler, steps=steps,
+                                         seed=seed, batch_size=batch_size, device=dev, clip_x0=True,
+                                         progress=progress("generate", n), threads=policy))  # fmt: skip
         progress(f"features ({features})", None)(0)
         q = sample_quality(real, fake, features=features, batch_size=batch_size, device=dev)
         report["fd"] = {"value": q["frechet_distance"], "features": features, "is_fid": q["is_fid"],

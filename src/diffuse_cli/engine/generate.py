@@ -66,6 +66,7 @@ def generate(
     trajectory: Trajectory | None = None,
     classes: torch.Tensor | None = None,
     guidance: float = 1.0,
+    threads=None,
     edit: Callable[..., torch.Tensor] | None = None,
     **options,
 ) -> torch.Tensor:
@@ -76,6 +77,8 @@ def generate(
     ``classes`` (``num``,) int64 asks a class-conditional ``model(x_t, t, y)`` for one class per
     image, guided with scale ``guidance`` (:func:`guidance.guided`; 1 = the plain conditional model).
     A conditional model given no ``classes`` samples its unconditional (null-class) model.
+    ``threads`` (a :class:`~.device.ThreadPolicy`) sets torch's CPU threads first and is re-checked
+    between batches, so a long run follows the machine's load.
 
     ``edit`` replaces plain sampling from x_T (:mod:`editing`: SDEdit, RePaint): it is called once
     per batch as ``edit(model, diffusion, x_T, rows, generator=gens, callback=...)`` with the
@@ -98,11 +101,20 @@ def generate(
             raise ConfigError("this model was trained without classes, so it cannot be asked for one")
         if bool(((classes < 0) | (classes >= null)).any()):
             raise ConfigError(f"class ids must be in 0..{null - 1}")
+    if not getattr(getattr(model, "config", None), "null_class", True):  # e.g. a diffusers num_class_embeds model
+        if classes is None:
+            raise ConfigError("this model has no unconditional (null) class: give a class for every image")
+        if guidance != 1.0:
+            raise ConfigError(
+                "this model has no null class, so it cannot be guided (Ho & Salimans 2022 need one); use --guidance 1"
+            )
 
     def net(x_t: torch.Tensor, t: torch.Tensor, *y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return model(x_t, t, *y).float()
 
+    if threads is not None:
+        threads.start()
     out = []
     for start in range(0, num, batch_size):
         b = min(batch_size, num - start)
@@ -117,6 +129,8 @@ def generate(
                 call, diffusion, x_T, sampler=sampler, steps=steps, generator=gens, callback=callback, **options
             )
         out.append(x0.float().cpu())
+        if threads is not None:
+            threads.update()
         if progress is not None:
             progress(start + b)
     return torch.cat(out)

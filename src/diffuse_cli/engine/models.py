@@ -26,10 +26,11 @@ def build_model(ck: Checkpoint, device: str | torch.device = "cpu", prefix: str 
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{ck.path} has an invalid model config: {err}") from err
     trained = (ck.dataset.get("channels"), ck.dataset.get("image_size"))
-    if trained != (None, None) and trained != (cfg.in_channels, cfg.image_size):
+    trained_hw = tuple(trained[1]) if isinstance(trained[1], list) else (trained[1], trained[1])
+    if trained != (None, None) and (trained[0], trained_hw) != (cfg.in_channels, cfg.hw):
         raise CheckpointError(
-            f"{ck.path} has an inconsistent model config: {cfg.in_channels}x{cfg.image_size}x{cfg.image_size} images, "
-            f"but it was trained on {trained[0]}x{trained[1]}x{trained[1]} (edited or damaged metadata)"
+            f"{ck.path} has an inconsistent model config: {cfg.in_channels}x{cfg.hw[0]}x{cfg.hw[1]} images, "
+            f"but it was trained on {trained[0]}x{trained_hw[0]}x{trained_hw[1]} (edited or damaged metadata)"
         )
     weights = {k: v.to("cpu") for k, v in (prefixed(ck.tensors, prefix) if prefix else ck.tensors).items()}
     with torch.device("meta"):  # names and shapes only: a damaged config is refused before it allocates anything

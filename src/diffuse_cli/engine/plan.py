@@ -115,8 +115,9 @@ def _configs(stored, data: ImageDataset, preset: str, device_type: str, train: d
             model.get("attention_resolutions"), "--attention-res", allow_empty=True
         ),
     }
-    c, s = data.images.shape[1], data.images.shape[-1]
-    model_config = UNetConfig.preset(preset, s, c, device_type, num_classes=len(data.classes), **model)
+    model_config = UNetConfig.preset(
+        preset, data.image_size, data.channels, device_type, num_classes=len(data.classes), **model
+    )
     diffusion_config = DiffusionConfig(**{k: v for k, v in diffusion.items() if v is not None})
     train = {**train, "batch_size": train.get("batch_size") or default_batch_size(device_type)}
     return model_config, diffusion_config, TrainConfig(**{k: v for k, v in train.items() if v is not None}), why
@@ -156,10 +157,10 @@ def plan_training(
         channels = channels or stored.model.get("in_channels")
     t0 = time.perf_counter()
     data = load_dataset(data_spec, image_size, channels, progress, cache=cache, cache_dir=cache_dir)
-    n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
+    n, c, h, w = data.images.shape
     size_note = f" ({data.summary.size_note})" if data.summary.size_note else ""
     data_line = (
-        f"{data.summary.source}: {n} images used, {c}x{s}x{s}{size_note}, {describe(data)} "
+        f"{data.summary.source}: {n} images used, {c}x{h}x{w}{size_note}, {describe(data)} "
         f"in {time.perf_counter() - t0:.1f}s"
     )
     notes = [("warning", line) for line in data.summary.lines()]

@@ -15,7 +15,7 @@ from . import data, editing, rundir, samplers
 from . import images as img
 from .checkpoint import Checkpoint
 from .config import DEFAULT_GUIDANCE
-from .device import autocast_dtype, resolve_device
+from .device import ThreadPolicy, autocast_dtype, resolve_device
 from .errors import ConfigError, DataError
 from .fileio import ensure_dir, safe_name
 from .generate import Trajectory, generate
@@ -117,14 +117,16 @@ def _sdedit(image: torch.Tensor, strength: float, job: SampleJob) -> Callable:
     return edit
 
 
-def run(job: SampleJob, *, seed: int = 0, batch_size: int = 64, progress=None, trajectory: Trajectory | None = None):
-    """The job's images, (num, C, H, W) float32 in [-1, 1] on the CPU."""
-    c, s = job.checkpoint.model["in_channels"], job.checkpoint.model["image_size"]
+def run(job: SampleJob, *, seed: int = 0, batch_size: int = 64, progress=None, trajectory: Trajectory | None = None,
+        threads: int | None = None):  # fmt: skip
+    """The job's images, (num, C, H, W) float32 in [-1, 1] on the CPU. ``threads`` None: CPU threads follow
+    the machine's load, re-checked between batches (:class:`~.device.ThreadPolicy`)."""
+    cfg = job.model.config
     return generate(
-        job.model, job.diffusion, job.num, (c, s, s), sampler=job.sampler, steps=job.steps, seed=seed,
+        job.model, job.diffusion, job.num, (cfg.in_channels, *cfg.hw), sampler=job.sampler, steps=job.steps, seed=seed,
         batch_size=batch_size, device=job.device, amp=autocast_dtype("auto", job.device), progress=progress,
         trajectory=trajectory, classes=job.classes, guidance=job.guidance if job.classes is not None else 1.0,
-        edit=job.edit, **job.options,
+        threads=ThreadPolicy(threads, job.device), edit=job.edit, **job.options,
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ reads the vectors as conditioning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class TrainStep:
     net: nn.Module | None = None  # what is called: the model, DDP-wrapped on several processes
     loss_fn: object = None  # net + loss, possibly compiled
     labels: torch.Tensor | None = None  # int64 (N,) on the training device: only for a class-conditional model
+    threads: object = None  # the run's device.ThreadPolicy: the training loop re-checks it when it logs
     importance: ImportanceSampler | None = None  # draws t (Improved DDPM sec. 3.3); None: uniform t
 
     def __post_init__(self) -> None:
@@ -185,19 +187,48 @@ class TrainStep:
         x0, t, eps, y, aug = self.draw()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        given = {k: v for k, v in (("y", y), ("aug", aug)) if v is not None}  # the compiled graph sees what it gets
-        per_sample = self.loss_fn(x0, t, eps, **given)
-        if self.importance is not None:
-            loss = self._importance_weighted(per_sample)
-        else:
-            loss = per_sample.mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.importance is not None:  # its weights need the whole batch's losses at once: one pass
+            given = {k: v for k, v in (("y", y), ("aug", aug)) if v is not None}  # the compiled graph sees what it gets
+            loss = self._importance_weighted(self.loss_fn(x0, t, eps, **given))
+            loss.backward()
+            loss = loss.detach()
+        else:
+            loss = self.accumulate(x0, t, eps, y, aug)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
         self.opt.step()
         self.ema.update(self.model, step)
-        return loss.detach()
+        return loss
+
+    def accumulate(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        y: torch.Tensor | None,
+        aug: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gradients of the mean loss over this rank's batch, in passes of ``config.micro_batch`` images.
+
+        Pass j adds the gradient of sum_j(losses) / B, so the accumulated gradient is that of the mean
+        over all B images (gradient accumulation: the same update as one pass, to float rounding; EDM's
+        ``--batch-gpu``). Under DDP only the last pass all-reduces (``no_sync``). Returns the mean loss.
+        """
+        b = x0.shape[0]
+        m = min(self.config.micro_batch or b, b)
+        total = torch.zeros((), device=x0.device)
+        for start in range(0, b, m):
+            sl = slice(start, start + m)
+            last = start + m >= b
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                given = {k: v[sl] for k, v in (("y", y), ("aug", aug)) if v is not None}  # the graph sees what it gets
+                losses = self.loss_fn(x0[sl], t[sl], eps[sl], **given)
+                loss = losses.sum() / b if m < b else losses.mean()
+                loss.backward()
+            total += loss.detach()
+        return total
 
 
 def make_train_step(

@@ -44,9 +44,17 @@ FIRST_PREVIEW = 100  # previews at 100, 200, 400, ... steps until sample_every: 
 __all__ = ["train"]
 
 
-def preview_due(step: int, every: int) -> bool:
-    """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never)."""
-    return doubling_due(step, every, FIRST_PREVIEW)
+def preview_due(step: int, every: int, done: bool = False) -> bool:
+    """Every ``every`` steps, and before that at 100, 200, 400, ... steps (``every`` = 0: never); and at the end
+    (``done``) of a run of 100 steps or more: a shorter run's samples are still noise, and a 16-image preview
+    would cost a 1-step run most of its time."""
+    return bool(every) and (doubling_due(step, every, FIRST_PREVIEW) or (done and step >= FIRST_PREVIEW))
+
+
+def _follow_load(ts: TrainStep, step: int, emit: Callback) -> None:
+    """Re-check the CPU threads against the machine's load (now and then, see device.ThreadPolicy); say so on a change."""
+    if (n := ts.threads.update()) is not None:
+        emit({"event": "threads", "step": step, "threads": n})
 
 
 def _save(ts: TrainStep, out: Path, step: int, meta: dict, keep: int, emit: Callback) -> None:
@@ -157,7 +165,7 @@ def _set_up(
     paths = rundir.RunPaths(out)
     # --- the run folder and the configs ----------------------------------------------
     devices.enable_tf32(dev)
-    threads = devices.set_threads(config.threads, dev)
+    threads = devices.ThreadPolicy(config.threads, dev)  # decided once set-up is done, then re-checked
     dist.main_only(functools.partial(rundir.prepare_out_dir, out, resume=resume, overwrite=overwrite), dev)
     dist.main_only(functools.partial(rundir.clean_stale, out), dev)
     state = rundir.newest_state(out) if resume else None
@@ -166,12 +174,10 @@ def _set_up(
         diffusion_config = DiffusionConfig.from_dict(state.diffusion)
     # the U-Net's output follows the diffusion: 2C channels for a learned variance (Improved DDPM)
     model_config = dataclasses.replace(model_config, learned_variance=diffusion_config.variance == "learned")
-    n, c, s = data.images.shape[0], data.images.shape[1], data.images.shape[-1]
-    if (model_config.in_channels, model_config.image_size) != (c, s):
+    n, c, h, w = data.images.shape
+    if (model_config.in_channels, model_config.hw) != (c, (h, w)):
         m = model_config
-        raise ConfigError(
-            f"the data are {c}x{s}x{s} but the model expects {m.in_channels}x{m.image_size}x{m.image_size}"
-        )
+        raise ConfigError(f"the data are {c}x{h}x{w} but the model expects {m.in_channels}x{m.hw[0]}x{m.hw[1]}")
     if config.batch_size % dist.world_size:
         raise ConfigError(
             f"--batch-size {config.batch_size} (global) must be divisible by the {dist.world_size} processes"
@@ -225,11 +231,12 @@ def _set_up(
             "images": n,
             "local_batch": config.batch_size // dist.world_size,
             "is_main": dist.is_main,
-            "threads": threads,
+            "threads": threads.start(),
             "time_limit": config.time_limit,
             "data": images.where,
         }
     )
+    ts.threads = threads
     return ts, start, meta
 
 
@@ -307,6 +314,7 @@ def train(
                     ts.data_s = 0.0
                     dist.main_only(functools.partial(append_jsonl, paths.log, rec), dev)
                     emit({"event": "log", **rec})
+                    _follow_load(ts, step, emit)
                     loss_sum.zero_()
                     loss_count, t_log = 0, now
 
@@ -314,7 +322,7 @@ def train(
                 if want_save:
                     dist.main_only(functools.partial(_save, ts, out, step, meta, config.keep, emit), dev)
                     last_saved = step
-                if config.sample_every and config.num_preview > 0 and (done or preview_due(step, config.sample_every)):
+                if config.sample_every and config.num_preview > 0 and preview_due(step, config.sample_every, done):
                     dist.main_only(functools.partial(_preview, ts, out, step, config, emit), dev)
                 if eval_due(step, config.eval_every, done):
                     t_eval = _clock()

@@ -24,6 +24,13 @@ improved-diffusion's ``label_emb`` and diffusers' ``class_embedding`` do). Train
 replaces labels by the null class now and then, so the same network is the conditional
 and the unconditional model that classifier-free guidance combines (Ho & Salimans 2022).
 
+The rest of the DDPM family of diffusers' ``UNet2DModel`` is in the config too (all off
+by default, so every preset computes what it always did): one GroupNorm group count for
+every norm (``norm_groups``), adaptive group norm time conditioning (``scale_shift``),
+a head width rather than a head count (``head_channels``), a class embedding without
+the null row (``null_class=False``, as diffusers' ``num_class_embeds``) and non-square
+images (``image_size=(H, W)``: convolutions, resampling and attention do not care).
+
 A model trained with non-leaking augmentation (``augment_dim`` > 0; Karras et al. 2022,
 appendix C.4, see ``augment.py``) also reads the augmentation vector through a bias-free linear
 layer added to the timestep embedding in the same place. Sampling passes no vector, which is the
@@ -58,13 +65,14 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _groups(channels: int) -> int:
+def _groups(channels: int, groups: int = 0) -> int:
     # DDPM normalises with 32 groups; other widths take the largest power of two dividing both (48 -> 16, 3 -> 1).
-    return math.gcd(32, channels)
+    # A config's norm_groups (diffusers' norm_num_groups) fixes one count for every norm instead.
+    return groups or math.gcd(32, channels)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(_groups(channels), channels, eps=1e-5)
+def _norm(channels: int, groups: int = 0) -> nn.GroupNorm:
+    return nn.GroupNorm(_groups(channels, groups), channels, eps=1e-5)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -90,22 +98,35 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
-    """Wide-ResNet block with the timestep added after the first conv (DDPM appendix B)."""
+    """Wide-ResNet block with the timestep added after the first conv (DDPM appendix B).
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+    With ``scale_shift`` the timestep instead scales and shifts the normalised activation,
+    norm(h) (1 + s) + b (adaptive group norm, Dhariwal & Nichol 2021, sec. 3; improved-diffusion's
+    ``use_scale_shift_norm``, diffusers' ``resnet_time_scale_shift="scale_shift"``).
+    """
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int = 0, scale_shift: bool = False
+    ):
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.scale_shift = scale_shift
+        self.norm1 = _norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = _norm(out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
+        self.norm2 = _norm(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(emb)[:, :, None, None]  # emb is already SiLU'd once by the UNet
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        e = self.emb_proj(emb)[:, :, None, None]  # emb is already SiLU'd once by the UNet
+        if self.scale_shift:  # fixed at construction: no graph break under torch.compile
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -121,10 +142,10 @@ class AttentionBlock(nn.Module):
     fused (C -> 3C) projection: the parameter count of diffusers' to_q/to_k/to_v.
     """
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, groups: int = 0):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
@@ -184,6 +205,14 @@ class UNet(nn.Module):
         self.config = c = config or UNetConfig()
         ch = c.base_channels
         emb_dim = 4 * ch
+        g = c.norm_groups
+
+        def res(in_ch: int, out_ch: int) -> ResBlock:
+            return ResBlock(in_ch, out_ch, emb_dim, c.dropout, g, c.scale_shift)
+
+        def attention(width: int) -> AttentionBlock:
+            return AttentionBlock(width, c.heads(width), g)
+
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
@@ -191,38 +220,38 @@ class UNet(nn.Module):
         self.down = nn.ModuleList()
         skip_ch = [ch]
         cur = ch
-        for level, (mult, res) in enumerate(zip(c.channel_mults, c.resolutions, strict=True)):
+        for level, (mult, size) in enumerate(zip(c.channel_mults, c.resolutions, strict=True)):
             out = ch * mult
             for _ in range(c.num_res_blocks):
-                attn = AttentionBlock(out, c.num_heads) if res in c.attention_resolutions else None
-                self.down.append(_ResAttn(ResBlock(cur, out, emb_dim, c.dropout), attn))
+                attn = attention(out) if size in c.attention_resolutions else None
+                self.down.append(_ResAttn(res(cur, out), attn))
                 cur = out
                 skip_ch.append(cur)
             if level < len(c.channel_mults) - 1:
                 self.down.append(Downsample(cur))
                 skip_ch.append(cur)
 
-        self.mid_res1 = ResBlock(cur, cur, emb_dim, c.dropout)
-        self.mid_attn = AttentionBlock(cur, c.num_heads)
-        self.mid_res2 = ResBlock(cur, cur, emb_dim, c.dropout)
+        self.mid_res1 = res(cur, cur)
+        self.mid_attn = attention(cur)
+        self.mid_res2 = res(cur, cur)
 
         # Up path: one more block per level than on the way down, each eating one skip.
         self.up = nn.ModuleList()
         for level in reversed(range(len(c.channel_mults))):
             out = ch * c.channel_mults[level]
-            res = c.resolutions[level]
+            size = c.resolutions[level]
             for _ in range(c.num_res_blocks + 1):
-                attn = AttentionBlock(out, c.num_heads) if res in c.attention_resolutions else None
-                self.up.append(_ResAttn(ResBlock(cur + skip_ch.pop(), out, emb_dim, c.dropout), attn))
+                attn = attention(out) if size in c.attention_resolutions else None
+                self.up.append(_ResAttn(res(cur + skip_ch.pop(), out), attn))
                 cur = out
             if level > 0:
                 self.up.append(Upsample(cur))
         assert not skip_ch
 
-        self.norm_out = _norm(cur)
+        self.norm_out = _norm(cur, g)
         self.conv_out = _zero(nn.Conv2d(cur, c.out_channels, 3, padding=1))
         # Created last, so an unconditional model draws exactly the initial weights it always did.
-        self.class_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.class_emb = nn.Embedding(c.num_classes + c.null_class, emb_dim) if c.num_classes else None
         self.aug_emb = nn.Linear(c.augment_dim, emb_dim, bias=False) if c.augment_dim else None  # also last
 
     @property
@@ -245,6 +274,7 @@ class UNet(nn.Module):
         """
         emb = self.time_mlp(self.time_features(t).to(x.dtype))
         if self.class_emb is not None:  # fixed at construction: no graph break under torch.compile
+            assert y is not None or self.config.null_class, "a model without a null class needs class labels"
             if y is None:
                 y = torch.full(t.shape, self.null_class, dtype=torch.long, device=x.device)
             emb = emb + self.class_emb(y).to(emb.dtype)
@@ -276,6 +306,7 @@ _TOP_NAMES = {
     "time_embedding.linear_2": "time_mlp.2",
     "conv_norm_out": "norm_out",
     "conv_out": "conv_out",
+    "class_embedding": "class_emb",
 }
 _RES_NAMES = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "emb_proj", "norm2": "norm2", "conv2": "conv2",
               "conv_shortcut": "skip"}  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .folders import DataSummary, ImageDataset, _check_size_channels
+from .folders import DataSummary, ImageDataset, _check_size_channels, hw
 
 # --------------------------------------------------------------------------- built-in datasets
 
@@ -65,9 +65,9 @@ BUILTIN: Mapping[str, BuiltinDataset] = {
 BUILTIN_PREFIX = "builtin:"
 
 
-def _resize_u8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bicubic resize of a uint8 batch (antialiased when shrinking), rounded back to uint8."""
-    x = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+def _resize_u8(images: torch.Tensor, size) -> torch.Tensor:
+    """Bicubic resize of a uint8 batch to ``size`` (a side or (H, W); antialiased when shrinking), rounded."""
+    x = F.interpolate(images.float(), size=hw(size), mode="bicubic", align_corners=False, antialias=True)
     return x.clamp_(0, 255).round_().to(torch.uint8)
 
 
@@ -77,8 +77,7 @@ def load_builtin(name: str, image_size: int | None = None, channels: int | None 
     if info is None:
         available = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN)
         raise DataError(f"unknown built-in dataset {BUILTIN_PREFIX}{name} (available: {available})")
-    size = info.native_size if image_size is None else image_size
-    _check_size_channels(size, channels)
+    size = _check_size_channels(info.native_size if image_size is None else image_size, channels)
     images, labels = info.load()
     if size != info.native_size:
         images = _resize_u8(images, size)

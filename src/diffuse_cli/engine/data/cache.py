@@ -55,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import format_size, normalize_size
 from ..fileio import atomic_path
 from . import folders as D
 
@@ -86,12 +87,12 @@ def default_cache_dir() -> Path:
     return base / "diffuse"
 
 
-def cache_path(cache_dir: str | os.PathLike, root: str | os.PathLike, image_size: int, channels: int | None) -> Path:
+def cache_path(cache_dir: str | os.PathLike, root: str | os.PathLike, image_size, channels: int | None) -> Path:
     """The cache file of (folder, image size, channels): readable name + hash of the real path."""
     real = os.path.realpath(os.fsencode(Path(root).expanduser()))
     digest = hashlib.sha256(real).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.fsdecode(os.path.basename(real)))[:40].strip("._") or "data"
-    return Path(cache_dir).expanduser() / f"{name}-{digest}-{image_size}px-{channels or 'auto'}c{SUFFIX}"
+    return Path(cache_dir).expanduser() / f"{name}-{digest}-{format_size(image_size)}px-{channels or 'auto'}c{SUFFIX}"
 
 
 def fingerprint(
@@ -108,7 +109,8 @@ def fingerprint(
     ``files`` as :func:`data.list_files` gives them (strings under ``root``).
     """
     h = hashlib.sha256()
-    h.update(json.dumps([DECODER_VERSION, image_size, channels, max_pixels, ignored, unreadable_folders]).encode())
+    size = list(image_size) if isinstance(image_size, tuple) else image_size  # a square's key is what it was
+    h.update(json.dumps([DECODER_VERSION, size, channels, max_pixels, ignored, unreadable_folders]).encode())
     base = os.path.join(os.fspath(root), "")  # with one trailing separator
     for p in files:
         try:
@@ -159,7 +161,7 @@ def read_header(f) -> dict:
     try:
         head = json.loads(text)
         shape = tuple(int(v) for v in head["shape"])
-        ok = len(shape) == 4 and shape[0] > 0 and shape[1] in (1, 3) and shape[2] == shape[3] > 0
+        ok = len(shape) == 4 and shape[0] > 0 and shape[1] in (1, 3) and min(shape[2:]) > 0
     except (ValueError, KeyError, TypeError) as err:
         raise CacheInvalid("its header is damaged") from err
     if not ok:
@@ -207,7 +209,7 @@ def open_cache(
             found=int(s["found"]),
             used=int(s["used"]),
             channels=int(s["channels"]),
-            image_size=int(s["image_size"]),
+            image_size=normalize_size(s["image_size"]),
             skipped={str(k): int(v) for k, v in s.get("skipped", {}).items()},
             examples={str(k): tuple(map(str, v)) for k, v in s.get("examples", {}).items()},
             ignored=int(s.get("ignored", 0)),
@@ -215,7 +217,7 @@ def open_cache(
         )
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CacheInvalid("its header is damaged") from err
-    if (summary.used, summary.channels, summary.image_size) != (head["shape"][0], head["shape"][1], head["shape"][2]):
+    if (summary.used, summary.channels, D.hw(summary.image_size)) != (*head["shape"][:2], tuple(head["shape"][2:])):
         raise CacheInvalid("its header is damaged")
     try:
         labels = None if head.get("labels") is None else torch.tensor(head["labels"], dtype=torch.int64)
@@ -284,7 +286,8 @@ def build_cache(
     """
     n = len(files)
     planes = channels or 3
-    row_pixels = image_size * image_size
+    height, width = D.hw(image_size)
+    row_pixels = height * width
     with atomic_path(path) as tmp:
         with open(tmp, "w+b") as f:
             total = DATA_OFFSET + n * planes * row_pixels
@@ -298,7 +301,7 @@ def build_cache(
             else:  # pragma: no cover
                 f.truncate(total)
         flat = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=DATA_OFFSET, shape=(n * planes * row_pixels,))
-        buffer = torch.from_numpy(flat).view(n, planes, image_size, image_size)
+        buffer = torch.from_numpy(flat).view(n, planes, height, width)
         reasons, gray = D.decode_into(files, buffer, channels, progress, max_pixels=max_pixels, workers=workers)
         used, summary = D.summarize(root, files, reasons, gray, image_size, channels, ignored, unreadable_folders)
         classes, labels, notes = D.folder_classes(Path(root), [Path(files[i]) for i in used])
@@ -313,7 +316,7 @@ def build_cache(
         del buffer, flat
         s = summary.to_dict()
         s["examples"] = {r: [e[:EXAMPLE_NAME_MAX] for e in ex] for r, ex in summary.examples.items()}
-        head = {"shape": [len(used), c, image_size, image_size], "dtype": "uint8", "fingerprint": fp,
+        head = {"shape": [len(used), c, height, width], "dtype": "uint8", "fingerprint": fp,
                 "data_crc32": crc, "summary": s, "classes": list(classes), "notes": list(notes),
                 "labels": None if labels is None else labels.tolist()}  # fmt: skip
         with open(tmp, "r+b") as f:

@@ -25,8 +25,10 @@ How an image file becomes a (C, S, S) uint8 tensor (:func:`decode_image`):
   255 (the usual convention for float images); values in [0, 255] are used as
   they are; any other range is stretched min..max. NaN counts as the minimum,
   +-inf as the finite maximum / minimum.
-* The shorter side is resized to ``image_size`` and the centred square is
-  cropped (Lanczos, antialiased when shrinking). Tiny images, even 1x1, are
+* The largest centred box of the target's shape is cropped and resized to it
+  (Lanczos, antialiased when shrinking): for a square ``image_size`` S the
+  shorter side becomes S and the centred square is kept; for ``(H, W)`` (a
+  non-square size, ``--image-size 24x40``) the box has the aspect ratio W / H. Tiny images, even 1x1, are
   upscaled and used: they are valid images.
 * ``channels=1`` gives luminance (Pillow's "L", ITU-R 601-2), ``channels=3`` RGB.
   ``channels=None`` picks 1 when every used image is colourless (a grayscale
@@ -36,7 +38,8 @@ Files that cannot be used are skipped and counted by reason (:data:`SKIP_REASONS
 the :class:`DataSummary` says how many and gives a few example names.
 
 Folders default to the images' own size (:func:`infer_image_size`: the most common shorter
-side, rounded to a size the U-Net supports, at most :data:`MAX_AUTO_IMAGE_SIZE`). Built-in datasets
+side, rounded to a size the U-Net supports, at most :data:`MAX_AUTO_IMAGE_SIZE`; H x W when the
+images share one non-square aspect ratio). Built-in datasets
 default to their native size. A path to a single image file is accepted as a
 one-image dataset (handy to check that a model can memorise one picture).
 """
@@ -57,6 +60,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import format_size, parse_size
 from ..errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -120,7 +124,7 @@ class DataSummary:
     found: int  # files with an image extension
     used: int  # images in the dataset
     channels: int
-    image_size: int
+    image_size: int | tuple[int, int]  # a side, or (height, width) for non-square images (UNetConfig's form)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, reasons with count > 0 only
     examples: dict[str, tuple[str, ...]] = field(default_factory=dict)  # reason -> first few names
     ignored: int = 0  # files without an image extension (hidden files are not counted)
@@ -150,7 +154,7 @@ class DataSummary:
             "found": self.found,
             "used": self.used,
             "channels": self.channels,
-            "image_size": self.image_size,
+            "image_size": list(self.image_size) if isinstance(self.image_size, tuple) else self.image_size,
             "skipped": dict(self.skipped),
             "ignored": self.ignored,
             "unreadable_folders": self.unreadable_folders,
@@ -190,8 +194,10 @@ class ImageDataset:
         return self.images.shape[1]
 
     @property
-    def image_size(self) -> int:
-        return self.images.shape[-1]
+    def image_size(self) -> int | tuple[int, int]:
+        """A side for square images, else (height, width): UNetConfig's form."""
+        h, w = self.images.shape[-2:]
+        return h if h == w else (h, w)
 
 
 # --------------------------------------------------------------------------- value ranges and augmentation
@@ -267,11 +273,37 @@ def _walk(root: Path) -> tuple[list[str], int, int]:
 # --------------------------------------------------------------------------- decoding one image
 
 
-def _check_size_channels(image_size: int, channels: int | None) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 1 <= image_size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"--image-size must be a whole number between 1 and {MAX_IMAGE_SIZE} (got {image_size!r})")
+def hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a size in UNetConfig's form (a side, or a pair)."""
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def format_hw(image_size) -> str:
+    """``32x32`` or ``24x40`` (height x width)."""
+    h, w = hw(image_size)
+    return f"{h}x{w}"
+
+
+def _check_size_channels(image_size, channels: int | None) -> int | tuple[int, int]:
+    """``image_size`` (a side, an (H, W) pair or text such as ``24x40``) in UNetConfig's form, checked."""
+    bad = ConfigError(
+        f"--image-size must be a whole number or HxW between 1 and {MAX_IMAGE_SIZE} (got {format_size(image_size)!r})"
+    )
+    if isinstance(image_size, str):
+        try:
+            image_size = parse_size(image_size)
+        except ConfigError:
+            raise bad from None
+    if isinstance(image_size, list):
+        image_size = tuple(image_size)
+    parts = image_size if isinstance(image_size, tuple) else (image_size,)
+    if len(parts) not in (1, 2) or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IMAGE_SIZE
+                                       for n in parts):  # fmt: skip
+        raise bad
     if channels not in (None, 1, 3):
         raise ConfigError(f"--channels must be 1 (grayscale) or 3 (RGB) (got {channels!r})")
+    h, w = hw(image_size)
+    return h if h == w else (h, w)
 
 
 def _stretch_to_l(img: Image.Image) -> Image.Image:
@@ -312,9 +344,9 @@ def _to_l_or_rgb(img: Image.Image) -> Image.Image:
 
 
 def _read_image(
-    path: str | os.PathLike, image_size: int, channels: int | None, max_pixels: int
+    path: str | os.PathLike, size: tuple[int, int], channels: int | None, max_pixels: int
 ) -> tuple[np.ndarray, bool]:
-    """Decode ``path`` to a (S, S) or (S, S, 3) uint8 array and whether it has no colour.
+    """Decode ``path`` to an (H, W) or (H, W, 3) uint8 array (``size`` = (H, W)) and whether it has no colour.
 
     Raises ImageSkipped. The caller turns DecompressionBombWarning into an error.
     """
@@ -343,7 +375,8 @@ def _read_image(
             if w * h > max_pixels:
                 raise ImageSkipped(path, "too large", f"{w}x{h} pixels, the limit is {max_pixels}")
             try:
-                img.draft(None, (image_size, image_size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is enough
+                height, width = size
+                img.draft(None, (width, height))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is enough
                 img.load()  # the whole first frame: damaged data fails here
                 frame: Image.Image = img
                 try:
@@ -353,13 +386,10 @@ def _read_image(
                 frame = _to_l_or_rgb(frame)
                 if channels == 1 and frame.mode == "RGB":
                     frame = frame.convert("L")  # before resizing: a third of the work
-                w, h = frame.size
-                m = min(w, h)
-                left, top = (w - m) // 2, (h - m) // 2
                 frame = frame.resize(
-                    (image_size, image_size),
+                    (width, height),
                     Image.Resampling.LANCZOS,
-                    box=(left, top, left + m, top + m),
+                    box=_crop_box(frame.size, size),
                     reducing_gap=3.0,  # shrink by an integer factor first, then resample: fast, same quality
                 )
             except _BOMB_ERRORS as err:
@@ -370,6 +400,20 @@ def _read_image(
     if arr.ndim == 2:
         return arr, True
     return arr, bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
+
+
+def _crop_box(wh: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The largest centred box of a ``wh`` = (w, h) picture with the aspect ratio of ``size`` = (H, W)."""
+    w, h = wh
+    height, width = size
+    if height == width:  # the centred square, in whole pixels
+        m = min(w, h)
+        left, top = (w - m) // 2, (h - m) // 2
+        return left, top, left + m, top + m
+    bw = min(w, h * width / height)
+    bh = bw * height / width
+    left, top = (w - bw) / 2, (h - bh) / 2
+    return left, top, left + bw, top + bh
 
 
 def _damaged(path: Path, err: Exception) -> ImageSkipped:
@@ -405,16 +449,16 @@ class _BombWarningsAsErrors(warnings.catch_warnings):
 def decode_image(
     path: str | os.PathLike, image_size: int, channels: int | None = None, *, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> torch.Tensor:
-    """Decode one image file to a (C, image_size, image_size) uint8 tensor.
+    """Decode one image file to a (C, H, W) uint8 tensor (``image_size``: a side, (H, W) or ``"HxW"``).
 
     ``channels`` 1 or 3 forces grayscale or RGB; None keeps 1 for colourless images
     and 3 otherwise. Raises :class:`ImageSkipped` (a DataError) with ``.reason`` in
     :data:`SKIP_REASONS` when the file cannot be used. Images over ``max_pixels``
     (which can lower, not raise, Pillow's own limit) are "too large".
     """
-    _check_size_channels(image_size, channels)
+    size = hw(_check_size_channels(image_size, channels))
     with _BombWarningsAsErrors():
-        arr, colourless = _read_image(Path(path), image_size, channels, max_pixels)
+        arr, colourless = _read_image(Path(path), size, channels, max_pixels)
     if channels is None and colourless and arr.ndim == 3:
         arr = arr[..., 0]
     return _to_chw(arr, channels)
@@ -507,14 +551,14 @@ def decode_into(
     left as they were. ``progress(done, total)`` is called from this thread, first with 0.
     """
     n = len(files)
-    planes, image_size = buffer.shape[1], buffer.shape[-1]
+    planes, size = buffer.shape[1], tuple(buffer.shape[-2:])
     assert buffer.shape[0] == n and planes == (channels or 3) and buffer.dtype == torch.uint8
     gray = [False] * n
 
     # Each thread writes its own rows, so no lock is needed.
     def work(i: int) -> ImageSkipped | None:
         try:
-            arr, gray[i] = _read_image(files[i], image_size, channels, max_pixels)
+            arr, gray[i] = _read_image(files[i], size, channels, max_pixels)
         except ImageSkipped as skip:
             return skip
         buffer[i] = _to_chw(arr, planes)
@@ -593,27 +637,51 @@ def summarize(
     return used_idx, summary
 
 
-def infer_image_size(files: Sequence[str | os.PathLike], max_size: int = MAX_AUTO_IMAGE_SIZE) -> tuple[int, str]:
+def _round_side(side: int) -> int:
+    """The nearest multiple of 4 (8 from 64 up: what the U-Net's levels divide), at least 8."""
+    multiple = 8 if side >= 64 else 4
+    return max(8, int(side / multiple + 0.5) * multiple)
+
+
+def infer_image_size(
+    files: Sequence[str | os.PathLike], max_size: int = MAX_AUTO_IMAGE_SIZE
+) -> tuple[int | tuple[int, int], str]:
     """The size to train at when none is given, and a note saying why: the most common shorter side
     among the images (headers only, up to :data:`SIZE_PROBE` files spread over the list), rounded to
     the nearest multiple of 4 (8 from 64 up: what the U-Net's levels divide), at least 8, at most
-    ``max_size``."""
+    ``max_size``. When every probed image has the same non-square aspect ratio (within 1%), the
+    longer side follows it: (H, W), the longer side rounded the same way."""
     step = max(1, len(files) // SIZE_PROBE)
     sides: dict[int, int] = {}
+    ratios: list[float] = []  # width / height of each probed image
     for p in list(files)[::step][:SIZE_PROBE]:
         try:
             with Image.open(p) as im:
-                side = min(im.size)
+                w, h = im.size
         except Exception:  # noqa: BLE001 - unreadable files are counted when they are decoded
             continue
-        sides[side] = sides.get(side, 0) + 1
+        sides[min(w, h)] = sides.get(min(w, h), 0) + 1
+        ratios.append(w / h)
     if not sides:
         return DEFAULT_IMAGE_SIZE, "no image size could be read; pass --image-size to choose"
     side = max(sides, key=lambda k: (sides[k], k))  # most common; ties: the larger
-    if side > max_size:
+    size = min(max_size, _round_side(side))
+    capped = side > max_size
+    ratio = ratios[0]
+    shared = all(abs(r / ratio - 1) <= 0.01 for r in ratios) and abs(ratio - 1) > 0.01
+    if shared:  # one aspect ratio: keep it, the shorter side as for squares
+        long = _round_side(round(size * max(ratio, 1 / ratio)))
+        if long != size:
+            hw_size = (size, long) if ratio > 1 else (long, size)
+            own = (side, round(side * ratio)) if ratio > 1 else (round(side / ratio), side)
+            if capped:
+                return hw_size, (f"the images are {format_hw(own)}; capped at {format_hw(hw_size)}, their aspect "
+                                 "ratio kept; pass --image-size to change")  # fmt: skip
+            if hw_size == own:
+                return hw_size, "the images' own size"
+            return hw_size, f"the images are {format_hw(own)}; {format_hw(hw_size)} keeps their aspect ratio"
+    if capped:
         return max_size, f"the images are {side} px; capped at {max_size}, pass --image-size to change"
-    multiple = 8 if side >= 64 else 4
-    size = max(8, int(side / multiple + 0.5) * multiple)
     return size, "the images' own size" if size == side else f"the images' {side} px rounded to {size}"
 
 
@@ -653,10 +721,10 @@ def load_folder(
     """
     root = Path(root)
     image_size, note, listing = resolve_image_size(root, image_size)
-    _check_size_channels(image_size, channels)
+    image_size = _check_size_channels(image_size, channels)
     files, ignored, unreadable_folders = listing or list_files(root)
     # Decoded straight into the final buffer (three planes when the channel count is still open).
-    buffer = torch.empty((len(files), channels or 3, image_size, image_size), dtype=torch.uint8)
+    buffer = torch.empty((len(files), channels or 3, *hw(image_size)), dtype=torch.uint8)
     reasons, gray = decode_into(files, buffer, channels, progress, max_pixels=max_pixels, workers=workers)
     used_idx, summary = summarize(root, files, reasons, gray, image_size, channels, ignored, unreadable_folders)
     images = buffer if len(used_idx) == len(files) else buffer[used_idx]

@@ -124,7 +124,7 @@ def cached_folder(
     cache and decodes it again when it is missing, stale or damaged; the other ranks
     wait for it and map the same file (see the module docstring).
     """
-    D._check_size_channels(image_size, channels)
+    image_size = D._check_size_channels(image_size, channels)
     root = Path(root)
     if not root.exists():  # the usual mistake: say it before touching the cache directory
         D.list_files(root)
