@@ -46,7 +46,7 @@ from diffuse_cli.engine.plan import regularisation
 from diffuse_cli.engine.training import train
 
 from ._common import cpu_name, replace_section
-from ._digits_quality import predict, score
+from ._digits_quality import fd_full, predict, score
 from ._trained import cache_dir
 
 MARK_START, MARK_END = "<!-- augment:start -->", "<!-- augment:end -->"
@@ -62,11 +62,12 @@ def subset(n: int, size: int = 16) -> torch.Tensor:
 
 
 def configs(variant: str, n: int, steps: int, batch: int, size: int) -> tuple[UNetConfig, TrainConfig]:
-    """The configs of a variant: ``none``, ``flip``, ``default``; for choosing the defaults also ``dropout``
-    (the default dropout, no augmentation) and ``pX`` (augment p = X with the default dropout)."""
+    """The configs of a variant: ``none``, ``flip``, ``default``; for choosing the defaults also ``pX``
+    (augment p = X, the preset's dropout) and ``pX-dY`` (augment p = X, dropout Y)."""
     p, dropout = regularisation(n) if variant == "default" else (0.0, None)
-    if variant == "dropout" or variant.startswith("p"):
-        p, dropout = (float(variant[1:]) if variant.startswith("p") else 0.0), regularisation(n)[1]
+    if variant.startswith("p"):
+        p_text, _, d_text = variant[1:].partition("-d")
+        p, dropout = float(p_text), (float(d_text) if d_text else None)
     overrides = {"augment_dim": AUGMENT_DIM if p else 0}
     if dropout is not None:
         overrides["dropout"] = dropout
@@ -106,13 +107,23 @@ def leak_stats(images_u8: torch.Tensor) -> dict:
     return stats
 
 
+def _key(variant: str, n: int, size: int, steps: int, batch: int, num: int, p: float) -> str:
+    """Cache name; v2: augmented models read the vector in unit-scale entries, before the time MLP."""
+    version = "v2" if p else "v1"  # models without augmentation are unchanged since v1
+    return f"augment-{version}-{variant}-{n}-{size}px-{steps}-{batch}-{num}"
+
+
 def run_one(variant: str, n: int, steps: int, batch: int, num: int, size: int, log=print) -> dict:
     """Train (or read from the cache) one model and score its samples."""
     model_cfg, tc = configs(variant, n, steps, batch, size)
-    key = f"augment-v1-{variant}-{n}-{size}px-{steps}-{batch}-{num}"
+    key = _key(variant, n, size, steps, batch, num, tc.augment)
     path = cache_dir() / f"{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
+        if "fd_full" not in result:  # scored before fd_full existed: rescore the cached samples
+            result["fd_full"] = fd_full(torch.load(cache_dir() / f"{key}.pt"))
+            path.write_text(json.dumps(result, indent=1))
+        return result
     data = load_builtin("digits", image_size=size)
     images = subset(n, size)
     data = dataclasses.replace(data, images=images.contiguous(), labels=None, classes=(), notes=())
@@ -124,11 +135,20 @@ def run_one(variant: str, n: int, steps: int, batch: int, num: int, size: int, l
         x0 = generate(model, diffusion, num, (1, size, size), seed=1, batch_size=num, device="cpu", clip_x0=True)
     samples = from_model_range(x0)
     torch.save(samples, cache_dir() / f"{key}.pt")
-    result = {**score(samples), **near_copies(samples, images), "leak": leak_stats(samples),
+    result = {**score(samples), "fd_full": fd_full(samples), **near_copies(samples, images), "leak": leak_stats(samples),
               "variant": variant, "n": n, "size": size, "steps": steps, "batch": batch, "num": num,
               "dropout": model_cfg.dropout, "augment": tc.augment, "hflip": tc.hflip}  # fmt: skip
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def copier(n: int, size: int, num: int) -> dict:
+    """What a model that only copies would score: ``num`` draws (with replacement) from the ``n`` training images."""
+    images = subset(n, size)
+    samples = images[torch.randint(0, n, (num,), generator=torch.Generator().manual_seed(1))]
+    return {**score(samples), "fd_full": fd_full(samples), **near_copies(samples, images), "leak": leak_stats(samples),
+            "variant": "copier", "n": n, "size": size, "steps": 0, "num": num, "dropout": "-", "augment": "-",
+            "hflip": False}  # fmt: skip
 
 
 def save_grid(n: int, results: list[dict], path: Path) -> None:
@@ -137,7 +157,9 @@ def save_grid(n: int, results: list[dict], path: Path) -> None:
 
     rows = [subset(n, results[0]["size"])[:16]]
     for r in results:
-        key = f"augment-v1-{r['variant']}-{n}-{r['size']}px-{r['steps']}-{r['batch']}-{r['num']}"
+        if r["variant"] == "copier":
+            continue
+        key = _key(r["variant"], n, r["size"], r["steps"], r["batch"], r["num"], r["augment"])
         rows.append(torch.load(cache_dir() / f"{key}.pt")[:16])
     img.save_image(img.upscale(img.make_grid(torch.cat(rows), nrow=16), 640), path)
 
@@ -146,47 +168,54 @@ def _fmt(pair: tuple[float, float], digits: int = 2) -> str:
     return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
-def markdown(results: list[dict], real: dict, command: str) -> str:
-    r0 = results[0]
+def markdown(results: list[dict], real: dict, command: str, notes: str = "") -> str:
+    r0 = next(r for r in results if r["variant"] != "copier")
     lines = [
         MARK_START,
         "## Small data: non-leaking augmentation (`benchmarks/augment.py`, issue 23)",
         "",
         f"- command: `{command}`",
         f"- date: {datetime.date.today()}; CPU: {cpu_name()}, shared with other engineers' jobs (load average "
-        "about 12 on 2 cores); every model trained single-threaded for the same number of steps, so the "
+        "4-12 on 2 cores); every model trained single-threaded for a fixed number of steps, so the "
         "numbers do not depend on the load",
-        f"- data: subsets of the even half of the {r0['size']}x{r0['size']} built-in digits; `tiny` preset, batch {r0['batch']}, "
-        f"{r0['steps']} steps each; {r0['num']} samples each (seed 1, default sampler)",
-        "- FD: digit-classifier Frechet distance to the held-out odd half (the full distribution, not the subset); "
-        f"near-copy: share of samples whose nearest training image is closer than {NEAR_COPY_RATIO:.2f} of the mean "
-        f"distance to their {NEIGHBOURS} nearest (Carlini et al. 2023); NN dist: mean L2 distance (pixels in 0..1) "
-        "to the nearest training image",
+        f"- data: subsets of the even half of the {r0['size']}x{r0['size']} built-in digits; `tiny` preset, batch "
+        f"{r0['batch']}; {r0['num']} samples per model (seed 1, default sampler)",
+        "- FD full: digit-classifier Frechet distance to all 1,797 digits (the whole distribution, not the subset); "
+        "FD held-out: the same to the odd half, which neither the models nor the classifier saw; near-copy: share "
+        f"of samples whose nearest training image is closer than {NEAR_COPY_RATIO:.2f} of the mean distance to "
+        f"their {NEIGHBOURS} nearest (Carlini et al. 2023; `engine/memorisation.py`); NN dist: mean L2 distance "
+        "(pixels in 0..1) to the nearest training image; copier: 256 draws of the subset itself, what a model "
+        "that only copies would score",
         "",
-        "| images | variant | augment p | dropout | flip | FD | near-copy | NN dist | confident |",
-        "|---:|---|---:|---:|---|---:|---:|---:|---:|",
+        "| images | variant | steps | augment p | dropout | flip | FD full | FD held-out | near-copy | NN dist | confident |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['n']} | {r['variant']} | {r['augment']} | {r['dropout']} | {'yes' if r['hflip'] else 'no'} | "
-            f"{r['fd']:.1f} | {100 * r['near_copy']:.0f}% | {r['nn_dist']:.2f} | {100 * r['confident']:.0f}% |"
+            f"| {r['n']} | {r['variant']} | {r['steps'] or '-'} | {r['augment']} | {r['dropout']} | "
+            f"{'yes' if r['hflip'] else 'no'} | {r['fd_full']:.1f} | {r['fd']:.1f} | {100 * r['near_copy']:.0f}% | "
+            f"{r['nn_dist']:.2f} | {100 * r['confident']:.0f}% |"
         )
     lines += [
         "",
         "No leak: image moments (mean ± standard deviation over images) of the samples against all 1,797 real "
-        "digits. A leaking augmentation would move the centre of mass, tilt the orientation or widen its spread.",
+        "digits, and the classifier's confidence. A leaking augmentation would move the centre of mass, tilt the "
+        "orientation or widen its spread (at 8x8 the digits touch the top and bottom rows, so reflection padding "
+        "hides vertical shifts from the vertical centre; the horizontal centre shows them).",
         "",
-        "| images | variant | centre x (px) | centre y (px) | orientation (deg) | ink spread (px) | confidence |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-        f"| 1797 | real digits | {_fmt(real['com_x'])} | {_fmt(real['com_y'])} | {_fmt(real['angle'], 1)} | "
+        "| images | variant | steps | centre x (px) | centre y (px) | orientation (deg) | ink spread (px) | confidence |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        f"| 1797 | real digits | - | {_fmt(real['com_x'])} | {_fmt(real['com_y'])} | {_fmt(real['angle'], 1)} | "
         f"{_fmt(real['spread'])} | {_fmt(real['confidence'])} |",
     ]
     for r in results:
         s = r["leak"]
         lines.append(
-            f"| {r['n']} | {r['variant']} | {_fmt(s['com_x'])} | {_fmt(s['com_y'])} | {_fmt(s['angle'], 1)} | "
-            f"{_fmt(s['spread'])} | {_fmt(s['confidence'])} |"
+            f"| {r['n']} | {r['variant']} | {r['steps'] or '-'} | {_fmt(s['com_x'])} | {_fmt(s['com_y'])} | "
+            f"{_fmt(s['angle'], 1)} | {_fmt(s['spread'])} | {_fmt(s['confidence'])} |"
         )
+    if notes:
+        lines += ["", notes.strip()]
     lines.append(MARK_END)
     return "\n".join(lines)
 
@@ -196,26 +225,36 @@ def main() -> None:
     ap.add_argument("--sizes", default="100,500", help="subset sizes, comma-separated")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--size", type=int, default=8, help="image side: 8 (the digits' own) or 16")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--early-steps", type=int, default=0, help="also report none and flip at this many steps")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--num", type=int, default=256, help="samples per model")
     ap.add_argument("--markdown", type=Path, help="write the section into this RESULTS.md")
+    ap.add_argument("--notes", type=Path, help="a file of reading notes to put at the end of the section")
     ap.add_argument("--grids", type=Path, help="write a picture per subset size into this folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = []
     for n in map(int, args.sizes.split(",")):
-        for variant in args.variants.split(","):
-            r = run_one(variant, n, args.steps, args.batch, args.num, args.size)
+        if args.markdown:
+            results.append(copier(n, args.size, args.num))
+        runs = [(v, args.early_steps) for v in ("none", "flip") if args.early_steps]
+        runs += [(v, args.steps) for v in args.variants.split(",")]
+        for variant, steps in runs:
+            r = run_one(variant, n, steps, args.batch, args.num, args.size)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "leak"}))
     if args.grids:
         for n in map(int, args.sizes.split(",")):
-            save_grid(n, [r for r in results if r["n"] == n], args.grids / f"augment-{n}.png")
+            save_grid(
+                n, [r for r in results if r["n"] == n and r["steps"] == args.steps], args.grids / f"augment-{n}.png"
+            )
     if args.markdown:
         real = leak_stats(load_builtin("digits", image_size=args.size).images)
-        command = f"python -m benchmarks.augment --size {args.size} --steps {args.steps} --batch {args.batch} --num {args.num}"
-        section = markdown(results, real, command + f" --markdown {args.markdown}")
+        command = (f"python -m benchmarks.augment --size {args.size} --steps {args.steps} --early-steps "
+                   f"{args.early_steps} --batch {args.batch} --num {args.num} --sizes {args.sizes} --variants {args.variants}")  # fmt: skip
+        notes = args.notes.read_text() if args.notes else ""
+        section = markdown(results, real, command + f" --markdown {args.markdown}", notes)
         replace_section(args.markdown, section, MARK_START, MARK_END)
         print(section)
 

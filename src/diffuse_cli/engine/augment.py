@@ -12,16 +12,25 @@ Algorithm 1, eq. 14) is unchanged; only x0 and the network's conditioning are.
 
 The vector determines the transform: :func:`draw` samples vectors, :func:`apply` warps images by
 them (one batched ``grid_sample`` on the images' device, reflection at the borders as in EDM). Its
-layout (each entry 0 when its operation is off):
+layout is EDM's, each entry divided by its operation's typical size (:data:`UNITS`), so that every
+entry the network reads is of order 1 when its operation fires and 0 when it does not:
 
 ====  =======================================================================
 0     horizontal flip: 1 if flipped
-1, 2  whole-pixel shift in x and y, as a fraction of the image side
-3     log2 of the isotropic scale factor
-4, 5  rotation angle a as (cos a - 1, sin a)
-6     log2 of the anisotropic stretch (x scaled by 2^s, y by 2^-s)
-7, 8  sub-pixel shift in x and y, as a fraction of the image side
+1, 2  whole-pixel shift in x and y, in units of 1/8 of the image side (at most 1)
+3     log2 of the isotropic scale factor, in units of 0.2 octaves
+4, 5  rotation angle a as (cos a - 1, sin a), in units of sin(pi/4)
+6     log2 of the anisotropic stretch (x scaled by 2^s, y by 2^-s), in units of 0.2 octaves
+7, 8  sub-pixel shift in x and y, in units of 1/8 of the image side
 ====  =======================================================================
+
+Why the units: a 1-pixel shift of an 8x8 image is 1/8 of its side, and in EDM's raw units such a
+vector is 0.125 away from "not augmented". A network is smooth in its inputs and Adam moves each
+weight by about the learning rate per step whatever the input's size, so entries of 0.1 are learned
+about 10x more slowly than entries of 1; until they are, the network at the zero vector predicts the
+mixture of shifted images, which is exactly the leak the conditioning is there to prevent
+(``benchmarks/augment.py`` measured it: samples' horizontal centre of mass spread twice as wide as
+the real digits'). The transform a vector describes is unchanged by the units.
 
 The operations are EDM's geometric ones; the ranges are narrower than EDM's (a quarter turn of
 rotation rather than a full one, scales with a standard deviation of 0.2 octaves as in EDM) because
@@ -42,6 +51,9 @@ SCALE_STD = 0.2  # log2 of the isotropic scale ~ N(0, 0.2^2) (EDM's scale_std)
 ROTATE_MAX = math.pi / 4  # angle ~ U(-pi/4, pi/4); EDM rotates by up to a full turn
 ANISO_STD = 0.2  # log2 of the stretch ~ N(0, 0.2^2) (EDM's aniso_std)
 FRAC_SHIFT_STD = 0.125  # sub-pixel shift ~ N(0, 0.125^2) of the side (EDM's translate_frac_std)
+#: Each entry's unit: the vector holds (EDM's parameter) / UNITS, so every entry is of order 1 when on.
+UNITS = (1.0, INT_SHIFT_MAX, INT_SHIFT_MAX, SCALE_STD, math.sin(ROTATE_MAX), math.sin(ROTATE_MAX), ANISO_STD,
+         FRAC_SHIFT_STD, FRAC_SHIFT_STD)  # fmt: skip
 
 
 def draw(b: int, p: float, size: int, generator: torch.Generator, device: torch.device | str) -> torch.Tensor:
@@ -67,13 +79,14 @@ def draw(b: int, p: float, size: int, generator: torch.Generator, device: torch.
         n[:, 1] * ANISO_STD * on[:, 4],
         *(n[:, 2:4] * FRAC_SHIFT_STD * on[:, 5:6]).unbind(1),
     ]
-    return torch.stack(cols, dim=1)
+    return torch.stack(cols, dim=1) / torch.tensor(UNITS, device=device)
 
 
 def image_transform(labels: torch.Tensor) -> torch.Tensor:
     """The affine maps (B, 3, 3) the vectors describe, in ``grid_sample``'s [-1, 1] coordinates:
     a point q of the input image lands at M q of the augmented one (flip, stretch, scale, rotate, shift)."""
     b = labels.shape[0]
+    labels = labels * torch.tensor(UNITS, dtype=labels.dtype, device=labels.device)  # EDM's parameters
     one, zero = torch.ones(b, device=labels.device), torch.zeros(b, device=labels.device)
 
     def mat(a, bb, c, d, tx, ty):
