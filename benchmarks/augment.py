@@ -1,12 +1,16 @@
 """Small folders without copying: non-leaking augmentation against no augmentation and plain flips.
 
 Subsets of the built-in digits (8x8 by default, --size 16) (100 and 500 images, drawn from the even half so the odd half
-stays unseen) are trained with the ``tiny`` preset for the same number of steps, three ways:
+stays unseen) are trained with the ``tiny`` preset for the same number of steps, several ways:
 
-* ``none``: today's defaults (no augmentation, the preset's dropout 0);
-* ``flip``: today's defaults plus ``--flip`` (random mirror images, not conditioned on);
-* ``default``: the new defaults for this many images (``plan.regularisation``: ``--augment p`` with the
-  augmentation vector as conditioning, zero at sampling, and dropout; Karras et al. 2022, app. C.4).
+* ``none``: no augmentation, the preset's dropout 0 (``--early-steps`` adds it at a shorter budget too,
+  to show whether longer training copies more);
+* ``flip``: plus ``--flip`` (random mirror images, not conditioned on);
+* ``pX`` / ``pX-dY``: ``--augment X`` (and ``--dropout Y``), the augmentation vector as conditioning,
+  zero at sampling (Karras et al. 2022, app. C.4);
+* ``default``: whatever ``plan.regularisation`` gives this many images (``none`` while its table is empty).
+
+A copier row (draws of the subset itself) shows what pure copying scores.
 
 Each model draws the same number of samples (same seed) with the default sampler, scored by:
 
@@ -50,7 +54,7 @@ from ._digits_quality import fd_full, predict, score
 from ._trained import cache_dir
 
 MARK_START, MARK_END = "<!-- augment:start -->", "<!-- augment:end -->"
-VARIANTS = ("none", "flip", "default")
+VARIANTS = ("none", "flip", "p0.05@100", "p0.12", "p0.12-d0.1@100")
 NEAR_COPY_RATIO, NEIGHBOURS = memorisation.NEAR_COPY_RATIO, memorisation.NEAR_COPY_K
 
 
@@ -62,8 +66,8 @@ def subset(n: int, size: int = 16) -> torch.Tensor:
 
 
 def configs(variant: str, n: int, steps: int, batch: int, size: int) -> tuple[UNetConfig, TrainConfig]:
-    """The configs of a variant: ``none``, ``flip``, ``default``; for choosing the defaults also ``pX``
-    (augment p = X, the preset's dropout) and ``pX-dY`` (augment p = X, dropout Y)."""
+    """The configs of a variant: ``none``, ``flip``, ``default`` (plan.regularisation's), ``pX`` (augment p = X,
+    the preset's dropout) and ``pX-dY`` (augment p = X, dropout Y)."""
     p, dropout = regularisation(n) if variant == "default" else (0.0, None)
     if variant.startswith("p"):
         p_text, _, d_text = variant[1:].partition("-d")
@@ -239,7 +243,10 @@ def main() -> None:
         if args.markdown:
             results.append(copier(n, args.size, args.num))
         runs = [(v, args.early_steps) for v in ("none", "flip") if args.early_steps]
-        runs += [(v, args.steps) for v in args.variants.split(",")]
+        for v in args.variants.split(","):  # "p0.05@100": only for the 100-image subset
+            name, _, only = v.partition("@")
+            if not only or int(only) == n:
+                runs.append((name, args.steps))
         for variant, steps in runs:
             r = run_one(variant, n, steps, args.batch, args.num, args.size)
             results.append(r)
