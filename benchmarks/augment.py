@@ -117,8 +117,10 @@ def _key(variant: str, n: int, size: int, steps: int, batch: int, num: int, p: f
     return f"augment-{version}-{variant}-{n}-{size}px-{steps}-{batch}-{num}"
 
 
-def run_one(variant: str, n: int, steps: int, batch: int, num: int, size: int, log=print) -> dict:
-    """Train (or read from the cache) one model and score its samples."""
+def run_one(
+    variant: str, n: int, steps: int, batch: int, num: int, size: int, log=print, cached_only: bool = False
+) -> dict | None:
+    """Train (or read from the cache) one model and score its samples; None if not cached and ``cached_only``."""
     model_cfg, tc = configs(variant, n, steps, batch, size)
     key = _key(variant, n, size, steps, batch, num, tc.augment)
     path = cache_dir() / f"{key}.json"
@@ -128,6 +130,8 @@ def run_one(variant: str, n: int, steps: int, batch: int, num: int, size: int, l
             result["fd_full"] = fd_full(torch.load(cache_dir() / f"{key}.pt"))
             path.write_text(json.dumps(result, indent=1))
         return result
+    if cached_only:
+        return None
     data = load_builtin("digits", image_size=size)
     images = subset(n, size)
     data = dataclasses.replace(data, images=images.contiguous(), labels=None, classes=(), notes=())
@@ -236,6 +240,7 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, help="write the section into this RESULTS.md")
     ap.add_argument("--notes", type=Path, help="a file of reading notes to put at the end of the section")
     ap.add_argument("--grids", type=Path, help="write a picture per subset size into this folder")
+    ap.add_argument("--cached-only", action="store_true", help="report the runs already in the cache, train none")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = []
@@ -248,14 +253,17 @@ def main() -> None:
             if not only or int(only) == n:
                 runs.append((name, args.steps))
         for variant, steps in runs:
-            r = run_one(variant, n, steps, args.batch, args.num, args.size)
+            r = run_one(variant, n, steps, args.batch, args.num, args.size, cached_only=args.cached_only)
+            if r is None:
+                print(f"not in the cache, left out: {variant} on {n} images, {steps} steps")
+                continue
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "leak"}))
     if args.grids:
         for n in map(int, args.sizes.split(",")):
-            save_grid(
-                n, [r for r in results if r["n"] == n and r["steps"] == args.steps], args.grids / f"augment-{n}.png"
-            )
+            rows = [r for r in results if r["n"] == n and r["steps"] == args.steps]
+            if rows:
+                save_grid(n, rows, args.grids / f"augment-{n}.png")
     if args.markdown:
         real = leak_stats(load_builtin("digits", image_size=args.size).images)
         command = (f"python -m benchmarks.augment --size {args.size} --steps {args.steps} --early-steps "
