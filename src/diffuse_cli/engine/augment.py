@@ -61,7 +61,7 @@ def draw(b: int, p: float, size: int, generator: torch.Generator, device: torch.
 
     Draws a fixed amount from ``generator`` (independent of ``p``), so the stream after it does not
     depend on which operations fired. ``size`` is the image side in pixels (whole-pixel shifts are
-    multiples of 1 / size).
+    multiples of 1 / size of the side). Entries are in :data:`UNITS`.
     """
     on = torch.rand((b, 6), generator=generator, device=device) < p  # one coin per operation
     u = torch.rand((b, 5), generator=generator, device=device)
