@@ -145,13 +145,14 @@ def run_config(args, mode: str, nproc: int, cache_dir: Path, work: Path) -> dict
     result_dir.mkdir(parents=True)
     if mode == "first":
         shutil.rmtree(cache_dir, ignore_errors=True)
-    script = [str(Path(__file__).resolve()), "--child", "--mode", mode, "--folder", str(args.folder),
+    # As a module: the script imports ._common.
+    script = ["-m", "benchmarks.data_startup", "--child", "--mode", mode, "--folder", str(args.folder),
               "--cache-dir", str(cache_dir), "--result-dir", str(result_dir)]  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     cmd = [*launch, *script] if nproc > 1 else [sys.executable, *script]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    src = Path(__file__).resolve().parents[1] / "src"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root / "src"), str(root), env.get("PYTHONPATH", "")) if p)
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     wall = time.time() - t0

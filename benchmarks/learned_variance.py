@@ -21,6 +21,12 @@ For each model:
     python -m benchmarks.learned_variance --size 16 --json /tmp/lv16.json
     python -m benchmarks.learned_variance --report /tmp/lv8.json /tmp/lv16.json --markdown benchmarks/RESULTS.md
     python -m benchmarks.learned_variance --size 16 --picture docs/learned-variance.png   # the README's picture
+    python -m benchmarks.learned_variance --size 8 --train-steps 2000 --paired --json /tmp/lv8p.json  # longer budget
+    python -m benchmarks.learned_variance --size 8 --headroom --json /tmp/lv8h.json   # what a t-only variance gains
+
+``--train-steps`` trains both models of the pair for that many steps (their own cache entries); ``--headroom``
+scores the bound's terms with beta_t, with the best variance that depends on t only (chosen on the evaluation
+images themselves) and with a learned model's own variance, on the same draws of t and noise.
 
 Intermediate results are kept in the ``--json`` file, so a rerun continues where one stopped.
 Quality numbers only: no timings, so a shared machine changes nothing but the wall time.
@@ -29,14 +35,16 @@ Quality numbers only: no timings, so a shared machine changes nothing but the wa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from diffuse_cli.engine import evaluate, samplers
-from diffuse_cli.engine.data import from_model_range
+from diffuse_cli.engine.data import from_model_range, to_model_range
 
 from ._common import cpu_name, replace_section
 from ._digits_quality import digits, score
@@ -56,12 +64,21 @@ def _save(path: Path, results: dict) -> None:
     tmp.replace(path)
 
 
-def run(size: int, out: Path, num: int, nll_images: int, terms: int, only: str | None = None, log=print) -> dict:
+def spec(name: str, train_steps: int | None = None):
+    """The benchmark model ``name`` of ``_trained.SPECS``, trained for ``train_steps`` steps instead (same everything
+    else, its own cache entry) when given: both models of a pair get the same budget."""
+    return SPECS[name] if train_steps is None else dataclasses.replace(SPECS[name], steps=train_steps)
+
+
+def run(size: int, out: Path, num: int, nll_images: int, terms: int, only: str | None = None, log=print,
+        train_steps: int | None = None) -> dict:  # fmt: skip
     results = _load(out)
     held = digits(size, "heldout")[0]
     for name in [n for n in PAIRS[size] if only in (None, n)]:
-        model, diffusion, _ = trained_model(SPECS[name], log=log)
-        r = results.setdefault(name, {"variance": diffusion.reverse_variance()})
+        model, diffusion, _ = trained_model(spec(name, train_steps), log=log)
+        r = results.setdefault(
+            name, {"variance": diffusion.reverse_variance(), "train_steps": spec(name, train_steps).steps}
+        )
         if "nll" not in r:
             res = evaluate.bits_per_dim(model, diffusion, held[:nll_images], batch_size=100, terms=terms,
                                         generator=torch.Generator().manual_seed(0))  # fmt: skip
@@ -82,7 +99,7 @@ def run(size: int, out: Path, num: int, nll_images: int, terms: int, only: str |
     return results
 
 
-def paired(size: int, out: Path, nll_images: int, terms: int, log=print) -> dict:
+def paired(size: int, out: Path, nll_images: int, terms: int, log=print, train_steps: int | None = None) -> dict:
     """Bits/dim of the same held-out images, with the same draws of t and noise, for the fixed model (beta_t) and
     the learned one with its own variance and with beta_t: per-image differences give a tight interval, and the
     learned model with beta_t separates what the variance does from what the hybrid loss did to the mean."""
@@ -91,7 +108,7 @@ def paired(size: int, out: Path, nll_images: int, terms: int, log=print) -> dict
     fixed, learned = PAIRS[size]
     per = {}
     for name, variance in ((fixed, "beta"), (learned, "learned"), (learned, "beta")):
-        model, diffusion, _ = trained_model(SPECS[name], log=log)
+        model, diffusion, _ = trained_model(spec(name, train_steps), log=log)
         res = evaluate.bits_per_dim(model, diffusion, held, batch_size=100, terms=terms, variance=variance,
                                     generator=torch.Generator().manual_seed(0))  # fmt: skip
         per[f"{name}/{variance}"] = res.per_image
@@ -103,8 +120,58 @@ def paired(size: int, out: Path, nll_images: int, terms: int, log=print) -> dict
     for a, b in ((f"{learned}/learned", f"{fixed}/beta"), (f"{learned}/learned", f"{learned}/beta")):
         mean, ci = evaluate.mean_ci(per[a] - per[b])
         rows[f"{a} - {b}"] = {"bits_per_dim": mean, "ci95": list(ci)}
-    results["paired"] = {"images": int(held.shape[0]), "terms": terms, "rows": rows}
+    results["paired"] = {"images": int(held.shape[0]), "terms": terms, "rows": rows,
+                         "train_steps": spec(fixed, train_steps).steps}  # fmt: skip
     _save(out, results)
+    return results
+
+
+HEADROOM_SHIFTS = torch.linspace(-1.5, 1.5, 61, dtype=torch.float64)  # c of log sigma_t^2 = log beta_t + c
+
+
+def headroom(size: int, out: Path, nll_images: int, log=print, train_steps: int | None = None) -> dict:
+    """How much any reverse variance that depends on t only could gain over beta_t, for each model's own mean.
+
+    For every t < 100 (where the bound lives and beta_t and beta~_t differ) and 100 stratified t above, the
+    terms L_t of the bound (Ho et al. eq. 5, eq. 13 decoder at t = 0) of the held-out images with
+    log sigma_t^2 = log beta_t + c, c on a grid; the best c per t is chosen on these same images, so the
+    "best" row is an optimistic bound for every t-only variance (the optimal one of Bao et al. 2022 included).
+    A learned variance can beat it only by varying per pixel; a learned model's own variance is scored on the
+    same draws. In bits/dim, summed over the KL and decoder terms.
+    """
+    results = _load(out)
+    x0 = to_model_range(digits(size, "heldout")[0][:nll_images]).to(torch.float64)
+    for name in PAIRS[size]:
+        if name in results.get("headroom", {}):
+            continue
+        gen = torch.Generator().manual_seed(0)  # the same t and noise for both models
+        model, diffusion, _ = trained_model(spec(name, train_steps), log=log)
+        T = diffusion.num_timesteps
+        high = torch.arange(100, T, (T - 100) / 100).long()  # 100 strata of the rest, one t drawn in each
+        high = high + (torch.rand(high.shape, generator=gen) * (T - 100) / 100).long()
+        ts = [(t, 1.0) for t in range(100)] + [(int(t), (T - 100) / 100) for t in high.clamp(max=T - 1)]
+        fixed_sum, best_sum, own_sum = 0.0, 0.0, 0.0
+        for t_int, weight in ts:
+            t = torch.full((x0.shape[0],), t_int)
+            x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=gen, dtype=torch.float64))
+            with torch.no_grad():
+                net_out = model(x_t.float(), t).to(torch.float64)
+            mean, log_var, _, _ = diffusion.p_mean_variance(net_out, x_t, t, "beta")
+            bits = torch.stack([diffusion.vlb_terms(x0, x_t, t, mean, log_var + c).mean() for c in HEADROOM_SHIFTS])
+            bits = bits / (x0[0].numel() * math.log(2.0))
+            fixed_sum += weight * float(bits[HEADROOM_SHIFTS.abs().argmin()])
+            best_sum += weight * float(bits.min())
+            if diffusion.learned_variance:
+                mean, log_var, _, _ = diffusion.p_mean_variance(net_out, x_t, t, "learned")
+                own = diffusion.vlb_terms(x0, x_t, t, mean, log_var).mean() / (x0[0].numel() * math.log(2.0))
+                own_sum += weight * float(own)
+        row = {"beta": fixed_sum, "best_t_only": best_sum, "images": int(x0.shape[0]),
+               "train_steps": spec(name, train_steps).steps}  # fmt: skip
+        if diffusion.learned_variance:
+            row["learned"] = own_sum
+        results.setdefault("headroom", {})[name] = row
+        log(f"{name}: terms with beta_t {fixed_sum:.4f}, best t-only variance {best_sum:.4f} bits/dim")
+        _save(out, results)
     return results
 
 
@@ -127,8 +194,13 @@ SECTION = "## Learned variance vs fixed (issue #22, Improved DDPM)"
 SECTION_END = "<!-- end of the learned-variance section -->"
 
 
+def _train_steps(name: str, r: dict) -> int:
+    return r.get("train_steps", SPECS[name].steps)  # files written before --train-steps: the SPECS budget
+
+
 def markdown(files: list[Path], argv: str) -> str:
-    """The RESULTS.md section from the ``--json`` files of the runs (any mix of sizes, models and ``--paired``)."""
+    """The RESULTS.md section from the ``--json`` files of the runs (any mix of sizes, models, budgets, ``--paired``
+    and ``--headroom``)."""
     lines = [
         SECTION,
         "",
@@ -136,37 +208,58 @@ def markdown(files: list[Path], argv: str) -> str:
         "(quality numbers only: load does not change them); torch threads 1",
         f"- commands: {argv}",
         "- models (`benchmarks/_trained.py`): U-Net 32/64/64, 2 blocks per level, attention at 8x8, batch 32, "
-        "linear schedule, T = 1000, eps; 8x8: built-in digits, 1,200 steps; 16x16: the built-in digits resized "
-        "to 16x16 (`load_builtin(..., image_size=16)`, as issue #16's model), 900 steps. fixed = L_simple (today's "
-        "default), learned = L_hybrid, lambda = 0.001, uniform t; same seed, data order and step count",
+        "lr 2e-4, linear schedule, T = 1000, eps; 8x8: built-in digits; 16x16: the built-in digits resized "
+        "to 16x16 (`load_builtin(..., image_size=16)`, as issue #16's model); training steps in the table. "
+        "fixed = L_simple (today's default), learned = L_hybrid, lambda = 0.001, uniform t; within a pair the same "
+        "seed, data order, learning rate and step count",
         "- bits/dim: held-out half of the digits, Ho et al. eq. 5 + eq. 13 decoder, stratified KL terms (unbiased), "
         "95% interval over images; fixed uses beta_t (`diffuse eval`'s default), learned its own variance",
         "- FD: Frechet distance in the digit classifier's features against the held-out half (lower is better); "
         "DDPM (Algorithm 2) from the same x_T and noise for both models, respaced on the default logsnr grid",
         "",
-        "| size | model (variance) | bits/dim (95% CI) | FD DDPM 25 | FD 50 | FD 100 | FD 1000 (full T) | samples |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | model (variance) | train steps | bits/dim (95% CI) | FD DDPM 25 | FD 50 | FD 100 | FD 1000 (full T) "
+        "| samples |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    paired = []
+    extra = []
     for f in files:
         for name, r in _load(f).items():
-            if name == "paired":
-                paired.append((f, r))
+            if name in ("paired", "headroom"):
+                extra.append((name, r))
                 continue
             size = SPECS[name].image_size
             nll = r["nll"]
             fds = " | ".join(f"{r[f'ddpm{s}']['fd']:.2f}" if f"ddpm{s}" in r else "-" for s in STEPS)
             n = r.get(f"ddpm{STEPS[0]}", {}).get("n", 0)
-            lines.append(f"| {size}x{size} | {name} ({r['variance']}) | {nll['bits_per_dim']:.3f} "
-                         f"({nll['ci95'][0]:.3f} to {nll['ci95'][1]:.3f}; {nll['images']} images, "
-                         f"{nll['terms']} terms) | {fds} | {n} |")  # fmt: skip
-    for _, p in paired:
-        lines += ["", f"Paired bits/dim: the same {p['images']} held-out images and the same draws of t and noise "
-                      f"for every row ({p['terms']} terms); a difference's interval is over per-image differences.",
-                  "", "| model / variance in the bound | bits/dim (95% CI) |", "|---|---|"]  # fmt: skip
-        for key, row in p["rows"].items():
-            lines.append(f"| {key} | {row['bits_per_dim']:+.4f} ({row['ci95'][0]:+.4f} to {row['ci95'][1]:+.4f}) |")
+            lines.append(f"| {size}x{size} | {name} ({r['variance']}) | {_train_steps(name, r):,} | "
+                         f"{nll['bits_per_dim']:.3f} ({nll['ci95'][0]:.3f} to {nll['ci95'][1]:.3f}; "
+                         f"{nll['images']} images, {nll['terms']} terms) | {fds} | {n} |")  # fmt: skip
+    for kind, p in extra:
+        lines += _paired_lines(p) if kind == "paired" else _headroom_lines(p)
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(p: dict) -> list[str]:
+    first = next(iter(p["rows"])).split("/")[0]
+    lines = ["", f"Paired bits/dim ({_train_steps(first, p):,} training steps): the same {p['images']} held-out "
+                 f"images and the same draws of t and noise for every row ({p['terms']} terms); a difference's "
+                 "interval is over per-image differences.",
+             "", "| model / variance in the bound | bits/dim (95% CI) |", "|---|---|"]  # fmt: skip
+    for key, row in p["rows"].items():
+        lines.append(f"| {key} | {row['bits_per_dim']:+.4f} ({row['ci95'][0]:+.4f} to {row['ci95'][1]:+.4f}) |")
+    return lines
+
+
+def _headroom_lines(h: dict) -> list[str]:
+    lines = ["", "Headroom (`--headroom`): the terms L_0..L_999 of the bound (every t < 100, 100 stratified t above) "
+                 "with beta_t, with the best variance that depends on t only (log beta_t + c, c chosen per t on these "
+                 "same images: optimistic), and with a learned model's own per-pixel variance, on the same draws.",
+             "", "| model (train steps) | images | beta_t | best t-only | own learned |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, row in h.items():
+        own = f"{row['learned']:.4f}" if "learned" in row else "-"
+        lines.append(f"| {name} ({_train_steps(name, row):,}) | {row['images']} | {row['beta']:.4f} | "
+                     f"{row['best_t_only']:.4f} | {own} |")  # fmt: skip
+    return lines
 
 
 def main() -> None:
@@ -181,6 +274,8 @@ def main() -> None:
     ap.add_argument("--markdown", type=Path, help="write (or replace) the section in this file")
     ap.add_argument("--commands", help="the commands that made the --report files, for the section")
     ap.add_argument("--paired", action="store_true", help="paired bits/dim of the pair of --size into --json")
+    ap.add_argument("--train-steps", type=int, help="train both models of the pair this many steps (default: SPECS')")
+    ap.add_argument("--headroom", action="store_true", help="the best t-only variance against beta_t, into --json")
     ap.add_argument("--picture", type=Path, help="write the pair of --size side by side (DDPM, 25 steps) here")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -193,10 +288,13 @@ def main() -> None:
     if args.picture:
         picture(args.size, args.picture)
         return
-    if args.paired:
-        paired(args.size, args.json, args.nll_images, args.terms)
+    if args.headroom:
+        headroom(args.size, args.json, args.nll_images, train_steps=args.train_steps)
         return
-    run(args.size, args.json, args.num, args.nll_images, args.terms, args.only)
+    if args.paired:
+        paired(args.size, args.json, args.nll_images, args.terms, train_steps=args.train_steps)
+        return
+    run(args.size, args.json, args.num, args.nll_images, args.terms, args.only, train_steps=args.train_steps)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,33 @@ def load_average() -> str:
         return "n/a"
 
 
+def peak_gflops(dtype: torch.dtype, reps: int = 5) -> dict[str, float]:
+    """This CPU's measured throughput (GFLOP/s, best of ``reps``) for the two kinds of work a U-Net step is made
+    of, in ``dtype``: a large matrix product (2048 x 2048, what attention and the linear layers are) and a 3x3
+    convolution at the widths of the benchmark's model (batch 32, 128 -> 128 channels, 16x16). The best of the
+    two is the "peak" a step's GFLOP/s is compared with."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    x = torch.randn(32, 128, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+    work = {
+        "matmul": (lambda: a @ b, 2 * 2048**3),
+        "conv": (lambda: conv(x), 2 * 32 * 128 * 128 * 9 * 16 * 16),
+    }
+    out = {}
+    with torch.no_grad():
+        for name, (fn, flop) in work.items():
+            fn()
+            best = min(_timed(fn) for _ in range(reps))
+            out[name] = flop / best / 1e9
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     cfg = build_config(args.quick)
@@ -177,8 +204,9 @@ def run(args: argparse.Namespace) -> dict:
                 v.step()
                 v.times.append(time.perf_counter() - t0)
                 v.cpu_times.append(time.process_time() - c0)
+    peaks = {"fp32": peak_gflops(torch.float32), "bf16": peak_gflops(torch.bfloat16)}
     return dict(cfg=cfg, batch=batch, variants=variants, flops=flops, compile_s=compile_s,
-                threads=torch.get_num_threads())  # fmt: skip
+                threads=torch.get_num_threads(), peaks=peaks)  # fmt: skip
 
 
 def report(res: dict) -> tuple[str, list[str]]:
@@ -187,15 +215,17 @@ def report(res: dict) -> tuple[str, list[str]]:
     base = variants[0]
     rows = [
         "| variant | setup | params | ms/step | img/s | vs diffusers | CPU ms/step | vs diffusers (CPU time) "
-        "| GFLOP/step | GFLOP/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GFLOP/step | GFLOP/s | of this CPU's peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    peaks = res["peaks"]
     for v in variants:
         f = flops["diffusers" if v.name.startswith("diffusers") else "ours"]
+        peak = max(peaks["bf16" if "bf16" in v.name else "fp32"].values())
         rows.append(
             f"| {v.name} | {v.note} | {v.params:,} | {v.median * 1e3:.1f} | {batch / v.median:.1f} | "
             f"{base.median / v.median:.2f}x | {v.cpu_median * 1e3:.1f} | {base.cpu_median / v.cpu_median:.2f}x | "
-            f"{f / 1e9:.1f} | {f / v.median / 1e9:.0f} |"
+            f"{f / 1e9:.1f} | {f / v.median / 1e9:.0f} | {f / v.median / 1e9 / peak:.0%} |"
         )
     by_name = {v.name: v for v in variants}
     # With one thread, CPU time is the work this process did, whatever else runs on the machine;
@@ -212,6 +242,9 @@ def report(res: dict) -> tuple[str, list[str]]:
         return f"{label} / diffusers throughput = {ratio:.2f}x ({basis}; target {TARGET_RATIO}x: {met})"
 
     lines = [verdict("ours (eager)", speedup("diffusers", "ours"))]
+    for kind, p in peaks.items():
+        lines.append(f"this CPU's measured peak in {kind}: matrix product {p['matmul']:.0f} GFLOP/s, 3x3 convolution "
+                     f"{p['conv']:.0f} GFLOP/s (the larger is the peak of the last column)")  # fmt: skip
     if "ours+compile" in by_name:
         lines.append(verdict("ours (torch.compile)", speedup("diffusers", "ours+compile"))
                      + f"; compiling took {res['compile_s']:.0f} s")  # fmt: skip

@@ -98,7 +98,11 @@ PHASES = [
     ("import torch (with numpy, safetensors)", "diffuse_cli/engine/training.py", "<module>"),
     ("data: walk, fingerprint, cache check and mapping", "diffuse_cli/engine/plan.py", "plan_training"),
     ("set-up: run folder, model, EMA, optimizer", "diffuse_cli/engine/training.py", "_set_up"),
-    ("  of which the optimizer (its import of torch._dynamo)", "diffuse_cli/engine/device.py", "make_optimizer"),
+    (
+        "  of which the optimizer (torch.optim's imported torch._dynamo)",
+        "diffuse_cli/engine/device.py",
+        "make_optimizer",
+    ),
     ("first training step (forward, backward, AdamW, EMA)", "diffuse_cli/engine/step.py", "__call__"),
     ("checkpoint writes (state, model)", "diffuse_cli/engine/training.py", "_save"),
     ("final preview (16 images, 50 DPM++ steps)", "diffuse_cli/engine/training.py", "_preview"),
@@ -183,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     make_folder(args.folder, args.images)
     work = Path(tempfile.mkdtemp(prefix="diffuse-startup-"))
+    load_start = os.getloadavg()[0]
     try:
         versions = {"this branch": ROOT / "src"}
         if args.before:
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other "
-                       f"work: load average {os.getloadavg()[0]:.1f} at the end)",
+                       f"work: load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "python -m benchmarks.train_startup " + " ".join(argv or sys.argv[1:])}  # fmt: skip
     text = markdown(res, parts, meta)

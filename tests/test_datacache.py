@@ -8,6 +8,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +121,11 @@ def _flip_data_byte(p: Path) -> None:
 
 
 def _flip_header_byte(p: Path) -> None:
+    """A byte of the JSON header, which ends the file."""
     with open(p, "r+b") as f:
-        f.seek(40)
+        f.seek(-10, os.SEEK_END)
         b = f.read(1)
-        f.seek(40)
+        f.seek(-10, os.SEEK_END)
         f.write(bytes([b[0] ^ 0x20]))
 
 
@@ -168,6 +170,51 @@ def test_quick_open_checks_size_and_header_but_not_every_byte(folder, tmp_path):
     _truncate(path)
     with pytest.raises(C.CacheInvalid, match="truncated"):
         C.open_cache(path)
+
+
+def test_a_header_larger_than_64_kib_round_trips_and_leaves_the_data_intact(tmp_path):
+    """Version 2 kept the header in a fixed 64 KiB slot: 20,000 labelled images overflowed it into the data."""
+    n, row = 40_000, 3 * 2 * 2
+    data = np.random.default_rng(0).integers(0, 256, n * row, dtype=np.uint8)
+    labels = [i % 7 for i in range(n)]
+    head = {"shape": [n, 3, 2, 2], "dtype": "uint8", "fingerprint": "f", "data_crc32": zlib.crc32(data),
+            "summary": D.DataSummary("src", n, n, 3, 2).to_dict(), "classes": [f"c{i}" for i in range(7)],
+            "notes": [], "labels": labels}  # fmt: skip
+    assert len(json.dumps(head)) > 65536
+    path = tmp_path / "big-header.u8"
+    with open(path, "w+b") as f:
+        f.seek(C.DATA_OFFSET)
+        f.write(data.tobytes())
+        C.write_header(f, head)
+    ds = C.open_cache(path, "f", verify_data=True)
+    assert ds.images.flatten().numpy().tobytes() == data.tobytes()
+    assert ds.labels.tolist() == labels and ds.classes == tuple(head["classes"])
+
+
+def test_a_class_folder_whose_header_exceeds_64_kib_is_built_once_then_hit(tmp_path):
+    """Many long class names (the header holds them all): built, then a hit, equal to the in-memory decode."""
+    root = tmp_path / "classes"
+    for i in range(300):  # 300 names of 240 characters: about 72 KiB of names alone
+        _make_folder(root / (f"{i:03d}-" + "x" * 236), n=1, seed=i)
+    first = _load(root, tmp_path / "cache")
+    header_bytes = os.path.getsize(first.cache.path) - C.DATA_OFFSET - first.images.numel()
+    assert header_bytes > 65536
+    again = _load(root, tmp_path / "cache")
+    ref = D.load_folder(root, SIZE)
+    assert (first.cache.status, again.cache.status) == ("built", "hit")
+    assert torch.equal(again.images, ref.images) and torch.equal(again.labels, ref.labels)
+    assert again.classes == ref.classes and len(again.classes) == 300
+
+
+def test_a_cache_of_an_older_format_is_decoded_again(folder, tmp_path):
+    """A cache is disposable: a file of format version 2 (header before the data) is rebuilt, not an error."""
+    path = _load(folder, tmp_path / "cache").cache.path
+    with open(path, "r+b") as f:
+        f.seek(len(C.MAGIC))
+        f.write((2).to_bytes(4, "little"))
+    again = _load(folder, tmp_path / "cache")
+    assert again.cache.status == "rebuilt" and "format version 2" in again.cache.reason
+    assert torch.equal(again.images, D.load_folder(folder, SIZE).images)
 
 
 def test_a_temporary_left_by_a_killed_build_is_removed(folder, tmp_path):
@@ -510,12 +557,14 @@ def test_benchmark_script_runs_and_replaces_its_markdown_section(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "data_startup.py"
+    root = Path(__file__).resolve().parents[1]
     md = tmp_path / "RESULTS.md"
     md.write_text("# Benchmark results\n\n<!-- data:start -->\nstale\n<!-- data:end -->\n\ntrailer\n")
-    cmd = [sys.executable, str(script), "--images", "40", "--nproc", "1", "--folder", str(tmp_path / "pngs"),
+    cmd = [sys.executable, "-m", "benchmarks.data_startup", "--images", "40", "--nproc", "1", "--folder", str(tmp_path / "pngs"),
            "--markdown", str(md)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=root
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = md.read_text()
     assert "stale" not in text and text.count("<!-- data:start -->") == 1 and text.rstrip().endswith("trailer")

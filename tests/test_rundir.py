@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffuse_cli.engine import checkpoint as ckpt
+from diffuse_cli.engine import device as devices
 from diffuse_cli.engine import fileio, rundir
 from diffuse_cli.engine.errors import ConfigError, OutputError
 from helpers import flip_byte
@@ -110,7 +111,7 @@ def _model_and_opt(seed):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     ema = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = devices.make_optimizer(model.parameters(), lr=1e-2, device="cpu")
     return model, ema, opt
 
 

@@ -72,19 +72,28 @@ def test_other_devices_are_left_alone(monkeypatch, restore_threads):
     assert p.start() == 1 and p.update() is None
 
 
-def test_other_load_subtracts_this_process():
-    """Spinning in this process is our own work, not another process's: it must not count."""
-    load = devices.OtherLoad()
-    import time
+def test_other_load_subtracts_this_process(monkeypatch):
+    """Our own CPU time is our work, not another process's: it must not count (fake /proc/stat and clocks,
+    so the machine's real load cannot change the answer)."""
+    hz = devices.os.sysconf("SC_CLK_TCK") if hasattr(devices.os, "sysconf") else 100
+    readings = iter([(0.0, 0.0, 0.0), (1.0, 1.7, 1.0)])  # (monotonic s, busy core-seconds of all cores, own CPU s)
+    state = {}
 
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end:
-        pass
-    busy = load()
-    if busy is None:
-        pytest.skip("no /proc/stat here")
-    # Our own spinning core is subtracted; what is left is the rest of the machine (at most all other cores).
-    assert 0.0 <= busy <= (devices._usable_cores() or 1) - 0.5 + 0.3
+    def advance():
+        state["now"] = next(readings)
+
+    def cpu_times():
+        advance()
+        busy = state["now"][1]
+        idle = 10_000 * hz
+        return idle, idle + busy * hz  # (idle jiffies, total jiffies): busy seconds of all cores
+
+    monkeypatch.setattr(devices, "_cpu_times", cpu_times)
+    monkeypatch.setattr(devices.time, "monotonic", lambda: state["now"][0])
+    monkeypatch.setattr(devices.time, "process_time", lambda: state["now"][2])
+    load = devices.OtherLoad()
+    # 1.7 core-seconds busy over 1 s, 1.0 of them this process's: 0.7 cores of other work
+    assert load() == pytest.approx(0.7)
 
 
 def test_sampling_re_checks_between_batches(monkeypatch, restore_threads):

@@ -167,7 +167,8 @@ def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
+        minutes = seconds / 60
+        return f"{minutes:.0f} min" if abs(minutes - round(minutes)) < 0.05 or minutes >= 10 else f"{minutes:.1f} min"
     return f"{seconds / 3600:.1f} h"
 
 

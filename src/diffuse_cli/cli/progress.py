@@ -58,8 +58,8 @@ class TrainProgress:
 
     With --time the bar measures the time budget, not steps."""
 
-    def __init__(self, cfg, diff_cfg, say, is_main: bool):
-        self.cfg, self.diff_cfg, self.say, self.is_main = cfg, diff_cfg, say, is_main
+    def __init__(self, cfg, diff_cfg, say, is_main: bool, sizing: str = ""):
+        self.cfg, self.diff_cfg, self.say, self.is_main, self.sizing = cfg, diff_cfg, say, is_main, sizing
         self.timed = cfg.time_limit is not None
         count = TextColumn("step {task.fields[step]}") if self.timed else MofNCompleteColumn()
         self.bar = Progress(
@@ -78,9 +78,13 @@ class TrainProgress:
     def _on_start(self, e: dict) -> None:
         cfg, say = self.cfg, self.say
         threads = f", {e['threads']} CPU threads" if e["device"] == "cpu" else ""
+        sized = f", {self.sizing}" if self.sizing else ""
+        precision = e["precision"].replace("bfloat16", "bf16")
+        why = f" ({e['precision_note']})" if e.get("precision_note") else ""
+        say(f"[bold]model[/] U-Net {e['parameters'] / 1e6:.2f}M parameters{sized}")
         say(
-            f"[bold]model[/] U-Net {e['parameters'] / 1e6:.2f}M parameters; device {e['device']}{threads}, "
-            f"precision {e['precision']}, {e['world_size']} process(es), global batch {cfg.batch_size}"
+            f"      device {e['device']}{threads}, precision {precision}{why}, {e['world_size']} process(es), "
+            f"global batch {cfg.batch_size}"
         )
         if self.diff_cfg is not None:
             dc = self.diff_cfg

@@ -345,7 +345,7 @@ class TrainConfig:
     eval_every: int = 1000  # in-training FD/KID/near-copy check (engine/monitor.py); also at 500 and the end
     eval_samples: int = 256  # EMA samples per check: ~5% of a CPU run's time at 16x16 (benchmarks/RESULTS.md)
     seed: int = 0
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 elsewhere
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, and on a CPU where measured faster (engine/budget.py)
     compile: bool = False
     time_limit: float | None = None  # seconds of training in this process (--time); None: until `steps`
     threads: int | None = None  # CPU threads for torch; None: as many as are free, re-checked (device.ThreadPolicy)

@@ -5,8 +5,8 @@
 * :func:`optimize_for_device` moves a model to its device in the memory format
   its convolutions run fastest in there (``channels_last``: oneDNN on CPU and
   cuDNN on recent GPUs work in NHWC natively, so no layout reorder per conv);
-* :func:`make_optimizer` builds AdamW with the fused single-kernel update when
-  this torch build has it for the device, else the default implementation;
+* :func:`make_optimizer` builds AdamW (:mod:`.adamw`: the fused single-kernel update when
+  this torch build has it for the device, else ``_foreach`` ops);
 * :func:`to_device` copies data through pinned memory without blocking the host on CUDA;
 * :class:`ThreadPolicy` sets torch's CPU threads to the cores other processes leave free, and
   re-decides now and then as their load changes (:class:`OtherLoad` reads it without sleeping).
@@ -29,6 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .adamw import AdamW
 from .errors import ConfigError
 
 
@@ -106,20 +107,14 @@ def make_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019), fused into one kernel when the build supports it on ``device``.
+) -> AdamW:
+    """AdamW (Loshchilov & Hutter 2019): :class:`.adamw.AdamW`, torch's fused single-kernel update where this
+    build has it for the parameters' device (it saves a dozen small kernel launches per parameter tensor).
 
-    The fused and the per-parameter implementations compute the same update; the
-    fused one saves a dozen small kernel launches per parameter tensor.
+    ``device`` is where the parameters live (the update runs there).
     """
-    params = list(params)
-    kind = torch.device(device).type
-    if kind in ("cpu", "cuda"):
-        try:
-            return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
-        except (RuntimeError, ValueError):  # torch < 2.4 has no fused AdamW on CPU
-            pass
-    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    del device  # the update follows the parameters' device
+    return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def enable_tf32(device: torch.device | str) -> None:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import rundir
+from . import budget, rundir
 from .config import (
     AUGMENT_DIM,
     UNLIMITED_STEPS,
@@ -75,6 +75,7 @@ class TrainPlan:
     overwrite: bool
     data_line: str  # "builtin:digits: 1797 images used, 1x8x8, decoded into memory in 0.0s"
     notes: tuple[tuple[str, str], ...]  # (level, text), level "" or "warning": the data's skips, classes, ...
+    sizing: str = ""  # why this model, when --time chose it (engine/budget.py); "" otherwise
 
 
 def class_notes(data: ImageDataset) -> list[tuple[str, str]]:
@@ -107,7 +108,8 @@ def _configs(stored, data: ImageDataset, preset: str, device_type: str, train: d
         if train.get("steps") is None and stored is None:
             train["steps"] = UNLIMITED_STEPS
     if stored is not None:
-        return UNetConfig.from_dict(stored.model), None, TrainConfig.from_dict(stored.train).resumed(**train), ""
+        return UNetConfig.from_dict(stored.model), None, TrainConfig.from_dict(stored.train).resumed(**train), "", ""
+    chose_model = any(v is not None for v in model.values())  # before the data-size defaults fill any in
     train, model, why = _regularise(data.images.shape[0], train, model)
     model = {
         **model,
@@ -121,7 +123,14 @@ def _configs(stored, data: ImageDataset, preset: str, device_type: str, train: d
     )
     diffusion_config = DiffusionConfig(**{k: v for k, v in diffusion.items() if v is not None})
     train = {**train, "batch_size": train.get("batch_size") or default_batch_size(device_type)}
-    return model_config, diffusion_config, TrainConfig(**{k: v for k, v in train.items() if v is not None}), why
+    train_config = TrainConfig(**{k: v for k, v in train.items() if v is not None})
+    sizing = ""
+    if not chose_model and budget.wants_sizing(train_config.time_limit, preset, device_type, {}, resume=False):
+        sized = budget.size_for_budget(
+            model_config, train_config.time_limit, train_config.batch_size, train_config.precision
+        )
+        model_config, sizing = sized.model, sized.note
+    return model_config, diffusion_config, train_config, why, sizing
 
 
 def plan_training(
@@ -175,10 +184,10 @@ def plan_training(
             ("warning", "--classes none does not apply to --resume: the run keeps the classes it was started with")
         )
     notes += class_notes(data)
-    model_config, diffusion_config, train_config, why = _configs(
+    model_config, diffusion_config, train_config, why, sizing = _configs(
         stored, data, preset, resolve_device(device).type, train or {}, model or {}, diffusion or {}
     )
     data_line += f"; {why}" if why else ""
     return TrainPlan(
-        out, data, model_config, diffusion_config, train_config, resume, overwrite, data_line, tuple(notes)
+        out, data, model_config, diffusion_config, train_config, resume, overwrite, data_line, tuple(notes), sizing
     )

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .adamw import AdamW
 from .errors import ConfigError, OutputError
 from .fileio import atomic_write_text, describe_os_error, ensure_dir, remove_stale_temporaries
 
@@ -118,7 +119,7 @@ def truncate_log(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_tensors(opt: AdamW) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors = {}
     scalars: dict[str, dict[str, Any]] = {}
@@ -146,21 +147,6 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], extra: dict) -> dict
     return {"state": state, "param_groups": groups}
 
 
-def _match_param_layouts(opt: torch.optim.Optimizer) -> None:
-    """Give loaded moment buffers their parameter's strides.
-
-    safetensors stores tensors contiguous (NCHW); a channels_last parameter needs
-    channels_last moments, or fused/foreach kernels that walk raw storage would pair
-    the wrong elements (and resume would not be bit-exact).
-    """
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p, {})
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-
-
 def _rng_bytes(state: torch.Tensor) -> torch.Tensor:
     return state.detach().to("cpu", torch.uint8).clone()
 
@@ -180,7 +166,7 @@ def clean_stale(out: Path) -> None:
 def state_tensors(
     model: torch.nn.Module,
     ema_model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: AdamW,
     gen: torch.Generator,
     device: torch.device,
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -200,7 +186,7 @@ def restore_state(
     state: ckpt.Checkpoint,
     model: torch.nn.Module,
     ema_model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: AdamW,
     gen: torch.Generator,
     device: torch.device,
     rank: int,
@@ -209,7 +195,6 @@ def restore_state(
     ckpt.load_weights_into(model, ckpt.prefixed(state.tensors, "model."), state.path)
     ckpt.load_weights_into(ema_model, ckpt.prefixed(state.tensors, "ema."), state.path)
     opt.load_state_dict(_optimizer_state_dict(state.tensors, state.extra["optimizer"]))
-    _match_param_layouts(opt)
     gen.set_state(state.tensors["rng.data"].to("cpu"))
     torch.set_rng_state(state.tensors["rng.torch"].to("cpu"))
     if device.type == "cuda" and "rng.cuda" in state.tensors:

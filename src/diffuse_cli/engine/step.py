@@ -43,6 +43,7 @@ from torch import nn
 
 from . import augment as augmentation
 from . import device as devices
+from .adamw import AdamW
 from .config import DiffusionConfig
 from .data import to_model_range
 from .diffusion import Diffusion
@@ -85,7 +86,7 @@ class TrainStep:
 
     model: nn.Module  # the bare U-Net: its weights are what gets saved
     diffusion: Diffusion
-    opt: torch.optim.Optimizer
+    opt: AdamW
     ema: EMA
     gen: torch.Generator  # the data generator (see the module docstring)
     images: torch.Tensor  # uint8 (N, C, H, W) as the device reads it: a tensor there, or datacache.DeviceImages

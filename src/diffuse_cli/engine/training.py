@@ -28,6 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import device as devices
 from . import rundir
+from .budget import MIN_STEPS_TO_MEASURE, training_precision
 from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
 from .data.placement import place_images
 from .distributed import StopFlag, init_distributed
@@ -146,6 +147,19 @@ def _class_labels(data, model_config, state) -> tuple[torch.Tensor | None, dict]
     return data.labels, {"classes": names}
 
 
+def _precision(config: TrainConfig, model_config, state, dev: torch.device, processes: int):
+    """The autocast dtype of this run and why (:func:`budget.training_precision`). A resumed ``auto`` run keeps
+    the precision it was started with, so that stopping and resuming trains as one run would."""
+    stored = state.train.get("autocast") if state is not None else None
+    if config.precision == "auto" and dev.type == "cpu" and stored in ("fp32", "bfloat16"):
+        bf16 = stored == "bfloat16"
+        return (torch.bfloat16 if bf16 else None), f"auto: {'bf16' if bf16 else 'fp32'}, as the run was started"
+    long_run = (config.time_limit is None or config.time_limit >= 60) and config.steps >= MIN_STEPS_TO_MEASURE
+    return training_precision(
+        config.precision, model_config, config.batch_size, dev, long_run=long_run, processes=processes
+    )
+
+
 def _set_up(
     data,
     out: Path,
@@ -185,7 +199,7 @@ def _set_up(
 
     # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
     labels, class_meta = _class_labels(data, model_config, state)
-    amp = devices.autocast_dtype(config.precision, dev)
+    amp, precision_note = _precision(config, model_config, state, dev, dist.world_size)
     images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
     ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp, labels)
     start = 0
@@ -213,7 +227,7 @@ def _set_up(
     meta = dict(
         model=model_config.to_dict(),
         diffusion=diffusion_config.to_dict(),
-        train=config.to_dict(),
+        train={**config.to_dict(), "autocast": str(amp).replace("torch.", "") if amp else "fp32"},
         dataset={**data.summary.to_dict(), **class_meta},
     )
     if dist.is_main:
@@ -225,6 +239,7 @@ def _set_up(
             "steps": config.steps,
             "device": str(dev),
             "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "precision_note": precision_note,  # why, when --precision auto measured it (engine/budget.py)
             "world_size": dist.world_size,
             "parameters": count_parameters(ts.model),
             "resumed": resume,

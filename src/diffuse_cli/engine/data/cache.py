@@ -4,11 +4,18 @@ One cache file per (folder, image size, channels) lives in the cache directory
 (:func:`default_cache_dir`: ``$DIFFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffuse``,
 else ``~/.cache/diffuse``). Its layout::
 
-    bytes 0..28      magic b"DIFFUSEU8", format version (u32), JSON length (u32),
-                     CRC-32 of the JSON (u32), 7 bytes reserved (little-endian)
-    bytes 28..       the JSON header: shape (N, C, S, S), fingerprint, CRC-32 of the data,
-                     the DataSummary (counts of skipped files by reason, a few example names)
-    bytes 65536..    N * C * S * S raw uint8 rows, (N, C, H, W) C-order: what numpy.memmap maps
+    bytes 0..44      magic b"DIFFUSEU8", format version (u32), data offset (u64), JSON offset (u64),
+                     JSON length (u64), CRC-32 of the JSON (u32), 3 bytes reserved (little-endian)
+    data offset..    N * C * H * W raw uint8 rows, (N, C, H, W) C-order: what numpy.memmap maps
+                     (65536 when written: page-aligned on every platform)
+    JSON offset..    the JSON header, right after the data: shape (N, C, H, W), fingerprint, CRC-32 of
+                     the data, the DataSummary (counts of skipped files by reason, a few example names),
+                     the class names and one label per image; the file ends with it
+
+The header follows the data because its size is only known once the folder is decoded (the labels of a
+class folder grow with the number of images), and then it has no size limit. Files of older format
+versions (version 2 kept the header in a fixed 64 KiB slot, which 20,000 labelled images overflowed) are
+decoded again like any other invalid cache.
 
 The fingerprint hashes the decoder's version, the image size, the channels asked for,
 the pixel limit and, for every image file under the folder, its relative path, size and
@@ -60,11 +67,12 @@ from ..fileio import atomic_path
 from . import folders as D
 
 MAGIC = b"DIFFUSEU8"
-FORMAT_VERSION = 2  # 2: class labels from sub-folders in the header
+FORMAT_VERSION = 3  # 2: class labels from sub-folders in the header; 3: the header after the data, any size
 # Bump when decode_image's output changes for some file: every cache is then decoded again.
 DECODER_VERSION = 1
-_PREFIX = struct.Struct("<9sIII7x")  # magic, format version, JSON length, JSON CRC-32
-DATA_OFFSET = 65536  # page-aligned on every platform; the JSON header must fit before it
+_PREFIX = struct.Struct("<9sIQQQI3x")  # magic, format version, data offset, JSON offset, JSON length, JSON CRC-32
+DATA_OFFSET = 65536  # where a writer puts the data: page-aligned on every platform
+HEADER_MAX = 1 << 30  # bytes of JSON a reader accepts (about 100 million labels): a damaged length is refused
 SUFFIX = ".u8"
 _CHUNK = 16 << 20  # bytes per block while building (moving rows, checksumming the mapping)
 _READ = 1 << 20  # bytes per read while checking: a small buffer leaves no large allocation behind
@@ -143,18 +151,25 @@ def _crc32_of_file(f, start: int, length: int) -> int:
 
 
 def read_header(f) -> dict:
-    """The JSON header of an open cache file, after checking magic, version, checksum and size."""
+    """The JSON header of an open cache file, after checking magic, version, checksum and size.
+
+    Its key ``"data_offset"`` says where the data start (from the prefix).
+    """
     f.seek(0)
     raw = f.read(_PREFIX.size)
     if len(raw) < _PREFIX.size:
         raise CacheInvalid("the file is truncated (no header)")
-    magic, version, n, crc = _PREFIX.unpack(raw)
+    magic, version, data_offset, json_offset, n, crc = _PREFIX.unpack(raw)
     if magic != MAGIC:
         raise CacheInvalid("it is not a diffuse cache file")
     if version != FORMAT_VERSION:
         raise CacheInvalid(f"it has format version {version}, this version reads {FORMAT_VERSION}")
-    if not 0 < n <= DATA_OFFSET - _PREFIX.size:
+    if not (_PREFIX.size <= data_offset <= json_offset and 0 < n <= HEADER_MAX):
         raise CacheInvalid("its header is damaged")
+    size = os.fstat(f.fileno()).st_size
+    if size != json_offset + n:  # the header ends the file: a cut or an append shows here
+        raise CacheInvalid(f"the file has {size} bytes, its header says {json_offset + n} (truncated or damaged)")
+    f.seek(json_offset)
     text = f.read(n)
     if len(text) != n or zlib.crc32(text) != crc:
         raise CacheInvalid("its header is damaged")
@@ -164,13 +179,9 @@ def read_header(f) -> dict:
         ok = len(shape) == 4 and shape[0] > 0 and shape[1] in (1, 3) and min(shape[2:]) > 0
     except (ValueError, KeyError, TypeError) as err:
         raise CacheInvalid("its header is damaged") from err
-    if not ok:
+    if not ok or json_offset != data_offset + int(np.prod(shape)):
         raise CacheInvalid("its header is damaged")
-    head["shape"] = shape
-    size = os.fstat(f.fileno()).st_size
-    want = DATA_OFFSET + int(np.prod(shape))
-    if size != want:
-        raise CacheInvalid(f"the file has {size} bytes, its header says {want} (truncated or damaged)")
+    head["shape"], head["data_offset"] = shape, data_offset
     return head
 
 
@@ -194,12 +205,13 @@ def open_cache(
             head = read_header(f)
             if expect_fingerprint is not None and head.get("fingerprint") != expect_fingerprint:
                 raise CacheInvalid("the folder changed: a file was added, removed or modified")
-            if verify_data and _crc32_of_file(f, DATA_OFFSET, int(np.prod(head["shape"]))) != head.get("data_crc32"):
+            offset = head["data_offset"]
+            if verify_data and _crc32_of_file(f, offset, int(np.prod(head["shape"]))) != head.get("data_crc32"):
                 raise CacheInvalid("its data is damaged (checksum mismatch)")
             # Mapping the descriptor we checked: a builder renaming a new file over the path cannot
             # swap the data under us. Read-only and shared: a private (copy-on-write) mapping would be
             # charged to the commit limit in full, and one larger than RAM + swap would be refused.
-            array = np.memmap(f, dtype=np.uint8, mode="r", offset=DATA_OFFSET, shape=head["shape"])
+            array = np.memmap(f, dtype=np.uint8, mode="r", offset=offset, shape=head["shape"])
         except OSError as err:
             raise CacheInvalid(f"unreadable ({err.strerror or err})") from err
     try:
@@ -236,13 +248,18 @@ def open_cache(
 
 
 def write_header(f, head: dict) -> None:
-    """Write the prefix and JSON header at the start of the open file ``f`` (the data follow at DATA_OFFSET)."""
+    """Write the prefix, and the JSON header right after the data, into the open file ``f``; the file ends there.
+
+    The data are ``prod(head["shape"])`` bytes at :data:`DATA_OFFSET`.
+    """
+    head = {k: v for k, v in head.items() if k != "data_offset"}  # the prefix holds it
     text = json.dumps(head).encode()
-    if len(text) > DATA_OFFSET - _PREFIX.size:  # only with absurdly long names: drop the examples
-        head = {**head, "summary": {**head["summary"], "examples": {}}}
-        text = json.dumps(head).encode()
+    json_offset = DATA_OFFSET + int(np.prod(head["shape"]))
+    f.seek(json_offset)
+    f.write(text)
+    f.truncate(json_offset + len(text))
     f.seek(0)
-    f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(text), zlib.crc32(text)) + text)
+    f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, DATA_OFFSET, json_offset, len(text), zlib.crc32(text)))
 
 
 def _compact(flat: np.ndarray, n: int, planes: int, row_pixels: int, used: list[int], channels: int) -> None:
@@ -320,5 +337,4 @@ def build_cache(
                 "data_crc32": crc, "summary": s, "classes": list(classes), "notes": list(notes),
                 "labels": None if labels is None else labels.tolist()}  # fmt: skip
         with open(tmp, "r+b") as f:
-            f.truncate(DATA_OFFSET + length)
             write_header(f, head)
