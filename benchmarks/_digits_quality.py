@@ -7,6 +7,7 @@ indices) at the size being scored and cached under the benchmark cache dir; the 
 
     from benchmarks._digits_quality import score, predict
     score(images_uint8)            # {"fd", "confident", "speckled", "n", "accuracy"?}
+    fd_full(images_uint8)          # the fd against all 1,797 digits
     predict(images_uint8)          # (labels, confidence), e.g. for class-conditional accuracy
 
 ``images_uint8``: a uint8 tensor (N, 1, S, S), white strokes on black (what the sampler's
@@ -123,6 +124,13 @@ def _features_and_probs(images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         feats.append(f.double())
         probs.append(net.head(f).softmax(-1))
     return torch.cat(feats), torch.cat(probs)
+
+
+def fd_full(images_u8: torch.Tensor) -> float:
+    """``fd`` against all 1,797 digits (both halves) rather than the held-out half: for models that saw a
+    subset of one half, the whole distribution they should cover."""
+    everything = load_builtin("digits", image_size=images_u8.shape[-1]).images
+    return frechet_distance(_features_and_probs(images_u8)[0], _features_and_probs(everything)[0])
 
 
 def predict(images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,3 +118,17 @@ def test_classes_none_trains_unconditionally(class_run, tmp_path):
     assert r.exit_code == 0, r.output
     ck = ckpt.load(tmp_path / "u" / "model.safetensors")
     assert ck.model["num_classes"] == 0 and "classes" not in ck.dataset and "classes," not in r.output
+
+
+def test_train_with_augment_then_sample(tmp_path, folder):
+    """--augment trains the conditioning (stored in the checkpoint); sampling needs nothing more; a bad p is one line."""
+    out = tmp_path / "r"
+    r = run("train", folder, "--out", out, "--image-size", "8", *TINY, "--augment", "0.5")
+    assert r.exit_code == 0, r.output
+    ck = ckpt.load(out / "model.safetensors")
+    assert ck.model["augment_dim"] == 9 and ck.train["augment"] == 0.5 and "aug_emb.weight" in ck.tensors
+    r = run("sample", out, "--num", "2", "--out", tmp_path / "imgs", "--steps", "3")
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "imgs").glob("*.png"))) == 2
+    msg = one_line_error(run("train", folder, "--out", tmp_path / "bad", *TINY, "--augment", "1.5"), code=2)
+    assert "--augment must be a probability in [0, 1]" in msg

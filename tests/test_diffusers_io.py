@@ -17,7 +17,7 @@ from PIL import Image
 
 from diffuse_cli.engine import checkpoint as ckpt
 from diffuse_cli.engine import diffusers_io, models, samplers
-from diffuse_cli.engine.config import DiffusionConfig, UNetConfig
+from diffuse_cli.engine.config import AUGMENT_DIM, DiffusionConfig, UNetConfig
 from diffuse_cli.engine.diffusion import Diffusion
 from diffuse_cli.engine.errors import CheckpointError, OutputError, Unsupported
 from diffuse_cli.engine.generate import image_generators
@@ -195,6 +195,24 @@ def test_exported_random_models_match(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(theirs(x, t).sample, model.eval()(x, t), rtol=1e-4, atol=2e-5)
         assert diffusers.DDPMScheduler.from_pretrained(out / "scheduler").config.prediction_type == "v_prediction"
+
+
+def test_augmented_model_exports_as_its_sampling_network(tmp_path):
+    """Sampling feeds the zero augmentation vector, for which the bias-free aug layer adds exactly 0: diffusers'
+    model without the layer computes what our sampler calls (and differs from a nonzero vector's output)."""
+    cfg = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(8,), dropout=0.0, augment_dim=AUGMENT_DIM)  # fmt: skip
+    model = UNet(cfg).eval()
+    randomize(model, seed=3)
+    src = ckpt.save(tmp_path / "m.safetensors", model.state_dict(), kind="model", model=cfg.to_dict(),
+                    diffusion=DiffusionConfig(timesteps=20).to_dict())  # fmt: skip
+    r = run("export", src, tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "out" / "unet").eval()
+    x, t, a = torch.randn(2, 1, 8, 8), torch.tensor([0, 19]), torch.full((2, AUGMENT_DIM), 0.1)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t).sample, model(x, t), rtol=1e-4, atol=2e-5)
+        assert (model(x, t, augment=a) - model(x, t)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["linear", "quadratic", "cosine", "sigmoid"])

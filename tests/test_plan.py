@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from diffuse_cli.engine import plan as P
-from diffuse_cli.engine.config import UNLIMITED_STEPS, DiffusionConfig, UNetConfig
+from diffuse_cli.engine.config import AUGMENT_DIM, UNLIMITED_STEPS, DiffusionConfig, UNetConfig
 from diffuse_cli.engine.errors import ConfigError
 
 
@@ -106,3 +106,53 @@ def test_one_class_folder_trains_unconditionally_and_says_why(tmp_path):
     assert p.model.num_classes == 0 and p.data.labels is None and p.data.notes
     assert P.class_notes(p.data) == [("warning", n) for n in p.data.notes]
     assert all(("warning", n) in p.notes for n in p.data.notes)
+
+
+# --- small data: augmentation and dropout by data size (issue 23) ----------------------------------
+def test_regularisation_by_data_size(monkeypatch):
+    assert all(P.regularisation(n) == (0.0, None) for n in (5, 100, 500, 1797))  # as measured: no row yet
+    monkeypatch.setattr(P, "SMALL_DATA", ((100, 0.3, 0.2), (200, 0.1, None)))  # first match wins
+    assert P.regularisation(100) == (0.3, 0.2)
+    assert P.regularisation(101) == (0.1, None)
+    assert P.regularisation(201) == (0.0, None)
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("few")
+    for i in range(5):
+        Image.new("L", (8, 8), 40 * i).save(d / f"{i}.png")
+    return d
+
+
+@pytest.mark.parametrize(
+    "train,model,augment_dim,dropout,words",
+    [({}, {}, AUGMENT_DIM, 0.1, "augment p = 0.2 and dropout 0.1 for 5 images"),
+     ({"augment": 0.0}, {}, 0, 0.1, "dropout 0.1 for 5 images"),
+     ({"augment": 0.5}, {"dropout": 0.0}, AUGMENT_DIM, 0.0, None)],
+)  # fmt: skip
+def test_plan_fills_in_the_small_data_defaults(
+    tmp_path, monkeypatch, small_folder, train, model, augment_dim, dropout, words
+):
+    monkeypatch.setattr(P, "SMALL_DATA", ((200, 0.2, 0.1),))  # a row as the table would hold it
+    plan = P.plan_training(str(small_folder), tmp_path / "run", preset="tiny", train=train, model=model,
+                         device="cpu", cache=False)  # fmt: skip
+    assert plan.model.augment_dim == augment_dim and plan.model.dropout == dropout
+    assert plan.train.augment == train.get("augment", 0.2)
+    if words:
+        assert plan.data_line.endswith(f"{words}: small data copies")
+    else:
+        assert "small data" not in plan.data_line
+
+
+def test_plan_leaves_the_full_digits_as_they_were(tmp_path):
+    plan = P.plan_training("builtin:digits", tmp_path / "run", device="cpu", cache=False)
+    assert P.regularisation(1797) == (0.0, None)
+    assert plan.train.augment == 0.0 and plan.model.augment_dim == 0
+    assert plan.model.dropout == UNetConfig.preset("auto", 8, 1).dropout and "small data" not in plan.data_line
+
+
+def test_plan_without_a_small_data_row_trains_a_small_folder_as_before(tmp_path, small_folder):
+    plan = P.plan_training(str(small_folder), tmp_path / "run", preset="tiny", device="cpu", cache=False)
+    assert plan.train.augment == 0.0 and plan.model.augment_dim == 0 and "small data" not in plan.data_line
+    assert plan.model.dropout == UNetConfig.preset("tiny", 8, 1).dropout

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffuse_cli.engine import step as step_mod
-from diffuse_cli.engine.config import DiffusionConfig, TrainConfig, UNetConfig
+from diffuse_cli.engine.config import AUGMENT_DIM, DiffusionConfig, TrainConfig, UNetConfig
 from diffuse_cli.engine.data import load_dataset
 from diffuse_cli.engine.errors import ConfigError
 
@@ -32,8 +32,8 @@ def test_label_drops_are_drawn_after_the_unconditional_numbers():
     for k in range(3):  # within a step: the drops shift the stream of the steps after, never this one's numbers
         plain.gen.manual_seed(k)
         cond.gen.manual_seed(k)
-        x0, t, eps, y0 = plain.draw()
-        cx0, ct, ceps, y = cond.draw()
+        x0, t, eps, y0, _ = plain.draw()
+        cx0, ct, ceps, y, _ = cond.draw()
         assert y0 is None
         assert torch.equal(x0, cx0) and torch.equal(t, ct) and torch.equal(eps, ceps)  # the same stream up to here
         assert y.dtype == torch.long and ((y >= 0) & (y <= K)).all()
@@ -77,3 +77,33 @@ def test_compiled_and_eager_steps_agree():
     moved = (out["eager"] - out["fresh"]).abs().max().item()
     apart = (out["compiled"] - out["eager"]).abs().max().item()
     assert moved > 1e-3 and apart < 0.01 * moved, (moved, apart)
+
+
+# --- non-leaking augmentation (Karras et al. 2022, app. C.4) -----------------------------------------
+def _aug_step(augment_dim: int, p: float, seed: int = 0):
+    mc = UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(), dropout=0.0, augment_dim=augment_dim)  # fmt: skip
+    images = torch.randint(0, 256, (20, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    tc = TrainConfig(batch_size=8, augment=p, seed=seed)
+    return step_mod.make_train_step(mc, DiffusionConfig(timesteps=50), tc, images, torch.device("cpu"))
+
+
+def test_step_draws_after_everything_else_and_trains_the_conditioning():
+    plain, off, on = _aug_step(0, 0.0), _aug_step(AUGMENT_DIM, 0.0), _aug_step(AUGMENT_DIM, 1.0)
+    (x0, t, eps, y, aug), (ox0, ot, oeps, _, oaug), (nx0, nt, neps, _, naug) = plain.draw(), off.draw(), on.draw()
+    assert aug is None and y is None and not oaug.any() and naug.shape == (8, AUGMENT_DIM)
+    assert torch.equal(x0, ox0) and torch.equal(t, ot) and torch.equal(eps, oeps)  # the same stream before
+    assert torch.equal(t, nt) and torch.equal(eps, neps) and not torch.equal(x0, nx0)
+    before = on.model.aug_emb.weight.detach().clone()
+    for k in range(3):  # the zero-initialised output layers pass no gradient back on the first step
+        on(k)
+    assert not torch.equal(on.model.aug_emb.weight, before)
+
+
+def test_augment_needs_the_conditioning():
+    with pytest.raises(ConfigError, match="augmentation conditioning"):
+        _aug_step(0, 0.5)
+    with pytest.raises(ConfigError, match="--augment"):
+        TrainConfig(augment=1.5)
+    with pytest.raises(ConfigError, match="augment_dim"):
+        UNetConfig(augment_dim=3)

@@ -52,6 +52,8 @@ EVAL_FEATURES = ("randconv", "inception")  # diffuse eval --features
 #: spread of a digit's samples falls from 1.04 to 0.89 to 0.83 of the real digits'. 2 is where
 #: accuracy saturates before diversity is lost.
 DEFAULT_GUIDANCE = 2.0
+#: Length of the augmentation vector a U-Net with augmentation conditioning reads (engine/augment.py).
+AUGMENT_DIM = 9
 
 # Editing (engine/editing.py; Lugmayr et al. 2022, Meng et al. 2022, Ho et al. 2020 fig. 8).
 # RePaint's defaults, chosen by measurement on held-out digits (`python -m benchmarks.inpaint`, the table
@@ -115,6 +117,7 @@ class UNetConfig:
     head_channels: int = 0  # channels per attention head (UNet2DModel's attention_head_dim); 0: num_heads heads
     null_class: bool = True  # a conditional model has the null row K; False: K rows only (no guidance possible)
     learned_variance: bool = False  # 2C outputs: the prediction, then v of Improved DDPM's learned variance (eq. 15)
+    augment_dim: int = 0  # 0: none; AUGMENT_DIM: reads EDM's augmentation vector (Karras et al. 2022, app. C.4)
 
     def __post_init__(self) -> None:
         # JSON and the CLI hand over lists; the dataclass is frozen and hashable only with tuples.
@@ -134,6 +137,8 @@ class UNetConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.learned_variance, bool):
             raise ConfigError(f"learned_variance must be true or false, got {self.learned_variance!r}")
+        if self.augment_dim not in (0, AUGMENT_DIM):
+            raise ConfigError(f"augment_dim must be 0 or {AUGMENT_DIM}, got {self.augment_dim!r}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels!r}")
         if not self.channel_mults:
@@ -329,6 +334,7 @@ class TrainConfig:
     vlb_weight: float = DEFAULT_VLB_WEIGHT  # lambda of L_hybrid; used only by a model with a learned variance
     timestep_sampling: str = "uniform"  # "importance": Improved DDPM sec. 3.3 (learned variance only)
     hflip: bool = False  # random horizontal flips: off unless asked (a mirrored 2, R or face with text is not one)
+    augment: float = 0.0  # P(each geometric op) of non-leaking augmentation (engine/augment.py); plan.py picks it
     cond_drop: float = 0.1  # P(label -> null class) for class-conditional models (Ho & Salimans 2022 used 0.1-0.2)
     save_every: int = 1000
     sample_every: int = 1000
@@ -366,6 +372,10 @@ class TrainConfig:
             (
                 isinstance(self.cond_drop, (int, float)) and 0.0 <= self.cond_drop < 1.0,
                 f"--cond-drop must be in [0, 1) (got {self.cond_drop})",
+            ),
+            (
+                isinstance(self.augment, (int, float)) and 0.0 <= self.augment <= 1.0,
+                f"--augment must be a probability in [0, 1] (got {self.augment})",
             ),
             (self.save_every >= 1, f"--save-every must be at least 1 (got {self.save_every})"),
             (self.sample_every >= 0, f"--sample-every must be >= 0 (got {self.sample_every})"),

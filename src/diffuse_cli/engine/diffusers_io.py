@@ -352,7 +352,8 @@ def model_index(scheduler_class: str = "DDPMScheduler") -> dict:
 def write_pipeline(model, diffusion, ck, out_dir: str | os.PathLike, *, overwrite: bool = False) -> dict:
     """Write a loaded model (see :func:`models.load_for_sampling`) as a DDPMPipeline folder.
 
-    Returns ``{"out", "files", "unet", "scheduler"}``. ``out_dir`` must be new or empty unless
+    A model with augmentation conditioning (``augment_dim``) is written without its augmentation layer,
+    which adds exactly 0 at sampling. Returns ``{"out", "files", "unet", "scheduler"}``. ``out_dir`` must be new or empty unless
     ``overwrite``, which replaces only the files written here.
     """
     from .checkpoint import write_safetensors
@@ -368,7 +369,10 @@ def write_pipeline(model, diffusion, ck, out_dir: str | os.PathLike, *, overwrit
         raise OutputError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"{out} is not empty; choose a new folder or pass --overwrite")
-    weights = to_diffusers_state_dict(model.state_dict(), cfg)
+    # A model trained with non-leaking augmentation samples with the zero augmentation vector, for which its
+    # bias-free aug_emb layer adds exactly 0 (unet.py): without the layer it is the same sampler's network.
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("aug_emb.")}
+    weights = to_diffusers_state_dict(state, cfg)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     meta = {"format": "pt", "diffuse.source": str(ck.path), "diffuse.step": str(ck.step)}
     ensure_dir(out / "unet")

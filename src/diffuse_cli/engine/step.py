@@ -23,6 +23,12 @@ Class-conditional models (``num_classes`` > 0) train for classifier-free guidanc
 Salimans 2022, Algorithm 1): each label is replaced by the null class with probability
 ``cond_drop``. Those coin flips are drawn last, and only for a conditional model, so
 unconditional runs draw exactly the numbers they always did.
+
+Models with augmentation conditioning (``augment_dim`` > 0) train with non-leaking augmentation
+(Karras et al. 2022, appendix C.4; ``augment.py``): after everything else, the augmentation
+vectors of the global batch are drawn from the same generator (so resume stays bit-exact and
+N processes train the 1-process run), each rank warps its slice on the device, and the network
+reads the vectors as conditioning.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import augment as augmentation
 from . import device as devices
 from .adamw import AdamW
 from .config import DiffusionConfig
@@ -116,19 +123,25 @@ class TrainStep:
         return why
 
     def _losses(
-        self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        y: torch.Tensor | None = None,
+        aug: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        net = self.net if y is None else (lambda x_t, t_: self.net(x_t, t_, y))
+        net = self.net if y is None and aug is None else (lambda x_t, t_: self.net(x_t, t_, y, aug))
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self.diffusion.training_losses(
                 net, x0, t=t, eps=eps, weighting=self.config.loss_weighting, vlb_weight=self.config.vlb_weight
             )
 
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps, y). Draws in a fixed order.
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This rank's slice of the next global batch: (x0 in [-1, 1], t, eps, y, aug). Draws in a fixed order.
 
         ``y`` is None for an unconditional model; otherwise each image's label, replaced by the
-        null class (``num_classes``) with probability ``cond_drop``.
+        null class (``num_classes``) with probability ``cond_drop``. ``aug`` is None for a model
+        without augmentation conditioning; otherwise the vectors x0 was augmented by.
         """
         cfg, gen, dev = self.config, self.gen, self.device
         b = cfg.batch_size
@@ -143,17 +156,23 @@ class TrainStep:
         if self.labels is not None:  # drawn last: unconditional runs keep their random stream
             drop = torch.rand((b,), generator=gen, device=dev) < cfg.cond_drop
             y = torch.where(drop, torch.full_like(idx, self.model.config.num_classes), self.labels[idx])
+        aug = None
+        if self.model.config.augment_dim:  # drawn after the labels: runs without it keep their random stream
+            aug = augmentation.draw(b, cfg.augment, self.images.shape[-1], gen, dev)
         local = b // self.dist.world_size
         sl = slice(self.dist.rank * local, (self.dist.rank + 1) * local)
         t_data = time.perf_counter()
         x0 = to_model_range(self.images[idx[sl]])
         if flip is not None:
             x0 = torch.where(flip[sl, None, None, None], x0.flip(-1), x0)
+        if aug is not None:
+            aug = aug[sl]
+            x0 = augmentation.apply(x0, aug)
         x0 = x0.contiguous(memory_format=self.memory_format)
         self.data_s += time.perf_counter() - t_data
         if self.importance is not None:
             self.drawn = (t, weight[sl])
-        return x0, t[sl], eps[sl], None if y is None else y[sl]
+        return x0, t[sl], eps[sl], None if y is None else y[sl], aug
 
     def _importance_weighted(self, per_sample: torch.Tensor) -> torch.Tensor:
         """The batch loss weighted by 1 / (T p_t); the whole global batch's losses update the sampler on every rank."""
@@ -166,23 +185,31 @@ class TrainStep:
 
     def __call__(self, step: int) -> torch.Tensor:
         cfg = self.config
-        x0, t, eps, y = self.draw()
+        x0, t, eps, y, aug = self.draw()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup)
         self.opt.zero_grad(set_to_none=True)
         if self.importance is not None:  # its weights need the whole batch's losses at once: one pass
-            loss = self._importance_weighted(self.loss_fn(x0, t, eps) if y is None else self.loss_fn(x0, t, eps, y))
+            given = {k: v for k, v in (("y", y), ("aug", aug)) if v is not None}  # the compiled graph sees what it gets
+            loss = self._importance_weighted(self.loss_fn(x0, t, eps, **given))
             loss.backward()
             loss = loss.detach()
         else:
-            loss = self.accumulate(x0, t, eps, y)
+            loss = self.accumulate(x0, t, eps, y, aug)
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip, foreach=True)
         self.opt.step()
         self.ema.update(self.model, step)
         return loss
 
-    def accumulate(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def accumulate(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        y: torch.Tensor | None,
+        aug: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Gradients of the mean loss over this rank's batch, in passes of ``config.micro_batch`` images.
 
         Pass j adds the gradient of sum_j(losses) / B, so the accumulated gradient is that of the mean
@@ -197,8 +224,9 @@ class TrainStep:
             last = start + m >= b
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
             with sync:
-                parts = (x0[sl], t[sl], eps[sl]) + (() if y is None else (y[sl],))
-                loss = self.loss_fn(*parts).sum() / b if m < b else self.loss_fn(*parts).mean()
+                given = {k: v[sl] for k, v in (("y", y), ("aug", aug)) if v is not None}  # the graph sees what it gets
+                losses = self.loss_fn(x0[sl], t[sl], eps[sl], **given)
+                loss = losses.sum() / b if m < b else losses.mean()
                 loss.backward()
             total += loss.detach()
         return total
@@ -225,6 +253,11 @@ def make_train_step(
         raise ConfigError(
             "a class-conditional model needs labels and an unconditional one takes none "
             f"(num_classes = {model_config.num_classes}, labels {'given' if labels is not None else 'missing'})"
+        )
+    if config.augment and not model_config.augment_dim:
+        raise ConfigError(
+            f"--augment {config.augment:g} needs a model with augmentation conditioning and this one has none "
+            "(a run started without --augment cannot turn it on when resuming; start a new run)"
         )
     from .unet import UNet
 

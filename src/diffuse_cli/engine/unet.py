@@ -31,6 +31,13 @@ a head width rather than a head count (``head_channels``), a class embedding wit
 the null row (``null_class=False``, as diffusers' ``num_class_embeds``) and non-square
 images (``image_size=(H, W)``: convolutions, resampling and attention do not care).
 
+A model trained with non-leaking augmentation (``augment_dim`` > 0; Karras et al. 2022,
+appendix C.4, see ``augment.py``) also reads the augmentation vector through a bias-free linear
+layer added to the sinusoidal timestep features, before the time MLP (where EDM's ``map_augment``
+adds it), so the vector reaches every block through the MLP's nonlinearity. Sampling passes no
+vector, which is the zero vector ("not augmented"): the layer then adds exactly 0, so such a model
+samples as the same network without the layer (what ``diffuse export`` writes).
+
 Shapes: ``x`` is (B, C, H, W) float, ``t`` is (B,) int64 (or float) timesteps in
 ``[0, T)``, ``y`` is None or (B,) int64 labels in ``[0, K]`` (K = null); the output is
 (B, out_channels, H, W). The module layout matches
@@ -246,6 +253,8 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(cur, c.out_channels, 3, padding=1))
         # Created last, so an unconditional model draws exactly the initial weights it always did.
         self.class_emb = nn.Embedding(c.num_classes + c.null_class, emb_dim) if c.num_classes else None
+        # Also last. It reads into the time MLP's input, as EDM's ``map_augment`` (Karras et al. 2022).
+        self.aug_emb = nn.Linear(c.augment_dim, c.base_channels, bias=False) if c.augment_dim else None
 
     @property
     def null_class(self) -> int:
@@ -256,13 +265,20 @@ class UNet(nn.Module):
         """The sinusoidal features of ``t`` that the time MLP reads (a converted model may lay them out otherwise)."""
         return timestep_embedding(t, self.config.base_channels)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, augment: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict the network output for noisy images ``x`` (B, C, H, W) at timesteps ``t`` (B,).
 
         ``y`` (B,) int64 in [0, K] picks the class of each image (K = :attr:`null_class`); None means
-        the null class. An unconditional model takes no ``y``.
+        the null class. An unconditional model takes no ``y``. ``augment`` (B, augment_dim): how each
+        image was augmented in training; None (sampling) means not augmented, the zero vector.
         """
-        emb = self.time_mlp(self.time_features(t).to(x.dtype))
+        feats = self.time_features(t).to(x.dtype)
+        if augment is not None and self.aug_emb is not None:  # None adds aug_emb(0) = 0 exactly: skipped
+            feats = feats + self.aug_emb(augment.to(feats.dtype))
+        assert augment is None or self.aug_emb is not None, "this U-Net has no augmentation conditioning"
+        emb = self.time_mlp(feats)
         if self.class_emb is not None:  # fixed at construction: no graph break under torch.compile
             assert y is not None or self.config.null_class, "a model without a null class needs class labels"
             if y is None:
