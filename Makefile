@@ -59,6 +59,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.learned_variance --size 8 --json benchmarks/.cache/lv8.json
 	$(BIN)/python -m benchmarks.learned_variance --size 16 --json benchmarks/.cache/lv16.json
 	$(BIN)/python -m benchmarks.learned_variance --report benchmarks/.cache/lv8.json benchmarks/.cache/lv16.json $(RESULTS)
+	$(BIN)/python -m benchmarks.cpu_budgets --size 28 --budget 10m --variants today,new --docs $(RESULTS)
+	$(BIN)/python -m benchmarks.cpu_budgets --size 16 --budget 5m --variants today,bf16,new --docs $(RESULTS)
+	$(BIN)/python -m benchmarks.sample_cpu $(HOME)/.cache/diffuse-bench/cpu-budgets-28-10m/new-s0 --num 128 --rounds 2 --score $(RESULTS)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu --device cuda:0 $(RESULTS)
