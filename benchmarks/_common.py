@@ -17,6 +17,18 @@ def replace_section(path: Path, section: str, start: str, end: str) -> None:
     path.write_text(new)
 
 
+def diffusers_version() -> str | None:
+    """diffusers' version, or None (after saying how to install it on stderr) where it is missing."""
+    import sys
+
+    try:
+        import diffusers
+    except ImportError:
+        print("diffusers is not installed: pip install -e '.[bench]'", file=sys.stderr)
+        return None
+    return diffusers.__version__
+
+
 def cpu_name() -> str:
     """The CPU model as /proc/cpuinfo names it (else what platform knows)."""
     try:

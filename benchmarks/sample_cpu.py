@@ -29,7 +29,7 @@ from diffuse_cli.engine import models
 from diffuse_cli.engine.data import from_model_range
 from diffuse_cli.engine.generate import generate
 
-from ._common import cpu_name, replace_section
+from ._common import cpu_name, diffusers_version, replace_section
 
 MARK_START, MARK_END = "<!-- sample_cpu:start -->", "<!-- sample_cpu:end -->"
 
@@ -80,10 +80,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        print("diffusers is not installed: pip install -e '.[bench]'", file=sys.stderr)
+    if diffusers_version() is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         models.export(a.run, Path(tmp) / "pipe")

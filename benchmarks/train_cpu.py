@@ -46,7 +46,7 @@ from diffuse_cli.engine import device as perf
 from diffuse_cli.engine.config import UNetConfig
 from diffuse_cli.engine.unet import UNet, count_parameters
 
-from ._common import cpu_name, diffusers_model, replace_section
+from ._common import cpu_name, diffusers_model, diffusers_version, replace_section
 
 MARK_START, MARK_END = "<!-- train_cpu:start -->", "<!-- train_cpu:end -->"
 TARGET_RATIO = 1.5  # ours at least 1.5x diffusers' img/s
@@ -302,15 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.repeats, args.warmup = 1, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        import diffusers
-    except ImportError:
-        print("diffusers is not installed: pip install -e '.[bench]'", file=sys.stderr)
+    version = diffusers_version()
+    if version is None:
         return 2
 
     meta = dict(
         date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), cpu=cpu_name(), cores=os.cpu_count(),
-        threads=torch.get_num_threads(), diffusers=diffusers.__version__, load_before=load_average(),
+        threads=torch.get_num_threads(), diffusers=version, load_before=load_average(),
         timed=args.steps * args.repeats, warmup=args.warmup,
     )  # fmt: skip
     machine0, own0 = machine_cpu_seconds(), time.process_time()

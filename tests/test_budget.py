@@ -91,15 +91,14 @@ def test_the_largest_model_that_gets_enough_steps_is_chosen(monkeypatch, size, r
 
 def test_sizing_applies_only_to_new_auto_cpu_runs_with_a_time_budget(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    none = {"base_channels": None, "dropout": None}
-    assert budget.wants_sizing(600.0, "auto", "cpu", none, resume=False)
-    assert not budget.wants_sizing(None, "auto", "cpu", none, resume=False)
-    assert not budget.wants_sizing(600.0, "cpu", "cpu", none, resume=False)
-    assert not budget.wants_sizing(600.0, "auto", "cuda", none, resume=False)
-    assert not budget.wants_sizing(600.0, "auto", "cpu", {**none, "base_channels": 64}, resume=False)
-    assert not budget.wants_sizing(600.0, "auto", "cpu", none, resume=True)
+    assert budget.wants_sizing(600.0, "auto", "cpu", False, resume=False)
+    assert not budget.wants_sizing(None, "auto", "cpu", False, resume=False)
+    assert not budget.wants_sizing(600.0, "cpu", "cpu", False, resume=False)
+    assert not budget.wants_sizing(600.0, "auto", "cuda", False, resume=False)
+    assert not budget.wants_sizing(600.0, "auto", "cpu", True, resume=False)
+    assert not budget.wants_sizing(600.0, "auto", "cpu", False, resume=True)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not budget.wants_sizing(600.0, "auto", "cpu", none, resume=False)
+    assert not budget.wants_sizing(600.0, "auto", "cpu", False, resume=False)
 
 
 def test_plan_sizes_the_model_for_time_and_keeps_todays_without(monkeypatch):

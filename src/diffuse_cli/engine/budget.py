@@ -132,13 +132,12 @@ def training_precision(precision: str, model_config: UNetConfig, batch: int, dev
     return _cpu_precision(model_config, batch)
 
 
-def wants_sizing(time_limit: float | None, preset: str, device_type: str, model_overrides: dict, resume: bool) -> bool:
+def wants_sizing(time_limit: float | None, preset: str, device_type: str, chose_model: bool, resume: bool) -> bool:
     """Whether :func:`size_for_budget` chooses the model: a new run on a CPU with --time (a minute or more),
-    --preset auto and no model option given (a model option given means the user chose the model)."""
+    --preset auto and no model option given (``chose_model``: a model option given means the user chose it)."""
     single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
-    given = any(v is not None for v in model_overrides.values())
     timed = time_limit is not None and time_limit >= MIN_SIZED_SECONDS
-    return timed and preset == "auto" and device_type == "cpu" and not given and not resume and single
+    return timed and preset == "auto" and device_type == "cpu" and not chose_model and not resume and single
 
 
 def size_for_budget(base: UNetConfig, seconds: float, batch: int, precision: str = "auto") -> Sized:

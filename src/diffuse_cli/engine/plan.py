@@ -125,7 +125,7 @@ def _configs(stored, data: ImageDataset, preset: str, device_type: str, train: d
     train = {**train, "batch_size": train.get("batch_size") or default_batch_size(device_type)}
     train_config = TrainConfig(**{k: v for k, v in train.items() if v is not None})
     sizing = ""
-    if not chose_model and budget.wants_sizing(train_config.time_limit, preset, device_type, {}, resume=False):
+    if budget.wants_sizing(train_config.time_limit, preset, device_type, chose_model, resume=False):
         sized = budget.size_for_budget(
             model_config, train_config.time_limit, train_config.batch_size, train_config.precision
         )
