@@ -81,8 +81,8 @@ SPECS = {
         # issue #21 (inpainting): trained on the even half only, so the odd half are real held-out images
         ModelSpec("digits16-eps-half", steps=2000, half="train"),
         ModelSpec("digits16-eps-learned", variance="learned"),  # issue #22: digits16-eps with a learned variance
-        ModelSpec("digits8-eps", image_size=8, steps=1200),
-        ModelSpec("digits8-eps-learned", image_size=8, steps=1200, variance="learned"),
+        ModelSpec("digits8-eps", image_size=8, steps=4000),
+        ModelSpec("digits8-eps-learned", image_size=8, steps=4000, variance="learned"),
     )
 }
 

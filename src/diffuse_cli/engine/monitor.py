@@ -229,7 +229,8 @@ class Monitor:
             self.warned = True
             out["warn"] = (f"the model is copying its training images: {mem.near_copy_share:.0%} of {self.samples} "
                            f"samples at step {step} are near-copies (real images: {mem.reference_share:.0%}); "
-                           "more data or augmentation helps, or keep an earlier checkpoint")  # fmt: skip
+                           "more data or --augment 0.12 (non-leaking augmentation) helps, "
+                           "or keep an earlier checkpoint")  # fmt: skip
         return out
 
 
