@@ -110,7 +110,8 @@ def test_one_class_folder_trains_unconditionally_and_says_why(tmp_path):
 
 # --- small data: augmentation and dropout by data size (issue 23) ----------------------------------
 def test_regularisation_by_data_size(monkeypatch):
-    assert all(P.regularisation(n) == (0.0, None) for n in (5, 100, 500, 1797))  # as measured: no row yet
+    assert P.regularisation(5) == P.regularisation(100) == (0.12, 0.1)  # as measured on 100 16x16 digits
+    assert P.regularisation(101) == P.regularisation(500) == P.regularisation(1797) == (0.0, None)
     monkeypatch.setattr(P, "SMALL_DATA", ((100, 0.3, 0.2), (200, 0.1, None)))  # first match wins
     assert P.regularisation(100) == (0.3, 0.2)
     assert P.regularisation(101) == (0.1, None)
@@ -145,6 +146,12 @@ def test_plan_fills_in_the_small_data_defaults(
         assert "small data" not in plan.data_line
 
 
+def test_plan_gives_a_small_folder_the_measured_defaults(tmp_path, small_folder):
+    plan = P.plan_training(str(small_folder), tmp_path / "run", preset="tiny", device="cpu", cache=False)
+    assert plan.train.augment == 0.12 and plan.model.augment_dim == AUGMENT_DIM and plan.model.dropout == 0.1
+    assert plan.data_line.endswith("augment p = 0.12 and dropout 0.1 for 5 images: small data copies")
+
+
 def test_plan_leaves_the_full_digits_as_they_were(tmp_path):
     plan = P.plan_training("builtin:digits", tmp_path / "run", device="cpu", cache=False)
     assert P.regularisation(1797) == (0.0, None)
@@ -152,7 +159,8 @@ def test_plan_leaves_the_full_digits_as_they_were(tmp_path):
     assert plan.model.dropout == UNetConfig.preset("auto", 8, 1).dropout and "small data" not in plan.data_line
 
 
-def test_plan_without_a_small_data_row_trains_a_small_folder_as_before(tmp_path, small_folder):
+def test_plan_without_a_small_data_row_trains_a_small_folder_as_before(tmp_path, monkeypatch, small_folder):
+    monkeypatch.setattr(P, "SMALL_DATA", ())
     plan = P.plan_training(str(small_folder), tmp_path / "run", preset="tiny", device="cpu", cache=False)
     assert plan.train.augment == 0.0 and plan.model.augment_dim == 0 and "small data" not in plan.data_line
     assert plan.model.dropout == UNetConfig.preset("tiny", 8, 1).dropout

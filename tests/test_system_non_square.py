@@ -6,6 +6,7 @@ own UNet2DModel computing the exported model's function at 24x40.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -85,7 +86,8 @@ def test_export_and_import_keep_the_shape(wide_run, tmp_path):
     theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "pipe" / "unet").eval()
     ours, _, _ = models.load_for_sampling(wide_run)
     back, _, _ = models.load_for_sampling(tmp_path / "pipe")
-    assert back.config == ours.config
+    # a small folder trains with non-leaking augmentation by default; export drops its layer (zero at sampling)
+    assert back.config == dataclasses.replace(ours.config, augment_dim=0)
     x, t, y = torch.randn(2, 3, 24, 40), torch.tensor([3, 900]), torch.tensor([0, 2])
     with torch.no_grad():
         torch.testing.assert_close(theirs(x, t, class_labels=y).sample, ours(x, t, y), rtol=1e-4, atol=2e-5)
