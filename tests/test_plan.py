@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,12 @@ def test_plan_without_a_small_data_row_trains_a_small_folder_as_before(tmp_path,
     plan = P.plan_training(str(small_folder), tmp_path / "run", preset="tiny", device="cpu", cache=False)
     assert plan.train.augment == 0.0 and plan.model.augment_dim == 0 and "small data" not in plan.data_line
     assert plan.model.dropout == UNetConfig.preset("tiny", 8, 1).dropout
+
+
+def test_train_help_states_the_small_data_defaults():
+    from diffuse_cli.cli import train as cli_train
+
+    (most, p, dropout), *_ = P.SMALL_DATA
+    text = inspect.getsource(cli_train)
+    assert f"[default: {p:g} for a folder of at most {most} images" in text
+    assert f"[default: {dropout:g} for at most {most} images, else the preset's]" in text

@@ -100,7 +100,7 @@ AugmentOpt = _opt(
     "--augment",
     help="Probability of each geometric augmentation (flip, shifts, scaling, rotation, stretch), told to the "
     "network and zero when sampling so it never shows in samples (Karras et al. 2022, app. C.4); 0: off. "
-    "[default: 0; about 0.12 keeps a model of a few hundred images from copying them, at some cost in quality]",
+    "[default: 0.12 for a folder of at most 100 images (measured to copy less and score better), else 0]",
 )
 ClassesOpt = _opt(
     Classes,
@@ -160,7 +160,11 @@ def train(
     channel_mults: _opt(str | None, "--channel-mults", help="Width multiplier per level, e.g. 1,2,2,2.") = None,
     num_res_blocks: _opt(int | None, "--num-res-blocks", help="Residual blocks per level.") = None,
     attention_res: AttnOpt = None,
-    dropout: _opt(float | None, "--dropout", help="Dropout in residual blocks. [default: the preset's]") = None,
+    dropout: _opt(
+        float | None,
+        "--dropout",
+        help="Dropout in residual blocks. [default: 0.1 for at most 100 images, else the preset's]",
+    ) = None,
     kind: _opt(Schedule | None, "--kind", "-k", help=f"Beta schedule. {d(_D.schedule)}") = None,
     timesteps: _opt(int | None, "--timesteps", "-T", help=f"Diffusion steps T. {d(_D.timesteps)}") = None,
     beta_start: _opt(float | None, "--beta-start", help=d(_D.beta_start)) = None,
