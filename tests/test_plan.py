@@ -129,8 +129,8 @@ def small_folder(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "train,model,augment_dim,dropout,words",
-    [({}, {}, AUGMENT_DIM, 0.1, "augment p = 0.2 and dropout 0.1 for 5 images"),
-     ({"augment": 0.0}, {}, 0, 0.1, "dropout 0.1 for 5 images"),
+    [({}, {}, AUGMENT_DIM, 0.1, "augment p = 0.2 and dropout 0.1 for 5 images, so they are not copied (--augment 0: off)"),
+     ({"augment": 0.0}, {}, 0, 0.1, "dropout 0.1 for 5 images, so they are not copied"),
      ({"augment": 0.5}, {"dropout": 0.0}, AUGMENT_DIM, 0.0, None)],
 )  # fmt: skip
 def test_plan_fills_in_the_small_data_defaults(
@@ -142,28 +142,30 @@ def test_plan_fills_in_the_small_data_defaults(
     assert plan.model.augment_dim == augment_dim and plan.model.dropout == dropout
     assert plan.train.augment == train.get("augment", 0.2)
     if words:
-        assert plan.data_line.endswith(f"{words}: small data copies")
+        assert plan.data_line.endswith(words)
     else:
-        assert "small data" not in plan.data_line
+        assert "not copied" not in plan.data_line
 
 
 def test_plan_gives_a_small_folder_the_measured_defaults(tmp_path, small_folder):
     plan = P.plan_training(str(small_folder), tmp_path / "run", preset="tiny", device="cpu", cache=False)
     assert plan.train.augment == 0.12 and plan.model.augment_dim == AUGMENT_DIM and plan.model.dropout == 0.1
-    assert plan.data_line.endswith("augment p = 0.12 and dropout 0.1 for 5 images: small data copies")
+    assert plan.data_line.endswith(
+        "augment p = 0.12 and dropout 0.1 for 5 images, so they are not copied (--augment 0: off)"
+    )
 
 
 def test_plan_leaves_the_full_digits_as_they_were(tmp_path):
     plan = P.plan_training("builtin:digits", tmp_path / "run", device="cpu", cache=False)
     assert P.regularisation(1797) == (0.0, None)
     assert plan.train.augment == 0.0 and plan.model.augment_dim == 0
-    assert plan.model.dropout == UNetConfig.preset("auto", 8, 1).dropout and "small data" not in plan.data_line
+    assert plan.model.dropout == UNetConfig.preset("auto", 8, 1).dropout and "not copied" not in plan.data_line
 
 
 def test_plan_without_a_small_data_row_trains_a_small_folder_as_before(tmp_path, monkeypatch, small_folder):
     monkeypatch.setattr(P, "SMALL_DATA", ())
     plan = P.plan_training(str(small_folder), tmp_path / "run", preset="tiny", device="cpu", cache=False)
-    assert plan.train.augment == 0.0 and plan.model.augment_dim == 0 and "small data" not in plan.data_line
+    assert plan.train.augment == 0.0 and plan.model.augment_dim == 0 and "not copied" not in plan.data_line
     assert plan.model.dropout == UNetConfig.preset("tiny", 8, 1).dropout
 
 

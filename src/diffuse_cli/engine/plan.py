@@ -52,16 +52,17 @@ def _regularise(n: int, train: dict, model: dict) -> tuple[dict, dict, str]:
     """``train`` and ``model`` options with the data-size defaults filled in (augment p, dropout, the
     augmentation conditioning), and the words for the data line ("" when nothing was filled in)."""
     p, dropout = regularisation(n)
-    said = []
+    said, off = [], ""
     if train.get("augment") is None:
         train = {**train, "augment": p}
         if p:
             said.append(f"augment p = {p:g}")
+            off = " (--augment 0: off)"
     if model.get("dropout") is None and dropout is not None:
         model = {**model, "dropout": dropout}
         said.append(f"dropout {dropout:g}")
     model = {**model, "augment_dim": AUGMENT_DIM if train["augment"] else 0}
-    why = f"{' and '.join(said)} for {n} images: small data copies" if said else ""
+    why = f"{' and '.join(said)} for {n} images, so they are not copied{off}" if said else ""
     return train, model, why
 
 
