@@ -125,7 +125,7 @@ def build(kind: str, s: Setup, channels_last: bool = True) -> tuple[torch.nn.Mod
     if kind == "ours":
         model = UNet(s.cfg)
         model = perf.optimize_for_device(model, s.device) if channels_last else model.to(s.device)
-        return model, model, perf.make_optimizer(model.parameters(), 2e-4, s.device)
+        return model, model, perf.make_optimizer(model.parameters(), 2e-4)
     model = diffusers_model(s.cfg).to(s.device)
 
     def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -164,10 +164,10 @@ def run(args: argparse.Namespace) -> dict:
     if not args.no_diffusers_perf:
         theirs_p = perf.optimize_for_device(diffusers_model(cfg).train(), "cpu")
         variants.append(Variant("diffusers+perf", "UNet2DModel + our settings (channels_last, fused AdamW)", make_step(
-            theirs_p, perf.make_optimizer(theirs_p.parameters(), lr, "cpu"), x, t, target, True),
+            theirs_p, perf.make_optimizer(theirs_p.parameters(), lr), x, t, target, True),
             count_parameters(theirs_p)))  # fmt: skip
     ours = perf.optimize_for_device(UNet(cfg).train(), "cpu")
-    ours_opt = perf.make_optimizer(ours.parameters(), lr, "cpu")
+    ours_opt = perf.make_optimizer(ours.parameters(), lr)
     variants.append(Variant("ours", "diffuse UNet, eager, channels_last, fused AdamW", make_step(
         ours, ours_opt, x, t, target, False), count_parameters(ours)))  # fmt: skip
     if args.bf16:  # mixed precision on both: different numerics from the fp32 rows, compared only with each other
@@ -177,13 +177,13 @@ def run(args: argparse.Namespace) -> dict:
             count_parameters(theirs_b)))  # fmt: skip
         ours_b = perf.optimize_for_device(UNet(cfg).train(), "cpu", autocast_dtype=torch.bfloat16)
         variants.append(Variant("ours bf16", "diffuse UNet, eager, NCHW (perf's bf16 choice), fused AdamW, bf16 autocast",
-            make_step(ours_b, perf.make_optimizer(ours_b.parameters(), lr, "cpu"), x, t, target, False, bf16=True),
+            make_step(ours_b, perf.make_optimizer(ours_b.parameters(), lr), x, t, target, False, bf16=True),
             count_parameters(ours_b)))  # fmt: skip
     compile_s = None
     if args.compile:
         ours_c = perf.optimize_for_device(UNet(cfg).train(), "cpu")
         compiled = torch.compile(ours_c)
-        step_c = make_step(compiled, perf.make_optimizer(ours_c.parameters(), lr, "cpu"), x, t, target, False)
+        step_c = make_step(compiled, perf.make_optimizer(ours_c.parameters(), lr), x, t, target, False)
         t0 = time.perf_counter()
         step_c()  # compiles forward and backward
         compile_s = time.perf_counter() - t0

@@ -18,8 +18,10 @@ TINY = UNetConfig(image_size=8, in_channels=1, base_channels=8, channel_mults=(1
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     budget._cpu_precision.cache_clear()
+    budget._cpu_speed.cache_clear()
     yield
     budget._cpu_precision.cache_clear()
+    budget._cpu_speed.cache_clear()
 
 
 def fake_speeds(monkeypatch, fn):
@@ -118,10 +120,9 @@ def test_plan_sizes_the_model_for_time_and_keeps_todays_without(monkeypatch):
 def test_a_resumed_auto_run_keeps_the_precision_it_started_with(monkeypatch, tmp_path):
     """The first run measured bf16 as faster (faked); its resume must train in bf16 again without measuring,
     and say so, even where a new measurement would now say fp32."""
-    from diffuse_cli.engine import training
     from helpers import TINY_TRAIN, invoke
 
-    monkeypatch.setattr(training, "MIN_STEPS_TO_MEASURE", 1)
+    monkeypatch.setattr(budget, "MIN_STEPS_TO_MEASURE", 1)
     monkeypatch.setattr(budget, "bf16_supported", lambda: True)
     fake_speeds(monkeypatch, lambda cfg, amp: 200.0 if amp is torch.bfloat16 else 100.0)
     run = tmp_path / "run"

@@ -111,7 +111,7 @@ def _model_and_opt(seed):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     ema = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    opt = devices.make_optimizer(model.parameters(), lr=1e-2, device="cpu")
+    opt = devices.make_optimizer(model.parameters(), lr=1e-2)
     return model, ema, opt
 
 

@@ -207,7 +207,7 @@ def test_channels_last_gives_same_output_and_gradients():
 
 def test_make_optimizer_steps():
     p = torch.nn.Parameter(torch.ones(3))
-    opt = devices.make_optimizer([p], lr=0.1, device="cpu")
+    opt = devices.make_optimizer([p], lr=0.1)
     p.sum().backward()
     opt.step()
     assert torch.all(p < 1)

@@ -33,8 +33,9 @@ from .config import UNetConfig
 
 #: bf16 must make a training step at least this much faster than fp32 to be chosen by ``--precision auto``.
 BF16_MIN_SPEEDUP = 1.1
-#: A run shorter than this (steps, without --time) keeps fp32: measuring would cost more than it saves.
+#: A run shorter than this (steps, or seconds of --time) keeps fp32: measuring would cost more than it saves.
 MIN_STEPS_TO_MEASURE = 200
+MIN_SECONDS_TO_MEASURE = 60
 #: The cpu preset's candidates for a budget, largest first: overrides of the preset (see the module docstring).
 #: A width-16 rung was measured too (0.27M parameters, 3.6x the speed at 28x28) and dropped: per step it learns
 #: so much less that it lost at every budget (FD 235 after 2,500 steps at 28x28, against 25 and 53 for these).
@@ -103,17 +104,28 @@ def training_speed(model_config: UNetConfig, batch: int, device: torch.device, a
         torch.set_rng_state(state)
 
 
+@functools.lru_cache(maxsize=16)
+def _cpu_speed(model_config: UNetConfig, batch: int, amp: torch.dtype | None) -> float:
+    """:func:`training_speed` on the CPU, measured once per model, batch and precision in a process: the
+    precision check and the model sizing both need the cpu preset's speed in the chosen precision."""
+    return training_speed(model_config, batch, torch.device("cpu"), amp)
+
+
 @functools.lru_cache(maxsize=8)
 def _cpu_precision(model_config: UNetConfig, batch: int) -> tuple[torch.dtype | None, str]:
-    cpu = torch.device("cpu")
     if not bf16_supported():
         return None, "auto: this CPU has no native bf16"
-    fp32 = training_speed(model_config, batch, cpu, None)
-    bf16 = training_speed(model_config, batch, cpu, torch.bfloat16)
+    fp32 = _cpu_speed(model_config, batch, None)
+    bf16 = _cpu_speed(model_config, batch, torch.bfloat16)
     ratio = bf16 / fp32
     if ratio >= BF16_MIN_SPEEDUP:
         return torch.bfloat16, f"auto: bf16 autocast measured {ratio:.2f}x faster than fp32 on this CPU"
     return None, f"auto: bf16 measured {ratio:.2f}x the speed of fp32 on this CPU, so fp32"
+
+
+def worth_measuring(steps: int, time_limit: float | None) -> bool:
+    """Whether a run is long enough for ``--precision auto`` to time fp32 against bf16 (a few seconds)."""
+    return steps >= MIN_STEPS_TO_MEASURE and (time_limit is None or time_limit >= MIN_SECONDS_TO_MEASURE)
 
 
 def training_precision(precision: str, model_config: UNetConfig, batch: int, device: torch.device,
@@ -149,7 +161,7 @@ def size_for_budget(base: UNetConfig, seconds: float, batch: int, precision: str
     chosen = None
     for name, overrides in LADDER:
         cfg = dataclasses.replace(base, **overrides)
-        ips = training_speed(cfg, batch, cpu, amp)
+        ips = _cpu_speed(cfg, batch, amp)
         steps = seconds * TRAINING_SHARE * ips / batch
         chosen = (name, cfg, ips, steps)
         if steps >= wanted:

@@ -103,17 +103,14 @@ def optimize_for_device(
 def make_optimizer(
     params: Iterable[torch.nn.Parameter],
     lr: float,
-    device: torch.device | str,
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> AdamW:
     """AdamW (Loshchilov & Hutter 2019): :class:`.adamw.AdamW`, torch's fused single-kernel update where this
-    build has it for the parameters' device (it saves a dozen small kernel launches per parameter tensor).
-
-    ``device`` is where the parameters live (the update runs there).
+    build has it for the parameters' device (it saves a dozen small kernel launches per parameter tensor); the
+    update runs where the parameters live.
     """
-    del device  # the update follows the parameters' device
     return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 

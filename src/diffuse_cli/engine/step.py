@@ -272,7 +272,7 @@ def make_train_step(
     model = UNet(model_config).to(device)
     torch.manual_seed(config.seed + dist.rank)  # dropout masks differ between ranks
     model = devices.optimize_for_device(model, device, amp)
-    opt = devices.make_optimizer(model.parameters(), lr=config.lr, device=device, weight_decay=config.weight_decay)
+    opt = devices.make_optimizer(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(model, config.ema_decay)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     data = devices.to_device(images, device) if isinstance(images, torch.Tensor) else images

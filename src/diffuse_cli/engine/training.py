@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import device as devices
 from . import rundir
-from .budget import MIN_STEPS_TO_MEASURE, training_precision
+from .budget import training_precision, worth_measuring
 from .config import DEFAULT_GUIDANCE, DiffusionConfig, TrainConfig
 from .data.placement import place_images
 from .distributed import StopFlag, init_distributed
@@ -154,7 +154,7 @@ def _precision(config: TrainConfig, model_config, state, dev: torch.device, proc
     if config.precision == "auto" and dev.type == "cpu" and stored in ("fp32", "bfloat16"):
         bf16 = stored == "bfloat16"
         return (torch.bfloat16 if bf16 else None), f"auto: {'bf16' if bf16 else 'fp32'}, as the run was started"
-    long_run = (config.time_limit is None or config.time_limit >= 60) and config.steps >= MIN_STEPS_TO_MEASURE
+    long_run = worth_measuring(config.steps, config.time_limit)
     return training_precision(
         config.precision, model_config, config.batch_size, dev, long_run=long_run, processes=processes
     )
@@ -200,6 +200,7 @@ def _set_up(
     # --- the step: model, optimizer, EMA, data generator (restored on resume) --------
     labels, class_meta = _class_labels(data, model_config, state)
     amp, precision_note = _precision(config, model_config, state, dev, dist.world_size)
+    amp_name = str(amp).replace("torch.", "") if amp else "fp32"
     images = place_images(data, dev)  # uint8 on the device when it fits, else read per batch (datacache.py)
     ts = make_train_step(model_config, diffusion_config, config, images, dev, dist, amp, labels)
     start = 0
@@ -227,7 +228,7 @@ def _set_up(
     meta = dict(
         model=model_config.to_dict(),
         diffusion=diffusion_config.to_dict(),
-        train={**config.to_dict(), "autocast": str(amp).replace("torch.", "") if amp else "fp32"},
+        train={**config.to_dict(), "autocast": amp_name},
         dataset={**data.summary.to_dict(), **class_meta},
     )
     if dist.is_main:
@@ -238,7 +239,7 @@ def _set_up(
             "step": start,
             "steps": config.steps,
             "device": str(dev),
-            "precision": str(amp).replace("torch.", "") if amp else "fp32",
+            "precision": amp_name,
             "precision_note": precision_note,  # why, when --precision auto measured it (engine/budget.py)
             "world_size": dist.world_size,
             "parameters": count_parameters(ts.model),
